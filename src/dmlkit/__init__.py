@@ -1,0 +1,3 @@
+"""dmlkit: a staged, cached pipeline for deep-metric-learning competitions."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,202 @@
+"""The stage cache: content keys, atomic artifact directories, manifests and locks.
+
+A stage's artifact lives in ``artifacts/<experiment>/<stage>/<key>/``. The key hashes what the
+stage reads: its config slice (canonical JSON, so YAML key order does not matter), fingerprints
+of the input files, and its upstream stages' keys. The stage writes into ``<key>.partial/`` and
+renames it into place once ``manifest.json`` is written, so an interrupted run never leaves a
+directory that looks complete. ``<key>.lock`` (an flock) keeps two runs of the same stage apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+KEY_LENGTH = 16
+
+
+class CacheLockedError(RuntimeError):
+    """Another process is computing the same artifact."""
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stage_key(stage: str, config_slice: Any, upstream: dict[str, str] | None = None,
+              fingerprints: dict[str, str] | None = None, version: int = 1) -> str:
+    """Hash of everything a stage's output depends on (order-independent for mappings)."""
+    payload = {
+        "stage": stage,
+        "version": version,
+        "config": config_slice,
+        "upstream": upstream or {},
+        "inputs": fingerprints or {},
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:KEY_LENGTH]
+
+
+def file_fingerprint(path: str | Path, content: bool = True) -> str:
+    """Content hash of a (CSV) file, or its size and mtime when content=False."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if not content:
+        st = path.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:KEY_LENGTH]
+
+
+def listing_fingerprint(paths: list[str]) -> str:
+    """Hash of a list of file paths (order-independent) — the set of images a stage reads."""
+    return hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()[:KEY_LENGTH]
+
+
+def package_versions(names: tuple[str, ...] = ("torch", "timm", "faiss-gpu", "albumentations", "numpy",
+                                                 "pandas", "scikit-learn", "opencv-python-headless")) -> dict:
+    versions = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+@dataclass
+class Artifact:
+    """One stage output directory. Use ``open_artifact`` to create or reuse it."""
+
+    stage: str
+    key: str
+    path: Path
+    reused: bool
+    manifest: dict = field(default_factory=dict)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def artifact_dir(root: Path, experiment: str, stage: str, key: str) -> Path:
+    return Path(root) / experiment / stage / key
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def read_manifest(path: Path) -> dict:
+    return json.loads((path / MANIFEST).read_text())
+
+
+@contextlib.contextmanager
+def stage_lock(final: Path) -> Iterator[None]:
+    """Exclusive, non-blocking lock for computing ``final``; raises if another run holds it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = final.with_name(final.name + ".lock")
+    handle = lock_path.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise CacheLockedError(
+                    f"{final}: another run is computing this artifact right now (lock {lock_path}); "
+                    "wait for it to finish or stop it"
+                ) from None
+            raise
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+class StageWriter:
+    """Context for computing one artifact: a ``partial`` directory renamed into place at the end.
+
+    ``resumable`` keeps an existing partial directory (training checkpoints) instead of clearing it.
+    """
+
+    def __init__(self, final: Path, stage: str, key: str, manifest: dict, resumable: bool = False):
+        self.final = final
+        self.stage = stage
+        self.key = key
+        self.partial = final.with_name(final.name + ".partial")
+        self.manifest = manifest
+        self.resumable = resumable
+        self.started = time.time()
+
+    def begin(self) -> Path:
+        if self.partial.exists() and not self.resumable:
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        return self.partial
+
+    def commit(self, extra: dict | None = None) -> Artifact:
+        manifest = dict(self.manifest)
+        manifest.update(extra or {})
+        manifest["wall_time_s"] = round(time.time() - self.started, 3)
+        manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        tmp = self.partial / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.partial / MANIFEST)
+        if self.final.exists():  # a forced recompute replaces the old artifact
+            shutil.rmtree(self.final)
+        os.replace(self.partial, self.final)
+        return Artifact(self.stage, self.key, self.final, reused=False, manifest=manifest)
+
+
+def build_manifest(stage: str, key: str, config_slice: Any, upstream: dict[str, str],
+                   fingerprints: dict[str, str]) -> dict:
+    return {
+        "stage": stage,
+        "key": key,
+        "config": config_slice,
+        "upstream": upstream,
+        "inputs": fingerprints,
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+        "host": platform.node(),
+    }
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,340 @@
+"""YAML configs with inheritance and dotted overrides, validated into typed objects.
+
+A config file may name its parent(s) with ``base: other.yaml`` (a path relative to the file, or
+a list of them; later ones win). Dicts merge recursively, everything else is replaced. Command
+line overrides are ``key.sub=value`` (``members.0.train.epochs=3``), the value parsed as YAML.
+Each member of ``members`` is ``member_defaults`` deep-merged with the member's own keys, so a
+member only states what differs. Errors name the file, the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- schema
+class CompetitionConfig(Strict):
+    name: str = Field(description="adapter name, see dmlkit.competitions.ADAPTERS")
+    root: str = Field(description="folder holding the competition's files")
+    extra_formats: list[str] = Field(
+        default_factory=list, description="more submissions from the same data, e.g. landmark-retrieval"
+    )
+    demo: str | None = Field(None, description="demo generator that builds `root` when it is missing")
+    demo_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class FoldsConfig(Strict):
+    n_splits: int = Field(5, ge=2)
+    seed: int = 42
+
+
+class HeadConfig(Strict):
+    type: Literal["arcface", "cosface", "none"] = "arcface"
+    subcenters: int = Field(3, ge=1)
+    scale: float | Literal["adacos"] = 30.0
+    margin: float = Field(0.3, ge=0.0, description="fixed margin, used when dynamic is 'none'")
+    dynamic: Literal["none", "glr3", "power"] = "glr3"
+    dynamic_a: float = 0.45
+    dynamic_b: float = 0.05
+    dynamic_lambda: float = -0.25
+
+
+class SEEConfig(Strict):
+    enabled: bool = False
+    n_expansion: int = Field(16, ge=1)
+    weight: float = Field(0.2, ge=0.0)
+    schedule: Literal["top_fraction", "threshold"] = "top_fraction"
+    start: float = Field(0.04, description="fraction (top_fraction) or cosine threshold (threshold) at epoch 0")
+    end: float = Field(0.4, description="value reached at the last epoch, along a cosine schedule")
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=2)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    head_lr_mult: float = Field(10.0, gt=0)
+    weight_decay: float = 1e-4
+    warmup_epochs: float = Field(1.0, ge=0)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    grad_accum: int = Field(1, ge=1)
+    clip_grad: float | None = 5.0
+    ema: float | None = Field(None, description="EMA decay of the weights, e.g. 0.999")
+    num_workers: int = Field(0, ge=0)
+    channels_last: bool = True
+    sync_bn: bool = False
+    nan_policy: Literal["stop", "skip"] = "stop"
+    strict_images: bool = Field(False, description="fail on an unreadable training image instead of skipping")
+    validate_every: int = Field(1, ge=1)
+    augment: list[dict[str, Any]] = Field(
+        default_factory=list, description="albumentations transforms: [{type: HorizontalFlip, p: 0.5}, ...]"
+    )
+
+
+class MemberConfig(Strict):
+    name: str
+    backbone: str
+    fold: int = Field(ge=0)
+    image_size: int = Field(ge=16)
+    in_chans: int = 3
+    pretrained_file: str | None = Field(None, description="local timm weights; nothing is downloaded")
+    embedding_size: int = Field(512, ge=8)
+    gem_p: float = 3.0
+    gem_learnable: bool = True
+    init_from: str | None = Field(None, description="another member whose trained weights start this one")
+    head: HeadConfig = HeadConfig()
+    see: SEEConfig = SEEConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class EmbedConfig(Strict):
+    batch_size: int = Field(128, ge=1)
+    tta_flip: bool = True
+    tta_scales: list[float] = Field(default_factory=lambda: [1.0])
+
+
+class EnsembleConfig(Strict):
+    weights: dict[str, float] = Field(default_factory=dict, description="member name -> weight (default 1)")
+    pca_whiten: bool = False
+    pca_dim: int | None = None
+
+
+class ExpansionConfig(Strict):
+    enabled: bool = False
+    alpha: float = 3.0
+    k: int = Field(5, ge=1)
+
+
+class RerankConfig(Strict):
+    enabled: bool = False
+    k1: int = Field(20, ge=1)
+    k2: int = Field(6, ge=1)
+    lambda_: float = Field(0.3, alias="lambda", ge=0, le=1)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class PenaltyConfig(Strict):
+    enabled: bool = False
+    k_gallery: int = Field(5, ge=1)
+    k_query: int = Field(10, ge=1)
+    query_side: bool = False
+
+
+class VotingConfig(Strict):
+    k: int = Field(5, ge=1)
+    power: float = 3.0
+    head_weight: float = Field(0.0, ge=0, le=1, description="weight of the head's class cosines in the fusion")
+
+
+class RetrieveConfig(Strict):
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    nlist: int = 1024
+    nprobe: int = 16
+    hnsw_m: int = 32
+    k: int = Field(100, ge=1)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    query_batch: int = Field(16384, ge=1)
+    val_fold: int | None = Field(None, description="validation fold (default: the first member's)")
+    qe: ExpansionConfig = ExpansionConfig()
+    dba: ExpansionConfig = ExpansionConfig()
+    rerank: RerankConfig = RerankConfig()
+    penalty: PenaltyConfig = PenaltyConfig()
+    voting: VotingConfig = VotingConfig()
+    unknown_threshold: float | Literal["tune"] = "tune"
+
+
+class Config(Strict):
+    experiment: str
+    seed: int = 42
+    threads: int | None = Field(None, description="CPU threads for torch/OpenMP/faiss (default: all cores)")
+    competition: CompetitionConfig
+    folds: FoldsConfig = FoldsConfig()
+    members: list[MemberConfig] = Field(min_length=1)
+    embed: EmbedConfig = EmbedConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    retrieve: RetrieveConfig = RetrieveConfig()
+    source: str = Field("", description="the file this config was loaded from (set by the loader)")
+
+    @model_validator(mode="after")
+    def _check_members(self) -> Config:
+        names = [m.name for m in self.members]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"members: duplicate member name '{name}'")
+        for member in self.members:
+            if member.fold >= self.folds.n_splits:
+                raise ValueError(
+                    f"members: member '{member.name}' uses fold {member.fold} but folds.n_splits is "
+                    f"{self.folds.n_splits}"
+                )
+            if member.init_from is not None and member.init_from not in names:
+                raise ValueError(f"members: member '{member.name}' init_from unknown member '{member.init_from}'")
+            if member.init_from == member.name:
+                raise ValueError(f"members: member '{member.name}' cannot init_from itself")
+        for key in self.ensemble.weights:
+            if key not in names:
+                raise ValueError(f"ensemble.weights: unknown member '{key}' (members: {names})")
+        return self
+
+    def member(self, name: str) -> MemberConfig:
+        for member in self.members:
+            if member.name == name:
+                return member
+        raise KeyError(f"no member named '{name}' in {self.source}")
+
+
+# --------------------------------------------------------------------------- loading
+def deep_merge(base: Any, override: Any) -> Any:
+    """Dicts merge recursively (override wins); anything else is replaced by the override."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = deep_merge(base[key], value) if key in base else copy.deepcopy(value)
+        return merged
+    return copy.deepcopy(override)
+
+
+def _record_sources(tree: Any, source: str, prefix: str, sources: dict[str, str]) -> None:
+    sources[prefix] = source
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            _record_sources(value, source, f"{prefix}.{key}" if prefix else str(key), sources)
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            _record_sources(value, source, f"{prefix}.{i}", sources)
+
+
+def _read_yaml(path: Path, sources: dict[str, str], seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base' chain: {' -> '.join(str(p) for p in (*seen, path))}")
+    if not path.is_file():
+        where = f" (named as base by {seen[-1]})" if seen else ""
+        raise ConfigError(f"{path}: config file not found{where}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop("base", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    merged: dict = {}
+    for base in bases:
+        merged = deep_merge(merged, _read_yaml(path.parent / base, sources, (*seen, path)))
+    _record_sources(data, str(path), "", sources)
+    return deep_merge(merged, data)
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; list items are addressed by index."""
+    if "=" not in assignment:
+        raise ConfigError(f"command line: override '{assignment}' is not of the form key.sub=value")
+    dotted, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"command line: override '{assignment}': value is not valid YAML: {exc}") from exc
+    parts = dotted.strip().split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"command line: override '{dotted}': '{'.'.join(parts[:i])}' is a list of {len(node)} "
+                    f"items; '{part}' is not a valid index"
+                )
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"command line: override '{dotted}': '{'.'.join(parts[:i])}' is not a mapping")
+
+
+def _format_validation_error(exc: ValidationError, sources: dict[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        origin = "defaults"
+        probe = key
+        while probe:
+            if probe in sources:
+                origin = sources[probe]
+                break
+            probe = probe.rpartition(".")[0]
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            what = "unknown key (check the spelling; see the schema in dmlkit/config.py)"
+        elif kind == "missing":
+            what = "required value is missing"
+        else:
+            what = f"{err['msg']} (got {err.get('input')!r})"
+        lines.append(f"{origin}: key '{key or '<top>'}': {what}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config with its bases, apply overrides, merge member defaults, validate."""
+    sources: dict[str, str] = {}
+    tree = _read_yaml(Path(path), sources)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+        sources[assignment.split("=", 1)[0].strip()] = "command line"
+    defaults = tree.pop("member_defaults", {}) or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{sources.get('member_defaults', path)}: key 'member_defaults' must be a mapping")
+    members = tree.get("members")
+    if isinstance(members, list):
+        merged_members = []
+        for i, member in enumerate(members):
+            if not isinstance(member, dict):
+                raise ConfigError(f"{sources.get(f'members.{i}', path)}: key 'members.{i}' must be a mapping")
+            merged_members.append(deep_merge(defaults, member))
+            for key in _leaf_keys(defaults):
+                sources.setdefault(f"members.{i}.{key}", sources.get(f"member_defaults.{key}", str(path)))
+        tree["members"] = merged_members
+    tree["source"] = str(Path(path))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, sources)) from None
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        keys.append(dotted)
+        if isinstance(value, dict):
+            keys.extend(_leaf_keys(value, dotted))
+    return keys
+
+
+def config_slice(model: BaseModel | list | dict | Any) -> Any:
+    """Plain JSON-able data of a config object (for hashing and manifests)."""
+    if isinstance(model, BaseModel):
+        return model.model_dump(mode="json", by_alias=True)
+    if isinstance(model, list):
+        return [config_slice(m) for m in model]
+    return model

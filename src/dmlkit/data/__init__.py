@@ -1,0 +1,1 @@
+"""Image decoding, datasets and albumentations pipelines."""

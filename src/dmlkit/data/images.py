@@ -1,0 +1,45 @@
+"""Robust image decoding with OpenCV: grayscale, CMYK, 16-bit and alpha images are converted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+class UnreadableImageError(OSError):
+    """An image file that is missing, empty, truncated or not an image."""
+
+
+def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
+    """Decode to uint8 HxWx3 RGB (channels=3) or HxWx1 gray (channels=1), or raise naming the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UnreadableImageError(f"{path}: image file not found") from None
+    except OSError as exc:
+        raise UnreadableImageError(f"{path}: cannot read: {exc}") from None
+    if not data:
+        raise UnreadableImageError(f"{path}: image file is empty (0 bytes)")
+    buffer = np.frombuffer(data, np.uint8)
+    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise UnreadableImageError(f"{path}: not a decodable image (truncated or another format)")
+    if image.dtype != np.uint8:  # 16-bit or float images: scale to 8 bits
+        image = image.astype(np.float32)
+        top = 65535.0 if image.max() > 255 else 255.0
+        image = np.clip(image / top * 255.0, 0, 255).astype(np.uint8)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[2] == 4:  # alpha: composite on white, as a viewer shows it
+        alpha = image[..., 3:4].astype(np.float32) / 255.0
+        image = (image[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    if channels == 1:
+        if image.shape[2] == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[..., None]
+        return image
+    if image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

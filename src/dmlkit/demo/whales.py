@@ -1,0 +1,177 @@
+"""The whale demo: fluke-like silhouettes, laid out like Humpback Whale Identification 2019.
+
+Each individual has its own fluke outline (span, lobe shape, notches in the trailing edge) and
+markings (white patches, scars); each image is a new photo of it in changing water, pose, crop
+and colour. About 40% of the identified individuals have one training image; unidentified
+animals are `new_whale`, and part of the test set shows individuals never seen in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .photo import blur_and_noise, finish, lighting, occlude, random_homography, warp, write_jpeg
+
+CANVAS = 128
+
+
+@dataclass(frozen=True)
+class WhaleDemoParams:
+    n_individuals: int = 250
+    singleton_share: float = 0.4
+    max_images: int = 8
+    new_whale_train: int = 80
+    test_share_of_known: float = 0.5  # identified individuals that get one test photo
+    new_whale_test_share: float = 0.25  # of the test set: individuals never seen in training
+    image_size: int = 96
+    difficulty: float = 0.7
+    public_share: float = 0.5
+    seed: int = 1
+
+
+def individual(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "span": rng.uniform(0.36, 0.46),
+        "depth": rng.uniform(0.10, 0.18),
+        "sweep": rng.uniform(-0.05, 0.08),
+        "tip": rng.uniform(0.02, 0.07),
+        "notches": [(rng.uniform(-1, 1), rng.uniform(0.015, 0.05)) for _ in range(int(rng.integers(1, 5)))],
+        "patches": [(rng.uniform(-0.9, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.16),
+                     rng.uniform(0.03, 0.08), rng.uniform(0, 180)) for _ in range(int(rng.integers(3, 8)))],
+        "scars": [(rng.uniform(-0.9, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0, np.pi), rng.uniform(0.05, 0.2))
+                  for _ in range(int(rng.integers(0, 4)))],
+        "skin": int(rng.integers(15, 70)),
+        "white": int(rng.integers(190, 250)),
+    }
+
+
+def _outline(ind: dict) -> np.ndarray:
+    """Fluke polygon in canvas pixels: two lobes, a central notch, a notched trailing edge."""
+    c = CANVAS / 2
+    span, depth, sweep, tip = ind["span"] * CANVAS, ind["depth"] * CANVAS, ind["sweep"] * CANVAS, ind["tip"] * CANVAS
+    xs = np.linspace(-1, 1, 61)
+    leading = c - 0.25 * depth + sweep * xs**2 - depth * 0.6 * (1 - xs**2) ** 0.5  # upper edge
+    trailing = c + depth * (1 - np.abs(xs)) ** 0.7 * 0.8 + tip * np.abs(xs) ** 4
+    trailing[np.abs(xs) < 0.05] -= 0.35 * depth  # the central notch
+    for position, size in ind["notches"]:
+        trailing -= size * CANVAS * np.exp(-((xs - position) ** 2) / 0.002)
+    upper = np.stack([c + xs * span, leading], 1)
+    lower = np.stack([c + xs[::-1] * span, trailing[::-1]], 1)
+    stem = np.array([[c + 0.06 * span, c + depth], [c + 0.05 * span, CANVAS * 1.1],
+                     [c - 0.05 * span, CANVAS * 1.1], [c - 0.06 * span, c + depth]])
+    return np.concatenate([upper, lower[:30], stem, lower[31:]]).astype(np.int32)
+
+
+def render_fluke(ind: dict) -> np.ndarray:
+    """The individual's fluke, BGRA on a transparent canvas."""
+    img = np.zeros((CANVAS, CANVAS, 4), np.uint8)
+    outline = _outline(ind)
+    skin = ind["skin"]
+    cv2.fillPoly(img, [outline], (skin, skin, skin + 10, 255))
+    mask = img[..., 3].copy()
+    marks = np.zeros((CANVAS, CANVAS, 3), np.uint8)
+    c, span, depth = CANVAS / 2, ind["span"] * CANVAS, ind["depth"] * CANVAS
+    for x, y, a, b, angle in ind["patches"]:
+        centre = (int(c + x * span), int(c - 0.4 * depth + y * depth * 1.2))
+        cv2.ellipse(marks, centre, (int(a * CANVAS), int(b * CANVAS)), angle, 0, 360, (ind["white"],) * 3, -1)
+    for x, y, angle, length in ind["scars"]:
+        p0 = np.array([c + x * span, c - 0.4 * depth + y * depth * 1.2])
+        p1 = p0 + length * CANVAS * np.array([np.cos(angle), np.sin(angle)])
+        cv2.line(marks, tuple(p0.astype(int)), tuple(p1.astype(int)), (ind["white"] - 40,) * 3, 2)
+    painted = marks.max(axis=2) > 0
+    img[..., :3][painted & (mask > 0)] = marks[painted & (mask > 0)]
+    return img
+
+
+def water(rng: np.random.Generator) -> np.ndarray:
+    base = np.array([rng.uniform(90, 170), rng.uniform(70, 140), rng.uniform(30, 90)])  # BGR, blue-green
+    t = np.linspace(0, 1, CANVAS)[:, None, None]
+    img = base * (0.8 + 0.4 * t) + rng.normal(0, 1, (CANVAS, 1, 1)) * 12
+    ripples = cv2.GaussianBlur(rng.normal(0, 25, (CANVAS, CANVAS)).astype(np.float32), (0, 0), 2.5)
+    img = img + ripples[..., None]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def take_photo(fluke: np.ndarray, rng: np.random.Generator, out_size: int, difficulty: float) -> np.ndarray:
+    matrix = random_homography(rng, CANVAS, rotate=15 * difficulty, scale=(1 - 0.15 * difficulty, 1 + 0.3 * difficulty),
+                               shift=0.08 * difficulty, perspective=0.1 * difficulty)
+    posed = warp(fluke, matrix, border=cv2.BORDER_CONSTANT)
+    alpha = posed[..., 3:4].astype(np.float32) / 255.0
+    img = (posed[..., :3] * alpha + water(rng) * (1 - alpha)).astype(np.uint8)
+    for _ in range(int(rng.integers(0, 4 * difficulty + 1))):  # splashes
+        centre = (int(rng.uniform(0, CANVAS)), int(rng.uniform(CANVAS * 0.6, CANVAS)))
+        cv2.circle(img, centre, int(rng.uniform(2, 8)), (235, 235, 235), -1)
+    img = lighting(rng, img, difficulty)
+    img = occlude(rng, img, probability=0.2 * difficulty, max_area=0.1)
+    img = blur_and_noise(rng, img, difficulty)
+    return finish(img, out_size)
+
+
+def _image_id(seed: int, n: int) -> str:
+    return hashlib.sha1(f"whale-{seed}-{n}".encode()).hexdigest()[:12] + ".jpg"
+
+
+def image_counts(params: WhaleDemoParams, rng: np.random.Generator) -> np.ndarray:
+    counts = np.where(rng.random(params.n_individuals) < params.singleton_share, 1,
+                      np.minimum(params.max_images, 2 + rng.geometric(0.55, params.n_individuals) - 1))
+    return counts
+
+
+def generate(root: Path, params: WhaleDemoParams) -> dict:
+    """Write the demo competition under root; returns its statistics."""
+    rng = np.random.default_rng(params.seed)
+    counts = image_counts(params, rng)
+    n_new_test = 0
+    names = [f"w_{hashlib.sha1(f'{params.seed}-{i}'.encode()).hexdigest()[:7]}" for i in range(params.n_individuals)]
+    jobs: list[tuple[str, int, str]] = []  # (role, individual seed, label)
+    ind_seeds = rng.integers(0, 2**31, params.n_individuals)
+    for i, n in enumerate(counts):
+        jobs += [("train", int(ind_seeds[i]), names[i])] * int(n)
+    for _ in range(params.new_whale_train):
+        jobs.append(("train", int(rng.integers(2**31, 2**32)), "new_whale"))
+    with_test = rng.random(params.n_individuals) < params.test_share_of_known
+    for i in np.flatnonzero(with_test):
+        jobs.append(("test", int(ind_seeds[i]), names[i]))
+    n_known_test = int(with_test.sum())
+    n_new_test = int(round(n_known_test * params.new_whale_test_share / (1 - params.new_whale_test_share)))
+    for _ in range(n_new_test):
+        jobs.append(("test", int(rng.integers(2**31, 2**32)), "new_whale"))
+    order = rng.permutation(len(jobs))
+    jobs = [jobs[i] for i in order]
+
+    flukes: dict[int, np.ndarray] = {}
+    records = []
+    for n, (role, ind_seed, label) in enumerate(tqdm(jobs, desc="whale-demo", unit="img", leave=False)):
+        if ind_seed not in flukes:
+            flukes[ind_seed] = render_fluke(individual(ind_seed))
+        image_id = _image_id(params.seed, n)
+        photo = take_photo(flukes[ind_seed], np.random.default_rng([params.seed, n]), params.image_size,
+                           params.difficulty)
+        write_jpeg(root / role / image_id, photo)
+        records.append({"Image": image_id, "Id": label, "role": role})
+    frame = pd.DataFrame(records)
+    train = frame[frame.role == "train"][["Image", "Id"]]
+    test = frame[frame.role == "test"].reset_index(drop=True)
+    train.to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"Image": test["Image"], "Id": "new_whale"}).to_csv(root / "sample_submission.csv", index=False)
+    usage = np.where(rng.random(len(test)) < params.public_share, "Public", "Private")
+    pd.DataFrame({"Image": test["Image"], "Id": test["Id"], "Usage": usage}).to_csv(root / "solution.csv", index=False)
+
+    known = train[train.Id != "new_whale"].groupby("Id").size()
+    return {
+        "train_images": len(train),
+        "individuals": int(known.size),
+        "singleton_share": float((known == 1).mean()),
+        "images_per_individual_max": int(known.max()),
+        "train_new_whale_share": float((train.Id == "new_whale").mean()),
+        "test_images": len(test),
+        "test_new_whale_share": float((test.Id == "new_whale").mean()),
+    }

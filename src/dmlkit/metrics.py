@@ -1,0 +1,97 @@
+"""Official competition metrics, as pure functions (definitions in README 'Metrics')."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _present(value: object) -> bool:
+    return value is not None and value == value and str(value) != ""  # value == value: not NaN
+
+
+def global_average_precision(query_ids: Sequence[str], pred_labels: Sequence[str | None],
+                             pred_scores: Sequence[float], true_labels: Sequence[str | None]) -> float:
+    """GAP (Google Landmark Recognition): one (label, score) per query, or none.
+
+    Predictions are ranked by score descending, ties by query id ascending. Every prediction
+    advances the rank (also on non-landmark queries, where it is wrong). Queries without a
+    prediction are not ranked. M counts the queries that have a true landmark.
+    """
+    if not (len(query_ids) == len(pred_labels) == len(pred_scores) == len(true_labels)):
+        raise ValueError("GAP: query_ids, pred_labels, pred_scores and true_labels differ in length")
+    m = sum(1 for t in true_labels if _present(t))
+    if m == 0:
+        return 0.0
+    ranked = sorted(
+        (
+            (-float(score), str(qid), str(pred), true)
+            for qid, pred, score, true in zip(query_ids, pred_labels, pred_scores, true_labels, strict=True)
+            if _present(pred)
+        ),
+    )
+    correct = 0
+    total = 0.0
+    for i, (_, _, pred, true) in enumerate(ranked, start=1):
+        if _present(true) and pred == str(true):
+            correct += 1
+            total += correct / i
+    return total / m
+
+
+def average_precision_at_k(predicted: Sequence[str], relevant: set[str], k: int = 100) -> float:
+    """AP@k for one retrieval query: duplicates ignored, normalised by min(|relevant|, k)."""
+    if not relevant:
+        raise ValueError("average precision is undefined for a query without relevant items")
+    seen: set[str] = set()
+    hits = 0
+    total = 0.0
+    rank = 0
+    for item in predicted:
+        if item in seen:
+            continue
+        seen.add(item)
+        rank += 1
+        if rank > k:
+            break
+        if item in relevant:
+            hits += 1
+            total += hits / rank
+    return total / min(len(relevant), k)
+
+
+def mean_average_precision_at_k(predictions: Sequence[Sequence[str]], relevant: Sequence[set[str]],
+                                k: int = 100) -> float:
+    """mAP@k (Google Landmark Retrieval, k=100), averaged over all given queries."""
+    if len(predictions) != len(relevant):
+        raise ValueError("mAP@k: predictions and relevant sets differ in length")
+    if not predictions:
+        return 0.0
+    return float(np.mean([average_precision_at_k(p, r, k) for p, r in zip(predictions, relevant, strict=True)]))
+
+
+def map_at_5(predictions: Sequence[Sequence[str]], truths: Sequence[str]) -> float:
+    """MAP@5 (whale identification): 1/rank of the first correct label among the first 5."""
+    if len(predictions) != len(truths):
+        raise ValueError("MAP@5: predictions and truths differ in length")
+    if not truths:
+        return 0.0
+    total = 0.0
+    for predicted, truth in zip(predictions, truths, strict=True):
+        for rank, label in enumerate(list(predicted)[:5], start=1):
+            if label == truth:
+                total += 1.0 / rank
+                break
+    return total / len(truths)
+
+
+def recall_at_k(neighbour_labels: np.ndarray, query_labels: np.ndarray, k: int) -> float:
+    """Share of queries whose top-k neighbours contain their own label (neighbours best first)."""
+    neighbour_labels = np.asarray(neighbour_labels)
+    if neighbour_labels.ndim != 2 or len(neighbour_labels) != len(query_labels):
+        raise ValueError("recall@k: neighbour_labels must be (queries, k') and match query_labels")
+    if len(query_labels) == 0:
+        return 0.0
+    hits = (neighbour_labels[:, :k] == np.asarray(query_labels)[:, None]).any(axis=1)
+    return float(hits.mean())

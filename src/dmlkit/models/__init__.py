@@ -1,0 +1,1 @@
+"""Backbone with GeM and neck, margin heads, SEE."""

@@ -1,0 +1,122 @@
+"""Margin heads: cosine logits to K sub-centers per class, a per-class margin on the target.
+
+The heads share everything but `apply_margin` (template method): ArcFace adds the margin to the
+angle, CosFace subtracts it from the cosine, `none` leaves the cosine alone. Everything runs in
+fp32 even under autocast, which keeps bf16/fp16 training free of NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def dynamic_margins(counts: np.ndarray, form: str, a: float = 0.45, b: float = 0.05,
+                    lam: float = -0.25, fixed: float = 0.3) -> np.ndarray:
+    """Per-class margins from class sizes; rare classes get larger margins.
+
+    glr3 (GLR2020 3rd): t = n^(-1/4), min-max normalised, m = a·t + b (so m ∈ [b, a+b]).
+    power (Happywhale 1st): m = a·n^λ + b. none: every class gets `fixed`.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if (counts <= 0).any():
+        raise ValueError("dynamic margins need a positive image count for every class")
+    if form == "none":
+        return np.full(counts.shape, fixed)
+    if form == "glr3":
+        t = counts ** -0.25
+        span = t.max() - t.min()
+        t = (t - t.min()) / span if span > 0 else np.full_like(t, 0.5)
+        return a * t + b
+    if form == "power":
+        return a * counts**lam + b
+    raise ValueError(f"unknown dynamic margin form '{form}' (glr3, power, none)")
+
+
+def adacos_scale(num_classes: int) -> float:
+    """The fixed AdaCos scale √2·ln(C−1)."""
+    return math.sqrt(2.0) * math.log(max(num_classes - 1, 2))
+
+
+class MarginHead(nn.Module):
+    """Sub-center cosine classifier; subclasses define how the margin modifies the target cosine."""
+
+    def __init__(self, embedding_size: int, num_classes: int, margins: torch.Tensor | np.ndarray,
+                 scale: float, subcenters: int = 1):
+        super().__init__()
+        self.num_classes = num_classes
+        self.subcenters = subcenters
+        self.scale = float(scale)
+        self.weight = nn.Parameter(torch.empty(num_classes * subcenters, embedding_size))
+        nn.init.normal_(self.weight, std=0.01)
+        self.register_buffer("margins", torch.as_tensor(np.asarray(margins), dtype=torch.float32))
+        if self.margins.shape != (num_classes,):
+            raise ValueError(f"margins: expected ({num_classes},), got {tuple(self.margins.shape)}")
+
+    def subcenter_cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, C, K) cosines between embeddings and every sub-center."""
+        emb = F.normalize(embeddings.float(), dim=1)
+        centers = F.normalize(self.weight.float(), dim=1)
+        return F.linear(emb, centers).view(-1, self.num_classes, self.subcenters)
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, C) class cosines: the max over each class's sub-centers."""
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return self.subcenter_cosines(embeddings).amax(dim=2)
+
+    def closest_centers(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, E) unit vector of each sample's own-class sub-center closest to it."""
+        with torch.no_grad():
+            best = self.subcenter_cosines(embeddings)[torch.arange(len(labels)), labels].argmax(dim=1)
+        rows = labels * self.subcenters + best
+        return F.normalize(self.weight.float()[rows], dim=1)
+
+    def apply_margin(self, cos: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Scaled logits with the margin applied to each sample's target class (fp32)."""
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            cos = self.subcenter_cosines(embeddings).amax(dim=2)
+            index = labels.view(-1, 1)
+            target = cos.gather(1, index).squeeze(1)
+            modified = self.apply_margin(target, self.margins[labels])
+            logits = cos.scatter(1, index, modified.unsqueeze(1))
+            return logits * self.scale
+
+
+class ArcFaceHead(MarginHead):
+    """cos(θ + m); beyond θ + m > π (where it stops decreasing) the guard cos θ − m·sin m."""
+
+    def apply_margin(self, cos: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+        cos = cos.clamp(-1.0, 1.0)
+        sin = torch.sqrt((1.0 - cos * cos).clamp(min=1e-12))
+        shifted = cos * torch.cos(margin) - sin * torch.sin(margin)
+        threshold = torch.cos(math.pi - margin)
+        return torch.where(cos > threshold, shifted, cos - margin * torch.sin(margin))
+
+
+class CosFaceHead(MarginHead):
+    def apply_margin(self, cos: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+        return cos - margin
+
+
+class NoMarginHead(MarginHead):
+    def apply_margin(self, cos: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+        return cos
+
+
+HEADS: dict[str, type[MarginHead]] = {"arcface": ArcFaceHead, "cosface": CosFaceHead, "none": NoMarginHead}
+
+
+def build_head(kind: str, embedding_size: int, class_counts: np.ndarray, scale: float | str, subcenters: int,
+               dynamic: str, a: float, b: float, lam: float, fixed_margin: float) -> MarginHead:
+    if kind not in HEADS:
+        raise ValueError(f"unknown head type '{kind}'; known: {sorted(HEADS)}")
+    margins = dynamic_margins(class_counts, dynamic, a, b, lam, fixed_margin)
+    s = adacos_scale(len(class_counts)) if scale == "adacos" else float(scale)
+    return HEADS[kind](embedding_size, len(class_counts), margins, s, subcenters)

@@ -1,0 +1,277 @@
+"""The stages wired to the cache: each `run_*` returns its artifact, computing it (and whatever
+upstream is missing) only when no complete artifact with the same key exists.
+
+Which artifact does a stage read, and what invalidates it? Its key hashes its config slice, its
+upstream keys and its input fingerprints (see each `run_*`); change any of them and that stage
+and everything downstream recompute, nothing upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import cache
+from .competitions import Adapter, Predictions, get_adapter
+from .config import Config, config_slice
+from .runtime import barrier, default_device, is_main_process
+
+log = logging.getLogger("dmlkit")
+
+STAGES = ("folds", "train", "embed", "ensemble", "retrieve", "submit")
+VERSIONS = {"folds": 1, "train": 1, "embed": 1, "ensemble": 1, "retrieve": 1, "submit": 1}
+
+
+@dataclass
+class Context:
+    cfg: Config
+    artifacts: Path = Path("artifacts")
+    submissions: Path = Path("submissions")
+    force: set[str] = field(default_factory=set)
+    progress: bool = True
+    done: dict[str, cache.Artifact] = field(default_factory=dict)
+
+    @cached_property
+    def adapter(self) -> Adapter:
+        return get_adapter(self.cfg.competition.name)
+
+    @cached_property
+    def formats(self) -> list[Adapter]:
+        return [self.adapter, *(get_adapter(name) for name in self.cfg.competition.extra_formats)]
+
+    @property
+    def root(self) -> Path:
+        return Path(self.cfg.competition.root)
+
+    @cached_property
+    def device(self):
+        import torch
+
+        return torch.device(default_device())
+
+
+def _run(ctx: Context, stage: str, name: str, config_part, upstream: dict[str, str], fingerprints: dict[str, str],
+         compute: Callable[[Path], dict | None], resumable: bool = False) -> cache.Artifact:
+    """Reuse the complete artifact with this key, or compute it into a partial dir and rename it."""
+    label = f"{stage}/{name}" if name else stage
+    if label in ctx.done:
+        return ctx.done[label]
+    key = cache.stage_key(stage, config_part, upstream, fingerprints, VERSIONS[stage])
+    final = cache.artifact_dir(ctx.artifacts, ctx.cfg.experiment, stage, key)
+    if name:
+        final = final.parent / name / key
+    forced = stage in ctx.force
+    if cache.is_complete(final) and not forced:
+        log.info("[%s] reused %s", label, final)
+        art = cache.Artifact(stage, key, final, reused=True, manifest=cache.read_manifest(final))
+    else:
+        manifest = cache.build_manifest(stage, key, config_part, upstream, fingerprints)
+        writer = cache.StageWriter(final, stage, key, manifest, resumable=resumable)
+        log.info("[%s] computing %s%s", label, final, " (forced)" if forced else "")
+        if is_main_process():
+            with cache.stage_lock(final):
+                work = writer.begin()
+                extra = compute(work)
+                art = writer.commit({"result": extra} if extra else None)
+        else:  # other ranks compute in lockstep; rank 0 alone writes
+            work = writer.partial
+            compute(work)
+            art = cache.Artifact(stage, key, final, reused=False)
+        barrier()
+        log.info("[%s] done in %.1fs → %s", label, art.manifest.get("wall_time_s", 0.0), final)
+    ctx.done[label] = art
+    return art
+
+
+# ------------------------------------------------------------------------------------ stages
+def run_folds(ctx: Context) -> cache.Artifact:
+    from .stages.folds import assign_folds
+
+    inputs = [*ctx.adapter.input_files(ctx.root), ctx.root / "demo_params.json"]  # the latter: demos only
+    fingerprints = {str(p): cache.file_fingerprint(p) for p in inputs if p.exists()}
+    part = {"competition": {"name": ctx.cfg.competition.name, "root": ctx.cfg.competition.root},
+            "folds": config_slice(ctx.cfg.folds)}
+
+    def compute(work: Path) -> dict:
+        table = ctx.adapter.read(ctx.root)
+        train = table[table["role"] == "train"].reset_index(drop=True)
+        train["fold"] = assign_folds(train, ctx.cfg.folds.n_splits, ctx.cfg.folds.seed)
+        table.to_csv(work / "table.csv", index=False)
+        train.to_csv(work / "folds.csv", index=False)
+        return {"rows": {role: int(n) for role, n in table["role"].value_counts().items()},
+                "classes": int(train.loc[train["known"], "label"].nunique())}
+
+    return _run(ctx, "folds", "", part, {}, fingerprints, compute)
+
+
+def load_table(folds_art: cache.Artifact) -> tuple[pd.DataFrame, pd.DataFrame]:
+    read = {"dtype": {"id": str, "label": str}, "keep_default_na": False}
+    table = pd.read_csv(folds_art.file("table.csv"), **read)
+    folds = pd.read_csv(folds_art.file("folds.csv"), **read)
+    table["label"] = table["label"].replace("", None)
+    return table, folds
+
+
+def run_train(ctx: Context, member_name: str) -> cache.Artifact:
+    from .stages.train import train_member
+
+    member = ctx.cfg.member(member_name)
+    folds_art = run_folds(ctx)
+    upstream = {"folds": folds_art.key}
+    init_art = None
+    if member.init_from:
+        init_art = run_train(ctx, member.init_from)
+        upstream["init"] = init_art.key
+    part = {"member": config_slice(member), "seed": ctx.cfg.seed}
+
+    def compute(work: Path) -> dict:
+        import torch
+
+        _, folds = load_table(folds_art)
+        init_state = (torch.load(init_art.file("final.pt"), map_location="cpu", weights_only=False)
+                      if init_art else None)
+        return train_member(ctx.cfg, member, folds, ctx.adapter.metric, ctx.adapter.unknown_label, work,
+                            ctx.device, init_state, ctx.progress)
+
+    return _run(ctx, "train", member.name, part, upstream, {}, compute, resumable=True)
+
+
+def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
+    from .inference import embed_paths
+    from .stages.train import load_weights
+
+    member = ctx.cfg.member(member_name)
+    train_art = run_train(ctx, member_name)
+    folds_art = run_folds(ctx)
+    part = {"embed": config_slice(ctx.cfg.embed), "image_size": member.image_size, "amp": member.train.amp}
+
+    def compute(work: Path) -> dict:
+        table, _ = load_table(folds_art)
+        model = load_weights(train_art.file("best.pt"), member, ctx.device)
+        emb = embed_paths(model, table["path"].tolist(), member.image_size, ctx.cfg.embed.batch_size, ctx.device,
+                          flip=ctx.cfg.embed.tta_flip, scales=ctx.cfg.embed.tta_scales, amp=member.train.amp,
+                          num_workers=member.train.num_workers, desc=f"embed {member.name}", progress=ctx.progress)
+        np.save(work / "embeddings.npy", emb)
+        table[["id", "role"]].to_csv(work / "ids.csv", index=False)
+        return {"rows": len(emb), "dim": int(emb.shape[1])}
+
+    return _run(ctx, "embed", member.name, part, {"train": train_art.key, "folds": folds_art.key}, {}, compute)
+
+
+def member_embeddings(ctx: Context) -> dict[str, np.ndarray]:
+    return {m.name: np.load(run_embed(ctx, m.name).file("embeddings.npy")) for m in ctx.cfg.members}
+
+
+def run_ensemble(ctx: Context) -> cache.Artifact:
+    from .retrieval.ensemble import concatenate, pca_whiten
+
+    embed_arts = {m.name: run_embed(ctx, m.name) for m in ctx.cfg.members}
+    folds_art = run_folds(ctx)
+    part = {"ensemble": config_slice(ctx.cfg.ensemble), "members": list(embed_arts)}
+
+    def compute(work: Path) -> dict:
+        table, _ = load_table(folds_art)
+        parts = [np.load(a.file("embeddings.npy")) for a in embed_arts.values()]
+        weights = [ctx.cfg.ensemble.weights.get(name, 1.0) for name in embed_arts]
+        emb = concatenate(parts, weights)
+        if ctx.cfg.ensemble.pca_whiten:
+            emb = pca_whiten(emb, (table["role"] == "train").to_numpy(), ctx.cfg.ensemble.pca_dim)
+        np.save(work / "embeddings.npy", emb)
+        return {"dim": int(emb.shape[1]), "members": list(embed_arts)}
+
+    upstream = {f"embed/{k}": a.key for k, a in embed_arts.items()}
+    return _run(ctx, "ensemble", "", part, upstream, {}, compute)
+
+
+def _val_fold(ctx: Context) -> int:
+    return ctx.cfg.retrieve.val_fold if ctx.cfg.retrieve.val_fold is not None else ctx.cfg.members[0].fold
+
+
+def run_retrieve(ctx: Context) -> cache.Artifact:
+    from .stages.retrieve import retrieve
+
+    ensemble_art = run_ensemble(ctx)
+    folds_art = run_folds(ctx)
+    part = {"retrieve": config_slice(ctx.cfg.retrieve), "formats": [f.name for f in ctx.formats],
+            "val_fold": _val_fold(ctx)}
+
+    def compute(work: Path) -> dict:
+        table, folds = load_table(folds_art)
+        predictions, report, tuned = retrieve(
+            ctx.cfg.retrieve, ctx.adapter, ctx.formats, table, folds, np.load(ensemble_art.file("embeddings.npy")),
+            member_embeddings(ctx), _val_fold(ctx))
+        for name, pred in predictions.items():
+            (work / f"predictions-{name}.json").write_text(json.dumps(pred.__dict__))
+        report.to_csv(work / "report.csv", index=False)
+        if not report.empty:
+            log.info("validation, step by step (fold %d):\n%s", _val_fold(ctx), report.to_string(index=False))
+        return {"tuned": tuned, "report": report.to_dict(orient="records")}
+
+    return _run(ctx, "retrieve", "", part, {"ensemble": ensemble_art.key, "folds": folds_art.key}, {}, compute)
+
+
+def run_submit(ctx: Context) -> cache.Artifact:
+    retrieve_art = run_retrieve(ctx)
+    part = {"experiment": ctx.cfg.experiment, "formats": [f.name for f in ctx.formats]}
+    fingerprints = {"sample_submission": cache.file_fingerprint(ctx.root / "sample_submission.csv")}
+
+    def compute(work: Path) -> dict:
+        written = {}
+        for fmt in ctx.formats:
+            pred = Predictions(**json.loads(retrieve_art.file(f"predictions-{fmt.name}.json").read_text()))
+            frame = fmt.build_submission(pred, fmt.submission_ids(ctx.root))
+            name = f"{ctx.cfg.experiment}{fmt.suffix}.csv"
+            frame.to_csv(work / name, index=False)
+            written[fmt.name] = name
+        return {"files": written}
+
+    art = _run(ctx, "submit", "", part, {"retrieve": retrieve_art.key}, fingerprints, compute)
+    if is_main_process():
+        ctx.submissions.mkdir(parents=True, exist_ok=True)
+        for fmt in ctx.formats:
+            name = f"{ctx.cfg.experiment}{fmt.suffix}.csv"
+            target = ctx.submissions / name
+            shutil.copyfile(art.file(name), target.with_name(name + ".tmp"))
+            target.with_name(name + ".tmp").replace(target)
+            log.info("[submit] wrote %s", target)
+    return art
+
+
+def local_scores(ctx: Context) -> list[dict]:
+    """Leaderboard scores of the written submissions where the competition ships its answers (demos)."""
+    from .stages.score import score_files
+
+    results = []
+    for fmt in ctx.formats:
+        solution = ctx.root / fmt.solution_file
+        submission = ctx.submissions / f"{ctx.cfg.experiment}{fmt.suffix}.csv"
+        if solution.is_file() and submission.is_file():
+            result = score_files(submission, solution)
+            result["submission"] = str(submission)
+            results.append(result)
+    return results
+
+
+def run_stage(ctx: Context, stage: str) -> None:
+    if stage in ("train", "embed"):
+        runner = run_train if stage == "train" else run_embed
+        for member in ctx.cfg.members:
+            runner(ctx, member.name)
+    else:
+        {"folds": run_folds, "ensemble": run_ensemble, "retrieve": run_retrieve, "submit": run_submit}[stage](ctx)
+
+
+def ensure_demo_data(ctx: Context) -> None:
+    from .demo import build_demo
+
+    if ctx.cfg.competition.demo and is_main_process():
+        build_demo(ctx.cfg.competition.demo, ctx.root, ctx.cfg.competition.demo_params)
+    barrier()

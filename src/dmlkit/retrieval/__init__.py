@@ -1,0 +1,1 @@
+"""kNN search, query expansion, re-ranking and label voting, as functions over arrays."""

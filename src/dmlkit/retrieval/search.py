@@ -1,0 +1,93 @@
+"""Exact or approximate inner-product kNN with faiss; GPU when it works, CPU otherwise.
+
+A broken faiss GPU setup can abort the whole process, so the GPU is probed once in a child
+process; only when the child succeeds are GPU indexes built here. With several GPUs the index
+is sharded across them. Queries go in batches so memory stays bounded by the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import subprocess
+import sys
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+_PROBE = """
+import faiss, numpy as np
+assert faiss.get_num_gpus() > 0
+res = faiss.StandardGpuResources()
+index = faiss.GpuIndexFlatIP(res, 8)
+x = np.random.rand(16, 8).astype('float32')
+index.add(x)
+d, i = index.search(x, 2)
+assert (i[:, 0] == np.arange(16)).all()
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_usable() -> bool:
+    """True when faiss sees a GPU and a tiny GPU search succeeds in a child process."""
+    if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+        return False
+    try:
+        result = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("faiss GPU probe could not run (%s); searching on CPU", exc)
+        return False
+    if result.returncode != 0:
+        log.warning("faiss GPU probe failed (exit %s): %s; searching on CPU", result.returncode,
+                    result.stderr.decode(errors="replace").strip().splitlines()[-1:] or "")
+        return False
+    return True
+
+
+def build_index(gallery: np.ndarray, kind: str = "flat", nlist: int = 1024, nprobe: int = 16,
+                hnsw_m: int = 32, use_gpu: str = "auto") -> faiss.Index:
+    gallery = np.ascontiguousarray(gallery, dtype=np.float32)
+    dim = gallery.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivf":
+        nlist = max(1, min(nlist, len(gallery) // 39 or 1))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(gallery)
+        index.nprobe = nprobe
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"unknown index type '{kind}' (flat, ivf, hnsw)")
+    want_gpu = use_gpu == "yes" or (use_gpu == "auto" and kind != "hnsw")
+    if want_gpu and gpu_usable():
+        try:
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = True
+            index = faiss.index_cpu_to_all_gpus(index, co=options)
+            log.info("faiss: %s index on %d GPU(s)", kind, faiss.get_num_gpus())
+        except (RuntimeError, AttributeError) as exc:
+            log.warning("faiss GPU index failed (%s); searching on CPU", exc)
+    elif use_gpu == "yes":
+        log.warning("faiss: use_gpu=yes but no usable GPU; searching on CPU")
+    index.add(gallery)
+    return index
+
+
+def knn(queries: np.ndarray, gallery: np.ndarray, k: int, kind: str = "flat", batch: int = 16384,
+        use_gpu: str = "auto", nlist: int = 1024, nprobe: int = 16, hnsw_m: int = 32,
+        progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, indices), each (Q, k), best first; indices -1 where fewer than k exist."""
+    k = min(k, len(gallery))
+    index = build_index(gallery, kind, nlist, nprobe, hnsw_m, use_gpu)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    sims = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    starts = range(0, len(queries), batch)
+    for start in tqdm(starts, desc="knn", unit="batch", disable=not progress or len(starts) < 4, leave=False):
+        s, i = index.search(queries[start : start + batch], k)
+        sims[start : start + batch], ids[start : start + batch] = s, i
+    return sims, ids

@@ -1,0 +1,77 @@
+"""Label prediction from neighbours, unknown-class insertion and its threshold."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..metrics import map_at_5
+
+
+def vote(sims: np.ndarray, ids: np.ndarray, gallery_labels: np.ndarray, k: int, power: float,
+         top: int = 5) -> tuple[list[list[str]], list[list[float]]]:
+    """Per query, labels ranked by Σ over its top-k neighbours with that label of max(sim,0)^power."""
+    sims, ids = sims[:, :k], ids[:, :k]
+    labels_out: list[list[str]] = []
+    scores_out: list[list[float]] = []
+    weights = np.clip(sims, 0, None) ** power
+    neighbour_labels = np.where(ids >= 0, gallery_labels[np.clip(ids, 0, None)], None)
+    for row_labels, row_weights in zip(neighbour_labels, weights, strict=True):
+        totals: dict[str, float] = {}
+        for label, weight in zip(row_labels, row_weights, strict=True):
+            if label is not None:
+                totals[label] = totals.get(label, 0.0) + float(weight)
+        ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:top]
+        labels_out.append([label for label, _ in ranked])
+        scores_out.append([score for _, score in ranked])
+    return labels_out, scores_out
+
+
+def insert_unknown(labels: list[list[str]], scores: list[list[float]], unknown: str, threshold: float,
+                   top: int = 5) -> list[list[str]]:
+    """Put `unknown` before the first label whose score is below the threshold (whale style)."""
+    out = []
+    for row_labels, row_scores in zip(labels, scores, strict=True):
+        position = next((i for i, s in enumerate(row_scores) if s < threshold), len(row_labels))
+        merged = [*row_labels[:position], unknown, *row_labels[position:]]
+        out.append(merged[:top])
+    return out
+
+
+def tune_unknown_threshold(labels: list[list[str]], scores: list[list[float]], truths: Sequence[str],
+                           unknown: str, grid: Sequence[float] | None = None) -> tuple[float, float]:
+    """The threshold maximising MAP@5 on validation (truth `unknown` for unseen classes), and that score."""
+    if grid is None:
+        top_scores = np.array([s[0] for s in scores if s] or [0.0])
+        grid = np.unique(np.concatenate([np.quantile(top_scores, np.linspace(0, 1, 41)), [0.0, np.inf]]))
+    best = (float("-inf"), -1.0)
+    for threshold in grid:
+        score = map_at_5(insert_unknown(labels, scores, unknown, float(threshold)), truths)
+        if score > best[1] + 1e-12:
+            best = (float(threshold), score)
+    return best
+
+
+def landmark_confidence(labels: list[list[str]], scores: list[list[float]], form: str) -> np.ndarray:
+    """One confidence per query for GAP ordering.
+
+    vote: the top label's vote; margin: top vote minus the runner-up (clear winners first);
+    share: the top vote's share of all votes times the top vote.
+    """
+    conf = np.zeros(len(labels))
+    for i, row in enumerate(scores):
+        if not row:
+            continue
+        if form == "vote":
+            conf[i] = row[0]
+        elif form == "margin":
+            conf[i] = row[0] - (row[1] if len(row) > 1 else 0.0)
+        elif form == "share":
+            conf[i] = row[0] * row[0] / max(sum(row), 1e-12)
+        else:
+            raise ValueError(f"unknown confidence form '{form}'")
+    return conf
+
+
+CONFIDENCE_FORMS = ("vote", "margin", "share")

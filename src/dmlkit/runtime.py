@@ -1,0 +1,112 @@
+"""Process-wide setup done once per run: logging, thread counts, seeds, device, distributed rank."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("dmlkit")
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def setup_logging(log_dir: Path | None = None, name: str = "run", level: int = logging.INFO) -> Path | None:
+    """Console plus (when log_dir is given) a log file per run; returns the file's path."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    path = None
+    if log_dir is not None and is_main_process():
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        file_handler = logging.FileHandler(path)
+        file_handler.setFormatter(fmt)
+        root.addHandler(file_handler)
+    for noisy in ("PIL", "matplotlib", "timm", "faiss", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return path
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch, OpenMP and faiss thread counts once, explicitly (they interfere otherwise)."""
+    import torch
+
+    n = threads or len(os.sched_getaffinity(0))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and torch.device(default_device()).type == "cpu":
+        n = max(1, n // world)
+    for var in _THREAD_VARS:
+        os.environ[var] = str(n)
+    torch.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:  # pragma: no cover - faiss is a requirement
+        pass
+    import cv2
+
+    cv2.setNumThreads(1)  # decode runs per sample inside loader workers
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return f"cuda:{local}"
+    return "cpu"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def init_distributed() -> bool:
+    """Join the process group when launched by torchrun; returns True when distributed."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    log.info("distributed: rank %d of %d (%s)", rank(), world_size(), backend)
+    return True
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

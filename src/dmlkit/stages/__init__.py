@@ -1,0 +1,1 @@
+"""Pipeline stages: each reads its config slice and upstream artifacts and writes one artifact."""

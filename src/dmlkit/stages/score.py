@@ -1,0 +1,38 @@
+"""Local scoring: detect the competition from the submission's header, score Public and Private."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..competitions import adapter_for_header
+from ..competitions.base import InputError
+
+
+def score_files(submission: Path, solution: Path) -> dict:
+    submission, solution = Path(submission), Path(solution)
+    if not submission.is_file():
+        raise InputError(f"{submission}: submission file not found")
+    if submission.stat().st_size == 0:
+        raise InputError(f"{submission}: submission file is empty")
+    try:
+        frame = pd.read_csv(submission, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{submission}: not a readable CSV: {exc}") from exc
+    adapter = adapter_for_header(list(frame.columns))
+    answers = adapter.read_solution(solution)
+    if answers.columns[0] != adapter.solution_columns[0] or answers.columns[1] != adapter.solution_columns[1]:
+        raise InputError(f"{solution}: columns {list(answers.columns)} do not match the {adapter.name} submission "
+                         f"{submission} (expected {list(adapter.solution_columns)})")
+    result = adapter.score(frame, answers, source=str(submission))
+    result["competition"] = adapter.name
+    return result
+
+
+def format_scores(result: dict) -> str:
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.5f}"
+
+    return (f"{result['competition']} ({result['metric']}): public {fmt(result['public'])}  "
+            f"private {fmt(result['private'])}")

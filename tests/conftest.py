@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny demo competitions and a fast config for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY_LANDMARK = {"n_classes": 12, "head_size": 10, "index_distractors": 10, "image_size": 48}
+TINY_WHALE = {"n_individuals": 20, "new_whale_train": 6, "image_size": 48}
+
+
+def write_tiny_config(tmp: Path, kind: str = "whale", extra: str = "") -> Path:
+    """A config over a tiny generated demo with a 0.4M-parameter backbone: seconds per stage."""
+    name, params = ("humpback-2019", TINY_WHALE) if kind == "whale" else ("landmark-recognition-2020", TINY_LANDMARK)
+    extra_formats = "[landmark-retrieval]" if kind == "landmark" else "[]"
+    text = textwrap.dedent(f"""
+        experiment: tiny-{kind}
+        seed: 3
+        threads: 2
+        competition:
+          name: {name}
+          root: {tmp / ("input-" + kind)}
+          demo: {kind}
+          demo_params: {params}
+          extra_formats: {extra_formats}
+        folds: {{n_splits: 3}}
+        member_defaults:
+          image_size: 32
+          embedding_size: 32
+          head: {{subcenters: 2, scale: 16.0}}
+          train: {{epochs: 2, batch_size: 16, lr: 2.0e-3, amp: "off"}}
+        members:
+          - {{name: m0, backbone: test_resnet, fold: 0}}
+        embed: {{batch_size: 64}}
+        retrieve: {{k: 20}}
+    """) + textwrap.dedent(extra)
+    path = tmp / f"tiny-{kind}.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def tiny_whale_config(tmp_path: Path) -> Path:
+    return write_tiny_config(tmp_path, "whale")
+
+
+@pytest.fixture
+def tiny_landmark_config(tmp_path: Path) -> Path:
+    return write_tiny_config(tmp_path, "landmark")

@@ -1,0 +1,101 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss
+
+from dmlkit.models.heads import ArcFaceHead, CosFaceHead, adacos_scale, build_head, dynamic_margins
+
+
+def _data(batch=16, dim=8, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, dim, generator=g), torch.randint(0, classes, (batch,), generator=g)
+
+
+def test_arcface_logits_hand_computed():
+    head = ArcFaceHead(2, 2, np.array([0.5, 0.5]), scale=1.0, subcenters=1)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    theta = 0.3
+    emb = torch.tensor([[math.cos(theta), math.sin(theta)]])
+    logits = head(emb, torch.tensor([0]))
+    assert logits[0, 0].item() == pytest.approx(math.cos(theta + 0.5), abs=1e-6)
+    assert logits[0, 1].item() == pytest.approx(math.sin(theta), abs=1e-6)  # non-target untouched
+
+
+def test_arcface_guard_beyond_pi():
+    head = ArcFaceHead(2, 2, np.array([0.5, 0.5]), scale=1.0)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    theta = math.pi - 0.2  # θ + m > π
+    emb = torch.tensor([[math.cos(theta), math.sin(theta)]])
+    assert head(emb, torch.tensor([0]))[0, 0].item() == pytest.approx(math.cos(theta) - 0.5 * math.sin(0.5), abs=1e-6)
+
+
+@pytest.mark.parametrize("subcenters", [1, 3])
+def test_arcface_matches_pytorch_metric_learning(subcenters):
+    emb, labels = _data()
+    margin = 0.3
+    ours = ArcFaceHead(8, 5, np.full(5, margin), scale=20.0, subcenters=subcenters)
+    if subcenters == 1:
+        ref = ArcFaceLoss(num_classes=5, embedding_size=8, margin=math.degrees(margin), scale=20.0)
+    else:
+        ref = SubCenterArcFaceLoss(num_classes=5, embedding_size=8, margin=math.degrees(margin), scale=20.0,
+                                   sub_centers=subcenters)
+    with torch.no_grad():
+        ref.W.copy_(ours.weight.t())
+    assert F.cross_entropy(ours(emb, labels), labels).item() == pytest.approx(ref(emb, labels).item(), rel=1e-5)
+
+
+def test_cosface_matches_pytorch_metric_learning():
+    emb, labels = _data(seed=1)
+    ours = CosFaceHead(8, 5, np.full(5, 0.35), scale=30.0)
+    ref = CosFaceLoss(num_classes=5, embedding_size=8, margin=0.35, scale=30.0)
+    with torch.no_grad():
+        ref.W.copy_(ours.weight.t())
+    assert F.cross_entropy(ours(emb, labels), labels).item() == pytest.approx(ref(emb, labels).item(), rel=1e-5)
+
+
+def test_subcenter_cosine_is_max_over_subcenters():
+    head = ArcFaceHead(2, 2, np.zeros(2), scale=1.0, subcenters=2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]]))
+    cos = head.cosine(torch.tensor([[0.0, 1.0]]))
+    assert cos[0].tolist() == pytest.approx([1.0, 0.8])
+    center = head.closest_centers(torch.tensor([[0.0, 1.0]]), torch.tensor([1]))
+    assert center[0].tolist() == pytest.approx([0.6, 0.8])
+
+
+def test_dynamic_margins_glr3_and_power():
+    counts = np.array([1, 16, 81, 10000])
+    m = dynamic_margins(counts, "glr3", a=0.45, b=0.05)
+    t = counts ** -0.25
+    expected = 0.45 * (t - t.min()) / (t.max() - t.min()) + 0.05
+    assert m == pytest.approx(expected)
+    assert m[0] == pytest.approx(0.5) and m[-1] == pytest.approx(0.05)  # rare classes: the largest margin
+    assert dynamic_margins(counts, "power", a=0.27, b=0.05, lam=-0.36) == pytest.approx(0.27 * counts**-0.36 + 0.05)
+    assert dynamic_margins(counts, "none", fixed=0.3) == pytest.approx(np.full(4, 0.3))
+    assert dynamic_margins(np.array([4, 4]), "glr3") == pytest.approx([0.275, 0.275])
+    with pytest.raises(ValueError):
+        dynamic_margins(np.array([0, 2]), "glr3")
+
+
+def test_build_head_uses_per_class_margins_and_adacos():
+    head = build_head("arcface", 8, np.array([1, 100]), "adacos", 1, "glr3", 0.45, 0.05, -0.25, 0.3)
+    assert head.scale == pytest.approx(math.sqrt(2) * math.log(1)) or head.scale == pytest.approx(adacos_scale(2))
+    assert head.margins.tolist() == pytest.approx([0.5, 0.05])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_head_is_fp32_and_finite_under_autocast(dtype):
+    emb, labels = _data(batch=64, dim=16, classes=10)
+    head = ArcFaceHead(16, 10, np.full(10, 0.5), scale=64.0, subcenters=3)
+    emb = emb.requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        logits = head(emb.to(dtype), labels)
+        loss = F.cross_entropy(logits, labels)
+    assert logits.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(emb.grad).all() and torch.isfinite(head.weight.grad).all()
