@@ -46,7 +46,7 @@ def test_lock_refuses_a_second_holder(tmp_path):
     final = tmp_path / "s" / "k"
     with cache.stage_lock(final):
         code = textwrap.dedent(f"""
-            import sys; sys.path.insert(0, {str(cache.__file__.rsplit('/dmlkit', 1)[0])!r})
+            import sys; sys.path.insert(0, {str(cache.__file__.rsplit("/dmlkit", 1)[0])!r})
             from pathlib import Path
             from dmlkit import cache
             try:
@@ -62,7 +62,7 @@ def test_lock_refuses_a_second_holder(tmp_path):
 def test_killed_writer_leaves_nothing_complete(tmp_path):
     final = tmp_path / "s" / "k"
     code = textwrap.dedent(f"""
-        import sys, time; sys.path.insert(0, {str(cache.__file__.rsplit('/dmlkit', 1)[0])!r})
+        import sys, time; sys.path.insert(0, {str(cache.__file__.rsplit("/dmlkit", 1)[0])!r})
         from pathlib import Path
         from dmlkit import cache
         writer = cache.StageWriter(Path({str(final)!r}), "s", "k", {{}})

@@ -13,15 +13,20 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.fixture
 def configs(tmp_path: Path) -> Path:
-    write(tmp_path / "base.yaml", """
+    write(
+        tmp_path / "base.yaml",
+        """
         seed: 1
         competition: {name: humpback-2019, root: input/x}
         member_defaults:
           image_size: 64
           train: {epochs: 3, lr: 0.001}
         retrieve: {k: 50, qe: {enabled: false, alpha: 3.0}}
-    """)
-    write(tmp_path / "exp.yaml", """
+    """,
+    )
+    write(
+        tmp_path / "exp.yaml",
+        """
         base: base.yaml
         experiment: exp
         member_defaults:
@@ -30,7 +35,8 @@ def configs(tmp_path: Path) -> Path:
           - {name: a, backbone: resnet18, fold: 0}
           - {name: b, backbone: resnet34, fold: 1, image_size: 128, train: {lr: 0.01}}
         retrieve: {qe: {enabled: true}}
-    """)
+    """,
+    )
     return tmp_path
 
 
@@ -44,8 +50,10 @@ def test_inheritance_merges_dicts_and_member_defaults(configs):
 
 
 def test_dotted_overrides_including_list_items(configs):
-    cfg = load_config(configs / "exp.yaml", ["members.1.train.epochs=9", "retrieve.k=7", "seed=5",
-                                              "member_defaults.head.subcenters=1"])
+    cfg = load_config(
+        configs / "exp.yaml",
+        ["members.1.train.epochs=9", "retrieve.k=7", "seed=5", "member_defaults.head.subcenters=1"],
+    )
     assert cfg.members[1].train.epochs == 9 and cfg.members[0].train.epochs == 5
     assert cfg.retrieve.k == 7 and cfg.seed == 5
     assert all(m.head.subcenters == 1 for m in cfg.members)

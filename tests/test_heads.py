@@ -42,8 +42,9 @@ def test_arcface_matches_pytorch_metric_learning(subcenters):
     if subcenters == 1:
         ref = ArcFaceLoss(num_classes=5, embedding_size=8, margin=math.degrees(margin), scale=20.0)
     else:
-        ref = SubCenterArcFaceLoss(num_classes=5, embedding_size=8, margin=math.degrees(margin), scale=20.0,
-                                   sub_centers=subcenters)
+        ref = SubCenterArcFaceLoss(
+            num_classes=5, embedding_size=8, margin=math.degrees(margin), scale=20.0, sub_centers=subcenters
+        )
     with torch.no_grad():
         ref.W.copy_(ours.weight.t())
     assert F.cross_entropy(ours(emb, labels), labels).item() == pytest.approx(ref(emb, labels).item(), rel=1e-5)
@@ -71,7 +72,7 @@ def test_subcenter_cosine_is_max_over_subcenters():
 def test_dynamic_margins_glr3_and_power():
     counts = np.array([1, 16, 81, 10000])
     m = dynamic_margins(counts, "glr3", a=0.45, b=0.05)
-    t = counts ** -0.25
+    t = counts**-0.25
     expected = 0.45 * (t - t.min()) / (t.max() - t.min()) + 0.05
     assert m == pytest.approx(expected)
     assert m[0] == pytest.approx(0.5) and m[-1] == pytest.approx(0.05)  # rare classes: the largest margin

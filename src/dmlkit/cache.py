@@ -40,8 +40,13 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def stage_key(stage: str, config_slice: Any, upstream: dict[str, str] | None = None,
-              fingerprints: dict[str, str] | None = None, version: int = 1) -> str:
+def stage_key(
+    stage: str,
+    config_slice: Any,
+    upstream: dict[str, str] | None = None,
+    fingerprints: dict[str, str] | None = None,
+    version: int = 1,
+) -> str:
     """Hash of everything a stage's output depends on (order-independent for mappings)."""
     payload = {
         "stage": stage,
@@ -73,8 +78,18 @@ def listing_fingerprint(paths: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()[:KEY_LENGTH]
 
 
-def package_versions(names: tuple[str, ...] = ("torch", "timm", "faiss-gpu", "albumentations", "numpy",
-                                                 "pandas", "scikit-learn", "opencv-python-headless")) -> dict:
+def package_versions(
+    names: tuple[str, ...] = (
+        "torch",
+        "timm",
+        "faiss-gpu",
+        "albumentations",
+        "numpy",
+        "pandas",
+        "scikit-learn",
+        "opencv-python-headless",
+    ),
+) -> dict:
     versions = {}
     for name in names:
         with contextlib.suppress(metadata.PackageNotFoundError):
@@ -85,8 +100,9 @@ def package_versions(names: tuple[str, ...] = ("torch", "timm", "faiss-gpu", "al
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -182,8 +198,9 @@ class StageWriter:
         return Artifact(self.stage, self.key, self.final, reused=False, manifest=manifest)
 
 
-def build_manifest(stage: str, key: str, config_slice: Any, upstream: dict[str, str],
-                   fingerprints: dict[str, str]) -> dict:
+def build_manifest(
+    stage: str, key: str, config_slice: Any, upstream: dict[str, str], fingerprints: dict[str, str]
+) -> dict:
     return {
         "stage": stage,
         "key": key,

@@ -47,8 +47,20 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .data.transforms import TransformConfigError
     from .stages.train import NonFiniteLossError
 
-    return (UserError, ConfigError, InputError, UnreadableImageError, CacheLockedError, TransformConfigError,
-            NonFiniteLossError, FileNotFoundError, FileExistsError, KeyError, ValueError, FloatingPointError)
+    return (
+        UserError,
+        ConfigError,
+        InputError,
+        UnreadableImageError,
+        CacheLockedError,
+        TransformConfigError,
+        NonFiniteLossError,
+        FileNotFoundError,
+        FileExistsError,
+        KeyError,
+        ValueError,
+        FloatingPointError,
+    )
 
 
 def _setup(cfg_path: str | None, overrides: list[str], experiment_hint: str = "run"):
@@ -75,8 +87,7 @@ def _check_backbones(cfg) -> None:
 def _context(cfg, args):
     from .pipeline import Context
 
-    return Context(cfg, artifacts=Path(args.artifacts), force=set(args.force_stages),
-                   progress=not args.no_progress)
+    return Context(cfg, artifacts=Path(args.artifacts), force=set(args.force_stages), progress=not args.no_progress)
 
 
 def cmd_stage(args) -> int:
@@ -133,8 +144,9 @@ def cmd_data(args) -> int:
         cfg = load_config(path)
         if not cfg.competition.demo:
             raise UserError(f"{path}: competition.demo is not set; only demo competitions are generated")
-        stats = build_demo(cfg.competition.demo, Path(cfg.competition.root), cfg.competition.demo_params,
-                           force=args.force)
+        stats = build_demo(
+            cfg.competition.demo, Path(cfg.competition.root), cfg.competition.demo_params, force=args.force
+        )
         print(f"{cfg.competition.root}:")
         for key, value in stats.items():
             print(f"  {key:28s} {value:.3f}" if isinstance(value, float) else f"  {key:28s} {value}")
@@ -201,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # torch OOM gets a hint; anything else keeps its traceback
         if type(exc).__name__ == "OutOfMemoryError":
-            print(f"error: out of memory: {exc}\nhint: lower members.N.train.batch_size and raise "
-                  "train.grad_accum to keep the effective batch, or lower image_size", file=sys.stderr)
+            print(
+                f"error: out of memory: {exc}\nhint: lower members.N.train.batch_size and raise "
+                "train.grad_accum to keep the effective batch, or lower image_size",
+                file=sys.stderr,
+            )
             return 3
         raise

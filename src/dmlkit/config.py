@@ -75,7 +75,8 @@ class TrainConfig(Strict):
     ema: float | None = Field(None, description="EMA decay of the weights, e.g. 0.999")
     num_workers: int = Field(0, ge=0)
     channels_last: bool = True
-    sync_bn: bool = False
+    sync_bn: bool = Field(False, description="SyncBatchNorm across GPUs under torchrun (CUDA only)")
+    freeze_bn: bool = Field(False, description="BatchNorm layers use and keep their running statistics")
     nan_policy: Literal["stop", "skip"] = "stop"
     strict_images: bool = Field(False, description="fail on an unreadable training image instead of skipping")
     validate_every: int = Field(1, ge=1)

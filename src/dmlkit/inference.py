@@ -34,9 +34,19 @@ def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def embed_paths(model: EmbeddingModel, paths: Sequence[str], image_size: int, batch_size: int,
-                device: torch.device, flip: bool = True, scales: Sequence[float] = (1.0,), amp: str = "auto",
-                num_workers: int = 0, desc: str = "embed", progress: bool = True) -> np.ndarray:
+def embed_paths(
+    model: EmbeddingModel,
+    paths: Sequence[str],
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    flip: bool = True,
+    scales: Sequence[float] = (1.0,),
+    amp: str = "auto",
+    num_workers: int = 0,
+    desc: str = "embed",
+    progress: bool = True,
+) -> np.ndarray:
     """(N, E) L2-normalised embeddings, averaged over the TTA views (flip × scales)."""
     model.eval()
     mean, std = model.data_config()
@@ -48,8 +58,9 @@ def embed_paths(model: EmbeddingModel, paths: Sequence[str], image_size: int, ba
         dataset = ImageDataset(paths, None, make_pipeline(size, mean, std, flip=flipped), model.in_chans, size)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         chunks = []
-        for images, _, _, _ in tqdm(loader, desc=f"{desc} {size}px{' flip' if flipped else ''}", unit="batch",
-                                    leave=False, disable=not progress):
+        for images, _, _, _ in tqdm(
+            loader, desc=f"{desc} {size}px{' flip' if flipped else ''}", unit="batch", leave=False, disable=not progress
+        ):
             images = images.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 chunks.append(model(images).float().cpu())
@@ -58,9 +69,18 @@ def embed_paths(model: EmbeddingModel, paths: Sequence[str], image_size: int, ba
     return torch.nn.functional.normalize(total, dim=1).numpy().astype(np.float32)
 
 
-def validation_scores(metric: str, queries: np.ndarray, query_labels: np.ndarray, query_known: np.ndarray,
-                      gallery: np.ndarray, gallery_labels: np.ndarray, unknown_label: str | None,
-                      k: int = 5, power: float = 3.0, sims_ids: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+def validation_scores(
+    metric: str,
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    query_known: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    unknown_label: str | None,
+    k: int = 5,
+    power: float = 3.0,
+    sims_ids: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict:
     """The competition's metric on a validation split, plus Recall@1 on the known queries.
 
     Unknown queries (unseen classes, new_whale) are answered `unknown_label` for MAP@5 (with the
@@ -71,21 +91,32 @@ def validation_scores(metric: str, queries: np.ndarray, query_labels: np.ndarray
     sims, ids = sims_ids
     labels, scores = vote(sims, ids, gallery_labels, k, power)
     known = np.asarray(query_known, dtype=bool)
-    out: dict = {"recall@1": recall_at_k(gallery_labels[ids[known, :1]], query_labels[known], 1)
-                 if known.any() else 0.0}
+    out: dict = {
+        "recall@1": recall_at_k(gallery_labels[ids[known, :1]], query_labels[known], 1) if known.any() else 0.0
+    }
     if metric == "gap":
         truths = [lab if kn else None for lab, kn in zip(query_labels, known, strict=True)]
         best = max(
-            (global_average_precision([str(i) for i in range(len(labels))], [r[0] if r else None for r in labels],
-                                      landmark_confidence(labels, scores, form), truths), form)
+            (
+                global_average_precision(
+                    [str(i) for i in range(len(labels))],
+                    [r[0] if r else None for r in labels],
+                    landmark_confidence(labels, scores, form),
+                    truths,
+                ),
+                form,
+            )
             for form in CONFIDENCE_FORMS
         )
         out.update(score=best[0], confidence=best[1])
     elif metric == "map@5":
         truths = [lab if kn else (unknown_label or "new") for lab, kn in zip(query_labels, known, strict=True)]
         threshold, score = tune_unknown_threshold(labels, scores, truths, unknown_label or "new")
-        out.update(score=score, threshold=threshold,
-                   score_without_unknown=map_at_5(insert_unknown(labels, scores, "", -np.inf), truths))
+        out.update(
+            score=score,
+            threshold=threshold,
+            score_without_unknown=map_at_5(insert_unknown(labels, scores, "", -np.inf), truths),
+        )
     elif metric == "map@100":
         by_label: dict[str, set[str]] = {}
         for i, lab in enumerate(gallery_labels):

@@ -11,8 +11,12 @@ def _present(value: object) -> bool:
     return value is not None and value == value and str(value) != ""  # value == value: not NaN
 
 
-def global_average_precision(query_ids: Sequence[str], pred_labels: Sequence[str | None],
-                             pred_scores: Sequence[float], true_labels: Sequence[str | None]) -> float:
+def global_average_precision(
+    query_ids: Sequence[str],
+    pred_labels: Sequence[str | None],
+    pred_scores: Sequence[float],
+    true_labels: Sequence[str | None],
+) -> float:
     """GAP (Google Landmark Recognition): one (label, score) per query, or none.
 
     Predictions are ranked by score descending, ties by query id ascending. Every prediction
@@ -61,8 +65,9 @@ def average_precision_at_k(predicted: Sequence[str], relevant: set[str], k: int 
     return total / min(len(relevant), k)
 
 
-def mean_average_precision_at_k(predictions: Sequence[Sequence[str]], relevant: Sequence[set[str]],
-                                k: int = 100) -> float:
+def mean_average_precision_at_k(
+    predictions: Sequence[Sequence[str]], relevant: Sequence[set[str]], k: int = 100
+) -> float:
     """mAP@k (Google Landmark Retrieval, k=100), averaged over all given queries."""
     if len(predictions) != len(relevant):
         raise ValueError("mAP@k: predictions and relevant sets differ in length")

@@ -58,9 +58,22 @@ class Context:
         return torch.device(default_device())
 
 
-def _run(ctx: Context, stage: str, name: str, config_part, upstream: dict[str, str], fingerprints: dict[str, str],
-         compute: Callable[[Path], dict | None], resumable: bool = False) -> cache.Artifact:
-    """Reuse the complete artifact with this key, or compute it into a partial dir and rename it."""
+def _run(
+    ctx: Context,
+    stage: str,
+    name: str,
+    config_part,
+    upstream: dict[str, str],
+    fingerprints: dict[str, str],
+    compute: Callable[[Path], dict | None],
+    resumable: bool = False,
+    all_ranks: bool = False,
+) -> cache.Artifact:
+    """Reuse the complete artifact with this key, or compute it into a partial dir and rename it.
+
+    Under torchrun, rank 0 alone writes; `all_ranks` stages (training) compute in lockstep on
+    every rank, the others run on rank 0 while the other ranks wait.
+    """
     label = f"{stage}/{name}" if name else stage
     if label in ctx.done:
         return ctx.done[label]
@@ -79,11 +92,13 @@ def _run(ctx: Context, stage: str, name: str, config_part, upstream: dict[str, s
         if is_main_process():
             with cache.stage_lock(final):
                 work = writer.begin()
+                barrier()  # the partial directory (and any checkpoint in it) is ready for every rank
                 extra = compute(work)
                 art = writer.commit({"result": extra} if extra else None)
-        else:  # other ranks compute in lockstep; rank 0 alone writes
-            work = writer.partial
-            compute(work)
+        else:
+            barrier()
+            if all_ranks:
+                compute(writer.partial)
             art = cache.Artifact(stage, key, final, reused=False)
         barrier()
         log.info("[%s] done in %.1fs → %s", label, art.manifest.get("wall_time_s", 0.0), final)
@@ -97,8 +112,10 @@ def run_folds(ctx: Context) -> cache.Artifact:
 
     inputs = [*ctx.adapter.input_files(ctx.root), ctx.root / "demo_params.json"]  # the latter: demos only
     fingerprints = {str(p): cache.file_fingerprint(p) for p in inputs if p.exists()}
-    part = {"competition": {"name": ctx.cfg.competition.name, "root": ctx.cfg.competition.root},
-            "folds": config_slice(ctx.cfg.folds)}
+    part = {
+        "competition": {"name": ctx.cfg.competition.name, "root": ctx.cfg.competition.root},
+        "folds": config_slice(ctx.cfg.folds),
+    }
 
     def compute(work: Path) -> dict:
         table = ctx.adapter.read(ctx.root)
@@ -106,8 +123,10 @@ def run_folds(ctx: Context) -> cache.Artifact:
         train["fold"] = assign_folds(train, ctx.cfg.folds.n_splits, ctx.cfg.folds.seed)
         table.to_csv(work / "table.csv", index=False)
         train.to_csv(work / "folds.csv", index=False)
-        return {"rows": {role: int(n) for role, n in table["role"].value_counts().items()},
-                "classes": int(train.loc[train["known"], "label"].nunique())}
+        return {
+            "rows": {role: int(n) for role, n in table["role"].value_counts().items()},
+            "classes": int(train.loc[train["known"], "label"].nunique()),
+        }
 
     return _run(ctx, "folds", "", part, {}, fingerprints, compute)
 
@@ -136,12 +155,20 @@ def run_train(ctx: Context, member_name: str) -> cache.Artifact:
         import torch
 
         _, folds = load_table(folds_art)
-        init_state = (torch.load(init_art.file("final.pt"), map_location="cpu", weights_only=False)
-                      if init_art else None)
-        return train_member(ctx.cfg, member, folds, ctx.adapter.metric, ctx.adapter.unknown_label, work,
-                            ctx.device, init_state, ctx.progress)
+        init_state = torch.load(init_art.file("final.pt"), map_location="cpu", weights_only=False) if init_art else None
+        return train_member(
+            ctx.cfg,
+            member,
+            folds,
+            ctx.adapter.metric,
+            ctx.adapter.unknown_label,
+            work,
+            ctx.device,
+            init_state,
+            ctx.progress,
+        )
 
-    return _run(ctx, "train", member.name, part, upstream, {}, compute, resumable=True)
+    return _run(ctx, "train", member.name, part, upstream, {}, compute, resumable=True, all_ranks=True)
 
 
 def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
@@ -156,9 +183,19 @@ def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
     def compute(work: Path) -> dict:
         table, _ = load_table(folds_art)
         model = load_weights(train_art.file("best.pt"), member, ctx.device)
-        emb = embed_paths(model, table["path"].tolist(), member.image_size, ctx.cfg.embed.batch_size, ctx.device,
-                          flip=ctx.cfg.embed.tta_flip, scales=ctx.cfg.embed.tta_scales, amp=member.train.amp,
-                          num_workers=member.train.num_workers, desc=f"embed {member.name}", progress=ctx.progress)
+        emb = embed_paths(
+            model,
+            table["path"].tolist(),
+            member.image_size,
+            ctx.cfg.embed.batch_size,
+            ctx.device,
+            flip=ctx.cfg.embed.tta_flip,
+            scales=ctx.cfg.embed.tta_scales,
+            amp=member.train.amp,
+            num_workers=member.train.num_workers,
+            desc=f"embed {member.name}",
+            progress=ctx.progress,
+        )
         np.save(work / "embeddings.npy", emb)
         table[["id", "role"]].to_csv(work / "ids.csv", index=False)
         return {"rows": len(emb), "dim": int(emb.shape[1])}
@@ -200,14 +237,24 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
 
     ensemble_art = run_ensemble(ctx)
     folds_art = run_folds(ctx)
-    part = {"retrieve": config_slice(ctx.cfg.retrieve), "formats": [f.name for f in ctx.formats],
-            "val_fold": _val_fold(ctx)}
+    part = {
+        "retrieve": config_slice(ctx.cfg.retrieve),
+        "formats": [f.name for f in ctx.formats],
+        "val_fold": _val_fold(ctx),
+    }
 
     def compute(work: Path) -> dict:
         table, folds = load_table(folds_art)
         predictions, report, tuned = retrieve(
-            ctx.cfg.retrieve, ctx.adapter, ctx.formats, table, folds, np.load(ensemble_art.file("embeddings.npy")),
-            member_embeddings(ctx), _val_fold(ctx))
+            ctx.cfg.retrieve,
+            ctx.adapter,
+            ctx.formats,
+            table,
+            folds,
+            np.load(ensemble_art.file("embeddings.npy")),
+            member_embeddings(ctx),
+            _val_fold(ctx),
+        )
         for name, pred in predictions.items():
             (work / f"predictions-{name}.json").write_text(json.dumps(pred.__dict__))
         report.to_csv(work / "report.csv", index=False)

@@ -37,8 +37,14 @@ def plot_training_curves(history: pd.DataFrame, path: Path, title: str = "") -> 
     plt.close(fig)
 
 
-def plot_retrieval_grid(query_paths: list[str], neighbour_paths: list[list[str]], correct: list[list[bool]],
-                        path: Path, read_image, title: str = "") -> None:
+def plot_retrieval_grid(
+    query_paths: list[str],
+    neighbour_paths: list[list[str]],
+    correct: list[list[bool]],
+    path: Path,
+    read_image,
+    title: str = "",
+) -> None:
     """Each row: a query and its top retrieved images, correct ones framed green, wrong ones red."""
     if not query_paths:
         return

@@ -33,8 +33,9 @@ class Predictions:
     neighbours: list[list[str]] = field(default_factory=list)
 
 
-def read_csv_checked(path: Path, required: list[str], id_column: str | None = None,
-                     nonempty: tuple[str, ...] = ()) -> pd.DataFrame:
+def read_csv_checked(
+    path: Path, required: list[str], id_column: str | None = None, nonempty: tuple[str, ...] = ()
+) -> pd.DataFrame:
     """Read a CSV as strings, failing with the file and row on missing columns, duplicates, blanks."""
     if not path.is_file():
         raise InputError(f"{path}: file not found")
@@ -51,8 +52,9 @@ def read_csv_checked(path: Path, required: list[str], id_column: str | None = No
         dup = df[id_column].duplicated(keep=False)
         if dup.any():
             rows = [int(i) + 2 for i in df.index[dup][:5]]  # +2: header line and 1-based lines
-            raise InputError(f"{path}: duplicate {id_column} values {df.loc[dup, id_column].unique()[:5].tolist()} "
-                             f"(lines {rows})")
+            raise InputError(
+                f"{path}: duplicate {id_column} values {df.loc[dup, id_column].unique()[:5].tolist()} (lines {rows})"
+            )
     for column in nonempty:
         blank = df[column].str.strip() == ""
         if blank.any():
@@ -126,8 +128,9 @@ class Adapter(ABC):
             by_id[qid] = self.format_cell(labels, scores, neighbours)
         missing = [i for i in expected_ids if i not in by_id]
         if missing:
-            raise InputError(f"{self.name}: no prediction for {len(missing)} id(s) of sample_submission.csv, "
-                             f"e.g. {missing[:5]}")
+            raise InputError(
+                f"{self.name}: no prediction for {len(missing)} id(s) of sample_submission.csv, e.g. {missing[:5]}"
+            )
         frame = pd.DataFrame({self.header[0]: expected_ids, self.header[1]: [by_id[i] for i in expected_ids]})
         self.validate_submission(frame, expected_ids, source="generated submission")
         return frame
@@ -167,7 +170,8 @@ class Adapter(ABC):
         sol_id = self.solution_columns[0]
         self.validate_submission(submission, solution[sol_id].tolist(), source)
         truth = solution[[sol_id, self.solution_columns[1], "Usage"]].rename(
-            columns={sol_id: id_col, self.solution_columns[1]: "truth"})
+            columns={sol_id: id_col, self.solution_columns[1]: "truth"}
+        )
         merged = truth.merge(submission, on=id_col, how="left")
         result: dict = {"metric": self.metric}
         for usage in ("Public", "Private"):

@@ -34,13 +34,17 @@ class GenericCSV(Humpback):
         blank = (split == "train") & (data["label"].str.strip() == "")
         if blank.any():
             raise InputError(f"{csv}: empty label on training line(s) {[int(i) + 2 for i in data.index[blank][:5]]}")
-        table = pd.DataFrame({
-            "id": data["path"],
-            "path": [str(root / p) for p in data["path"]],
-            "label": [lab if s == "train" else None for lab, s in zip(data["label"], split, strict=True)],
-            "role": split,
-            "known": [s == "train" and lab != self.unknown_label for lab, s in zip(data["label"], split, strict=True)],
-        })
+        table = pd.DataFrame(
+            {
+                "id": data["path"],
+                "path": [str(root / p) for p in data["path"]],
+                "label": [lab if s == "train" else None for lab, s in zip(data["label"], split, strict=True)],
+                "role": split,
+                "known": [
+                    s == "train" and lab != self.unknown_label for lab, s in zip(data["label"], split, strict=True)
+                ],
+            }
+        )
         return check_table(table, str(csv))
 
     def submission_ids(self, root: Path) -> list[str]:

@@ -23,16 +23,30 @@ class Happywhale(Humpback):
     test_folder = "test_images"
 
     def read(self, root: Path) -> pd.DataFrame:
-        train = read_csv_checked(root / "train.csv", ["image", "species", "individual_id"], id_column="image",
-                                 nonempty=("image", "individual_id"))
+        train = read_csv_checked(
+            root / "train.csv",
+            ["image", "species", "individual_id"],
+            id_column="image",
+            nonempty=("image", "individual_id"),
+        )
         rows = [
-            {"id": i, "path": image_path(root, self.train_folder, i, nested=False), "label": lab,
-             "role": "train", "known": True}
+            {
+                "id": i,
+                "path": image_path(root, self.train_folder, i, nested=False),
+                "label": lab,
+                "role": "train",
+                "known": True,
+            }
             for i, lab in zip(train["image"], train["individual_id"], strict=True)
         ]
         rows += [
-            {"id": i, "path": image_path(root, self.test_folder, i, nested=False), "label": None,
-             "role": "test", "known": False}
+            {
+                "id": i,
+                "path": image_path(root, self.test_folder, i, nested=False),
+                "label": None,
+                "role": "test",
+                "known": False,
+            }
             for i in self.submission_ids(root)
         ]
         return check_table(pd.DataFrame(rows), str(root))

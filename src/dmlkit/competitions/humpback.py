@@ -29,16 +29,27 @@ class Humpback(Adapter):
 
     def read(self, root: Path) -> pd.DataFrame:
         image_col, label_col = self.train_csv_columns
-        train = read_csv_checked(root / "train.csv", list(self.train_csv_columns), id_column=image_col,
-                                 nonempty=self.train_csv_columns)
+        train = read_csv_checked(
+            root / "train.csv", list(self.train_csv_columns), id_column=image_col, nonempty=self.train_csv_columns
+        )
         rows = [
-            {"id": i, "path": image_path(root, self.train_folder, i, nested=False), "label": lab,
-             "role": "train", "known": lab != self.unknown_label}
+            {
+                "id": i,
+                "path": image_path(root, self.train_folder, i, nested=False),
+                "label": lab,
+                "role": "train",
+                "known": lab != self.unknown_label,
+            }
             for i, lab in zip(train[image_col], train[label_col], strict=True)
         ]
         rows += [
-            {"id": i, "path": image_path(root, self.test_folder, i, nested=False), "label": None,
-             "role": "test", "known": False}
+            {
+                "id": i,
+                "path": image_path(root, self.test_folder, i, nested=False),
+                "label": None,
+                "role": "test",
+                "known": False,
+            }
             for i in self.submission_ids(root)
         ]
         return check_table(pd.DataFrame(rows), str(root))

@@ -26,22 +26,25 @@ class LandmarkRecognition(Adapter):
         return [root / "train.csv", root / "sample_submission.csv"]
 
     def read(self, root: Path) -> pd.DataFrame:
-        train = read_csv_checked(root / "train.csv", ["id", "landmark_id"], id_column="id",
-                                 nonempty=("id", "landmark_id"))
+        train = read_csv_checked(
+            root / "train.csv", ["id", "landmark_id"], id_column="id", nonempty=("id", "landmark_id")
+        )
         rows = [
-            {"id": i, "path": image_path(root, "train", i, nested=True), "label": lab, "role": "train",
-             "known": True}
+            {"id": i, "path": image_path(root, "train", i, nested=True), "label": lab, "role": "train", "known": True}
             for i, lab in zip(train["id"], train["landmark_id"], strict=True)
         ]
         rows += [
-            {"id": i, "path": image_path(root, "test", i, nested=True), "label": None, "role": "test",
-             "known": False}
+            {"id": i, "path": image_path(root, "test", i, nested=True), "label": None, "role": "test", "known": False}
             for i in self.submission_ids(root)
         ]
-        rows += [
-            {"id": p.stem, "path": str(p), "label": None, "role": "index", "known": False}
-            for p in sorted((root / "index").rglob("*.jpg"))
-        ] if (root / "index").is_dir() else []
+        rows += (
+            [
+                {"id": p.stem, "path": str(p), "label": None, "role": "index", "known": False}
+                for p in sorted((root / "index").rglob("*.jpg"))
+            ]
+            if (root / "index").is_dir()
+            else []
+        )
         return check_table(pd.DataFrame(rows), str(root))
 
     def format_cell(self, labels: list[str], scores: list[float], neighbours: list[str]) -> str:
@@ -71,4 +74,3 @@ class LandmarkRecognition(Adapter):
             scores.append(float(parts[1]) if parts else 0.0)
         truths = [t if t.strip() else None for t in frame["truth"].fillna("")]
         return global_average_precision(frame["id"].tolist(), labels, scores, truths)
-

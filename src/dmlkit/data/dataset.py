@@ -21,8 +21,15 @@ class ImageDataset(Dataset):
     training loop drops, counts and names it; otherwise it raises naming the file.
     """
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int] | None, transform: A.Compose,
-                 channels: int = 3, image_size: int = 224, skip_unreadable: bool = False):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int] | None,
+        transform: A.Compose,
+        channels: int = 3,
+        image_size: int = 224,
+        skip_unreadable: bool = False,
+    ):
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform

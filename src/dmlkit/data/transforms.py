@@ -38,8 +38,13 @@ def build_augmentations(specs: list[dict[str, Any]], image_size: int, where: str
     return transforms
 
 
-def make_pipeline(image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                  augment: list[dict[str, Any]] | None = None, flip: bool = False) -> A.Compose:
+def make_pipeline(
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: list[dict[str, Any]] | None = None,
+    flip: bool = False,
+) -> A.Compose:
     """Augmentations (train) or none (eval), then resize, normalise, CHW tensor."""
     steps = build_augmentations(augment or [], image_size)
     if flip:

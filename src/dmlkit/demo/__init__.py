@@ -34,8 +34,9 @@ def build_demo(kind: str, root: Path, overrides: dict[str, Any] | None = None, f
     fields = {f.name for f in dataclasses.fields(params_cls)}
     unknown = set(overrides or {}) - fields
     if unknown:
-        raise KeyError(f"competition.demo_params: unknown key(s) {sorted(unknown)} for demo '{kind}'; "
-                       f"known: {sorted(fields)}")
+        raise KeyError(
+            f"competition.demo_params: unknown key(s) {sorted(unknown)} for demo '{kind}'; known: {sorted(fields)}"
+        )
     params = params_cls(**(overrides or {}))
     wanted = {"kind": kind, **dataclasses.asdict(params)}
     root = Path(root)

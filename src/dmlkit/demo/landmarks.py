@@ -25,8 +25,8 @@ CANVAS = 128
 @dataclass(frozen=True)
 class LandmarkDemoParams:
     n_classes: int = 120
-    head_size: int = 40          # images of the largest class
-    tail_exponent: float = 1.3   # class size ~ head_size * rank^-exponent, at least 2
+    head_size: int = 40  # images of the largest class
+    tail_exponent: float = 1.3  # class size ~ head_size * rank^-exponent, at least 2
     test_per_class: float = 0.9  # mean extra photos per class in test (only some classes get them)
     test_class_share: float = 0.6
     distractor_share: float = 0.6  # of the test set
@@ -54,8 +54,7 @@ def render_scene(seed: int) -> np.ndarray:
     img[:horizon] = (top * (1 - t) + bottom * t).astype(np.uint8)
     img[horizon:] = _colour(rng, dark=True)
     if rng.random() < 0.5:  # a sun or moon
-        cv2.circle(img, (int(rng.uniform(10, 118)), int(rng.uniform(8, 40))), int(rng.uniform(5, 12)),
-                   _colour(rng), -1)
+        cv2.circle(img, (int(rng.uniform(10, 118)), int(rng.uniform(8, 40))), int(rng.uniform(5, 12)), _colour(rng), -1)
     for _ in range(int(rng.integers(3, 7))):
         kind = rng.choice(["building", "tower", "dome", "roof", "arch", "stripes"])
         colour, accent = _colour(rng), _colour(rng)
@@ -77,12 +76,14 @@ def render_scene(seed: int) -> np.ndarray:
         elif kind == "tower":
             tw = max(6, w // 3)
             cv2.rectangle(img, (x, y0), (x + tw, horizon), colour, -1)
-            cv2.fillPoly(img, [np.int32([[x - 3, y0], [x + tw + 3, y0], [x + tw // 2, y0 - int(rng.uniform(8, 25))]])],
-                         accent)
+            cv2.fillPoly(
+                img, [np.int32([[x - 3, y0], [x + tw + 3, y0], [x + tw // 2, y0 - int(rng.uniform(8, 25))]])], accent
+            )
         elif kind == "dome":
             cv2.rectangle(img, (x, horizon - h // 2), (x + w, horizon), colour, -1)
-            cv2.ellipse(img, (x + w // 2, horizon - h // 2), (w // 2, int(w * rng.uniform(0.3, 0.7))), 0, 180, 360,
-                        accent, -1)
+            cv2.ellipse(
+                img, (x + w // 2, horizon - h // 2), (w // 2, int(w * rng.uniform(0.3, 0.7))), 0, 180, 360, accent, -1
+            )
         elif kind == "roof":
             cv2.fillPoly(img, [np.int32([[x, horizon], [x + w, horizon], [x + w // 2, y0]])], colour)
             cv2.line(img, (x + w // 2, y0), (x + w // 2, horizon), accent, 2)
@@ -93,8 +94,14 @@ def render_scene(seed: int) -> np.ndarray:
 
 
 def take_photo(scene: np.ndarray, rng: np.random.Generator, out_size: int, difficulty: float) -> np.ndarray:
-    matrix = random_homography(rng, CANVAS, rotate=12 * difficulty, scale=(1 - 0.2 * difficulty, 1 + 0.35 * difficulty),
-                               shift=0.1 * difficulty, perspective=0.08 * difficulty)
+    matrix = random_homography(
+        rng,
+        CANVAS,
+        rotate=12 * difficulty,
+        scale=(1 - 0.2 * difficulty, 1 + 0.35 * difficulty),
+        shift=0.1 * difficulty,
+        perspective=0.08 * difficulty,
+    )
     img = warp(scene, matrix)
     img = lighting(rng, img, difficulty)
     img = occlude(rng, img, probability=0.5 * difficulty, max_area=0.2)
@@ -108,7 +115,7 @@ def _image_id(seed: int, kind: str, n: int) -> str:
 
 def class_sizes(params: LandmarkDemoParams, rng: np.random.Generator) -> np.ndarray:
     ranks = np.arange(1, params.n_classes + 1)
-    sizes = np.maximum(2, np.round(params.head_size * ranks ** -params.tail_exponent)).astype(int)
+    sizes = np.maximum(2, np.round(params.head_size * ranks**-params.tail_exponent)).astype(int)
     sizes += (rng.random(params.n_classes) < 0.5) * rng.integers(0, 4, params.n_classes) * (sizes < 6)
     return sizes
 
@@ -167,12 +174,14 @@ def generate(root: Path, params: LandmarkDemoParams) -> dict:
     pd.DataFrame({"id": test["id"], "landmarks": ""}).to_csv(root / "sample_submission.csv", index=False)
     usage = np.where(rng.random(len(test)) < params.public_share, "Public", "Private")
     pd.DataFrame({"id": test["id"], "landmarks": test["label"], "Usage": usage}).to_csv(
-        root / "solution.csv", index=False)
+        root / "solution.csv", index=False
+    )
     index_by_label = index[index.label != ""].groupby("label")["id"].apply(lambda s: " ".join(sorted(s)))
     relevant = test["label"].map(index_by_label).fillna("")
     retrieval_usage = np.where(relevant == "", "Ignored", usage)
     pd.DataFrame({"id": test["id"], "images": relevant, "Usage": retrieval_usage}).to_csv(
-        root / "retrieval_solution.csv", index=False)
+        root / "retrieval_solution.csv", index=False
+    )
 
     counts = train.groupby("label").size()
     return {

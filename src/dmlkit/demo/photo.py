@@ -6,8 +6,9 @@ import cv2
 import numpy as np
 
 
-def random_homography(rng: np.random.Generator, size: int, rotate: float, scale: tuple[float, float],
-                      shift: float, perspective: float) -> np.ndarray:
+def random_homography(
+    rng: np.random.Generator, size: int, rotate: float, scale: tuple[float, float], shift: float, perspective: float
+) -> np.ndarray:
     """Rotation, scale, translation and corner jitter, as one 3×3 matrix on a size×size canvas."""
     centre = size / 2
     angle = rng.uniform(-rotate, rotate)
@@ -20,8 +21,9 @@ def random_homography(rng: np.random.Generator, size: int, rotate: float, scale:
     return cv2.getPerspectiveTransform(src, dst) @ h
 
 
-def warp(image: np.ndarray, matrix: np.ndarray, border: int = cv2.BORDER_REFLECT101,
-         value: tuple = (0, 0, 0, 0)) -> np.ndarray:
+def warp(
+    image: np.ndarray, matrix: np.ndarray, border: int = cv2.BORDER_REFLECT101, value: tuple = (0, 0, 0, 0)
+) -> np.ndarray:
     size = image.shape[1], image.shape[0]
     return cv2.warpPerspective(image, matrix, size, flags=cv2.INTER_LINEAR, borderMode=border, borderValue=value)
 

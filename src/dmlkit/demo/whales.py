@@ -44,10 +44,20 @@ def individual(seed: int) -> dict:
         "sweep": rng.uniform(-0.05, 0.08),
         "tip": rng.uniform(0.02, 0.07),
         "notches": [(rng.uniform(-1, 1), rng.uniform(0.015, 0.05)) for _ in range(int(rng.integers(1, 5)))],
-        "patches": [(rng.uniform(-0.9, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.16),
-                     rng.uniform(0.03, 0.08), rng.uniform(0, 180)) for _ in range(int(rng.integers(3, 8)))],
-        "scars": [(rng.uniform(-0.9, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0, np.pi), rng.uniform(0.05, 0.2))
-                  for _ in range(int(rng.integers(0, 4)))],
+        "patches": [
+            (
+                rng.uniform(-0.9, 0.9),
+                rng.uniform(0.1, 0.9),
+                rng.uniform(0.05, 0.16),
+                rng.uniform(0.03, 0.08),
+                rng.uniform(0, 180),
+            )
+            for _ in range(int(rng.integers(3, 8)))
+        ],
+        "scars": [
+            (rng.uniform(-0.9, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0, np.pi), rng.uniform(0.05, 0.2))
+            for _ in range(int(rng.integers(0, 4)))
+        ],
         "skin": int(rng.integers(15, 70)),
         "white": int(rng.integers(190, 250)),
     }
@@ -65,8 +75,14 @@ def _outline(ind: dict) -> np.ndarray:
         trailing -= size * CANVAS * np.exp(-((xs - position) ** 2) / 0.002)
     upper = np.stack([c + xs * span, leading], 1)
     lower = np.stack([c + xs[::-1] * span, trailing[::-1]], 1)
-    stem = np.array([[c + 0.06 * span, c + depth], [c + 0.05 * span, CANVAS * 1.1],
-                     [c - 0.05 * span, CANVAS * 1.1], [c - 0.06 * span, c + depth]])
+    stem = np.array(
+        [
+            [c + 0.06 * span, c + depth],
+            [c + 0.05 * span, CANVAS * 1.1],
+            [c - 0.05 * span, CANVAS * 1.1],
+            [c - 0.06 * span, c + depth],
+        ]
+    )
     return np.concatenate([upper, lower[:30], stem, lower[31:]]).astype(np.int32)
 
 
@@ -101,8 +117,14 @@ def water(rng: np.random.Generator) -> np.ndarray:
 
 
 def take_photo(fluke: np.ndarray, rng: np.random.Generator, out_size: int, difficulty: float) -> np.ndarray:
-    matrix = random_homography(rng, CANVAS, rotate=15 * difficulty, scale=(1 - 0.15 * difficulty, 1 + 0.3 * difficulty),
-                               shift=0.08 * difficulty, perspective=0.1 * difficulty)
+    matrix = random_homography(
+        rng,
+        CANVAS,
+        rotate=15 * difficulty,
+        scale=(1 - 0.15 * difficulty, 1 + 0.3 * difficulty),
+        shift=0.08 * difficulty,
+        perspective=0.1 * difficulty,
+    )
     posed = warp(fluke, matrix, border=cv2.BORDER_CONSTANT)
     alpha = posed[..., 3:4].astype(np.float32) / 255.0
     img = (posed[..., :3] * alpha + water(rng) * (1 - alpha)).astype(np.uint8)
@@ -120,8 +142,11 @@ def _image_id(seed: int, n: int) -> str:
 
 
 def image_counts(params: WhaleDemoParams, rng: np.random.Generator) -> np.ndarray:
-    counts = np.where(rng.random(params.n_individuals) < params.singleton_share, 1,
-                      np.minimum(params.max_images, 2 + rng.geometric(0.55, params.n_individuals) - 1))
+    counts = np.where(
+        rng.random(params.n_individuals) < params.singleton_share,
+        1,
+        np.minimum(params.max_images, 2 + rng.geometric(0.55, params.n_individuals) - 1),
+    )
     return counts
 
 
@@ -153,8 +178,9 @@ def generate(root: Path, params: WhaleDemoParams) -> dict:
         if ind_seed not in flukes:
             flukes[ind_seed] = render_fluke(individual(ind_seed))
         image_id = _image_id(params.seed, n)
-        photo = take_photo(flukes[ind_seed], np.random.default_rng([params.seed, n]), params.image_size,
-                           params.difficulty)
+        photo = take_photo(
+            flukes[ind_seed], np.random.default_rng([params.seed, n]), params.image_size, params.difficulty
+        )
         write_jpeg(root / role / image_id, photo)
         records.append({"Image": image_id, "Id": label, "role": role})
     frame = pd.DataFrame(records)

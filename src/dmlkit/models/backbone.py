@@ -30,8 +30,15 @@ def check_backbone(name: str, where: str) -> None:
 
 
 class EmbeddingModel(nn.Module):
-    def __init__(self, backbone: str, embedding_size: int = 512, in_chans: int = 3,
-                 pretrained_file: str | None = None, gem_p: float = 3.0, gem_learnable: bool = True):
+    def __init__(
+        self,
+        backbone: str,
+        embedding_size: int = 512,
+        in_chans: int = 3,
+        pretrained_file: str | None = None,
+        gem_p: float = 3.0,
+        gem_learnable: bool = True,
+    ):
         super().__init__()
         kwargs = {"num_classes": 0, "global_pool": "", "in_chans": in_chans}
         if pretrained_file:

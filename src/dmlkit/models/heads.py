@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def dynamic_margins(counts: np.ndarray, form: str, a: float = 0.45, b: float = 0.05,
-                    lam: float = -0.25, fixed: float = 0.3) -> np.ndarray:
+def dynamic_margins(
+    counts: np.ndarray, form: str, a: float = 0.45, b: float = 0.05, lam: float = -0.25, fixed: float = 0.3
+) -> np.ndarray:
     """Per-class margins from class sizes; rare classes get larger margins.
 
     glr3 (GLR2020 3rd): t = n^(-1/4), min-max normalised, m = a·t + b (so m ∈ [b, a+b]).
@@ -28,7 +29,7 @@ def dynamic_margins(counts: np.ndarray, form: str, a: float = 0.45, b: float = 0
     if form == "none":
         return np.full(counts.shape, fixed)
     if form == "glr3":
-        t = counts ** -0.25
+        t = counts**-0.25
         span = t.max() - t.min()
         t = (t - t.min()) / span if span > 0 else np.full_like(t, 0.5)
         return a * t + b
@@ -45,8 +46,14 @@ def adacos_scale(num_classes: int) -> float:
 class MarginHead(nn.Module):
     """Sub-center cosine classifier; subclasses define how the margin modifies the target cosine."""
 
-    def __init__(self, embedding_size: int, num_classes: int, margins: torch.Tensor | np.ndarray,
-                 scale: float, subcenters: int = 1):
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        margins: torch.Tensor | np.ndarray,
+        scale: float,
+        subcenters: int = 1,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.subcenters = subcenters
@@ -113,8 +120,18 @@ class NoMarginHead(MarginHead):
 HEADS: dict[str, type[MarginHead]] = {"arcface": ArcFaceHead, "cosface": CosFaceHead, "none": NoMarginHead}
 
 
-def build_head(kind: str, embedding_size: int, class_counts: np.ndarray, scale: float | str, subcenters: int,
-               dynamic: str, a: float, b: float, lam: float, fixed_margin: float) -> MarginHead:
+def build_head(
+    kind: str,
+    embedding_size: int,
+    class_counts: np.ndarray,
+    scale: float | str,
+    subcenters: int,
+    dynamic: str,
+    a: float,
+    b: float,
+    lam: float,
+    fixed_margin: float,
+) -> MarginHead:
     if kind not in HEADS:
         raise ValueError(f"unknown head type '{kind}'; known: {sorted(HEADS)}")
     margins = dynamic_margins(class_counts, dynamic, a, b, lam, fixed_margin)

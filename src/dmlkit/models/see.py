@@ -28,8 +28,9 @@ def simplex_vertices(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor
     return vertices
 
 
-def see_expand(z: torch.Tensor, centers: torch.Tensor, n_expansion: int,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def see_expand(
+    z: torch.Tensor, centers: torch.Tensor, n_expansion: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(B, n, D) synthetic unit embeddings for unit embeddings z (B, D) and unit centers (B, D)."""
     batch, dim = z.shape
     if dim < n_expansion + 2:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def weighted_neighbour_mean(vectors: np.ndarray, own: np.ndarray, sims: np.ndarray, ids: np.ndarray,
-                            alpha: float, k: int) -> np.ndarray:
+def weighted_neighbour_mean(
+    vectors: np.ndarray, own: np.ndarray, sims: np.ndarray, ids: np.ndarray, alpha: float, k: int
+) -> np.ndarray:
     """normalise(own + Σ_{j<k} max(sim_j,0)^α · vectors[ids_j]) for each row (neighbours best first).
 
     `own` is each row's own vector (weight 1); for DBA over the gallery pass the gallery itself and
@@ -20,14 +21,16 @@ def weighted_neighbour_mean(vectors: np.ndarray, own: np.ndarray, sims: np.ndarr
     return (out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
 
-def query_expansion(queries: np.ndarray, gallery: np.ndarray, sims: np.ndarray, ids: np.ndarray,
-                    alpha: float, k: int) -> np.ndarray:
+def query_expansion(
+    queries: np.ndarray, gallery: np.ndarray, sims: np.ndarray, ids: np.ndarray, alpha: float, k: int
+) -> np.ndarray:
     """α-QE: each query becomes the weighted mean of itself and its top-k gallery neighbours."""
     return weighted_neighbour_mean(gallery, queries, sims, ids, alpha, k)
 
 
-def database_augmentation(gallery: np.ndarray, self_sims: np.ndarray, self_ids: np.ndarray,
-                          alpha: float, k: int) -> np.ndarray:
+def database_augmentation(
+    gallery: np.ndarray, self_sims: np.ndarray, self_ids: np.ndarray, alpha: float, k: int
+) -> np.ndarray:
     """DBA: each gallery vector becomes the weighted mean of itself and its top-k other gallery vectors.
 
     `self_sims/self_ids` is the gallery's kNN graph against itself, the row itself first.

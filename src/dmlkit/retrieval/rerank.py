@@ -31,13 +31,15 @@ def _row_dots(vectors: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.nda
     return np.einsum("nd,nwd->nw", vectors[rows], gathered)
 
 
-def k_reciprocal_encoding(vectors: np.ndarray, graph: np.ndarray, k1: int, k2: int,
-                          progress: bool = True) -> sp.csr_matrix:
+def k_reciprocal_encoding(
+    vectors: np.ndarray, graph: np.ndarray, k1: int, k2: int, progress: bool = True
+) -> sp.csr_matrix:
     """The (N, N) sparse V of the reference code, after the k2 local query expansion."""
     n = len(vectors)
     if graph.shape[1] < k1 + 1:
-        raise ValueError(f"k-reciprocal re-ranking needs a kNN graph of at least k1+1={k1 + 1} neighbours, "
-                         f"got {graph.shape[1]}")
+        raise ValueError(
+            f"k-reciprocal re-ranking needs a kNN graph of at least k1+1={k1 + 1} neighbours, got {graph.shape[1]}"
+        )
     half = int(np.around(k1 / 2))
     forward = graph[:, : k1 + 1]
     forward_half = graph[:, : half + 1]
@@ -68,12 +70,14 @@ def k_reciprocal_encoding(vectors: np.ndarray, graph: np.ndarray, k1: int, k2: i
         rows_out.append(row_index[keep])
         cols_out.append(members[keep])
         vals_out.append(weight[keep])
-    v = sp.csr_matrix((np.concatenate(vals_out), (np.concatenate(rows_out), np.concatenate(cols_out))),
-                      shape=(n, n), dtype=np.float64)
+    v = sp.csr_matrix(
+        (np.concatenate(vals_out), (np.concatenate(rows_out), np.concatenate(cols_out))), shape=(n, n), dtype=np.float64
+    )
     if k2 > 1:
         local = graph[:, :k2]
-        expand = sp.csr_matrix((np.full(local.size, 1.0 / k2), (np.repeat(np.arange(n), k2), local.ravel())),
-                               shape=(n, n))
+        expand = sp.csr_matrix(
+            (np.full(local.size, 1.0 / k2), (np.repeat(np.arange(n), k2), local.ravel())), shape=(n, n)
+        )
         v = (expand @ v).tocsr()
     return v
 
@@ -91,9 +95,16 @@ def jaccard_distance(v: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np
     return out
 
 
-def k_reciprocal_rerank(queries: np.ndarray, gallery: np.ndarray, graph: np.ndarray, k1: int = 20, k2: int = 6,
-                        lam: float = 0.3, candidates: int = 100,
-                        progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def k_reciprocal_rerank(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    graph: np.ndarray,
+    k1: int = 20,
+    k2: int = 6,
+    lam: float = 0.3,
+    candidates: int = 100,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """Re-ranked (distances, gallery indices), each (Q, ≤candidates), best first.
 
     `graph` is the (N, K) kNN index graph of all points [queries; gallery] against themselves,
@@ -120,8 +131,9 @@ def distractor_penalty(gallery_to_distractors: np.ndarray, k: int) -> np.ndarray
     return np.asarray(gallery_to_distractors)[:, :k].mean(axis=1)
 
 
-def penalised_similarity(sims: np.ndarray, ids: np.ndarray, gallery_penalty: np.ndarray,
-                         query_penalty: np.ndarray | None = None) -> np.ndarray:
+def penalised_similarity(
+    sims: np.ndarray, ids: np.ndarray, gallery_penalty: np.ndarray, query_penalty: np.ndarray | None = None
+) -> np.ndarray:
     """clamp(cos, 0, 1) − B[gallery] (− C[query]) for each (query, neighbour) of a kNN result."""
     out = np.clip(sims, 0.0, 1.0) - gallery_penalty[np.clip(ids, 0, None)]
     if query_penalty is not None:

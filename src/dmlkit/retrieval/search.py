@@ -41,14 +41,23 @@ def gpu_usable() -> bool:
         log.warning("faiss GPU probe could not run (%s); searching on CPU", exc)
         return False
     if result.returncode != 0:
-        log.warning("faiss GPU probe failed (exit %s): %s; searching on CPU", result.returncode,
-                    result.stderr.decode(errors="replace").strip().splitlines()[-1:] or "")
+        log.warning(
+            "faiss GPU probe failed (exit %s): %s; searching on CPU",
+            result.returncode,
+            result.stderr.decode(errors="replace").strip().splitlines()[-1:] or "",
+        )
         return False
     return True
 
 
-def build_index(gallery: np.ndarray, kind: str = "flat", nlist: int = 1024, nprobe: int = 16,
-                hnsw_m: int = 32, use_gpu: str = "auto") -> faiss.Index:
+def build_index(
+    gallery: np.ndarray,
+    kind: str = "flat",
+    nlist: int = 1024,
+    nprobe: int = 16,
+    hnsw_m: int = 32,
+    use_gpu: str = "auto",
+) -> faiss.Index:
     gallery = np.ascontiguousarray(gallery, dtype=np.float32)
     dim = gallery.shape[1]
     if kind == "flat":
@@ -77,9 +86,18 @@ def build_index(gallery: np.ndarray, kind: str = "flat", nlist: int = 1024, npro
     return index
 
 
-def knn(queries: np.ndarray, gallery: np.ndarray, k: int, kind: str = "flat", batch: int = 16384,
-        use_gpu: str = "auto", nlist: int = 1024, nprobe: int = 16, hnsw_m: int = 32,
-        progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def knn(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    kind: str = "flat",
+    batch: int = 16384,
+    use_gpu: str = "auto",
+    nlist: int = 1024,
+    nprobe: int = 16,
+    hnsw_m: int = 32,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, indices), each (Q, k), best first; indices -1 where fewer than k exist."""
     k = min(k, len(gallery))
     index = build_index(gallery, kind, nlist, nprobe, hnsw_m, use_gpu)

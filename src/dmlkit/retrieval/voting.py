@@ -9,8 +9,9 @@ import numpy as np
 from ..metrics import map_at_5
 
 
-def vote(sims: np.ndarray, ids: np.ndarray, gallery_labels: np.ndarray, k: int, power: float,
-         top: int = 5) -> tuple[list[list[str]], list[list[float]]]:
+def vote(
+    sims: np.ndarray, ids: np.ndarray, gallery_labels: np.ndarray, k: int, power: float, top: int = 5
+) -> tuple[list[list[str]], list[list[float]]]:
     """Per query, labels ranked by Σ over its top-k neighbours with that label of max(sim,0)^power."""
     sims, ids = sims[:, :k], ids[:, :k]
     labels_out: list[list[str]] = []
@@ -28,8 +29,9 @@ def vote(sims: np.ndarray, ids: np.ndarray, gallery_labels: np.ndarray, k: int, 
     return labels_out, scores_out
 
 
-def insert_unknown(labels: list[list[str]], scores: list[list[float]], unknown: str, threshold: float,
-                   top: int = 5) -> list[list[str]]:
+def insert_unknown(
+    labels: list[list[str]], scores: list[list[float]], unknown: str, threshold: float, top: int = 5
+) -> list[list[str]]:
     """Put `unknown` before the first label whose score is below the threshold (whale style)."""
     out = []
     for row_labels, row_scores in zip(labels, scores, strict=True):
@@ -39,8 +41,13 @@ def insert_unknown(labels: list[list[str]], scores: list[list[float]], unknown: 
     return out
 
 
-def tune_unknown_threshold(labels: list[list[str]], scores: list[list[float]], truths: Sequence[str],
-                           unknown: str, grid: Sequence[float] | None = None) -> tuple[float, float]:
+def tune_unknown_threshold(
+    labels: list[list[str]],
+    scores: list[list[float]],
+    truths: Sequence[str],
+    unknown: str,
+    grid: Sequence[float] | None = None,
+) -> tuple[float, float]:
     """The threshold maximising MAP@5 on validation (truth `unknown` for unseen classes), and that score."""
     if grid is None:
         top_scores = np.array([s[0] for s in scores if s] or [0.0])

@@ -31,20 +31,32 @@ class Neighbours:
 
 
 def _search(cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray, k: int) -> Neighbours:
-    sims, ids = knn(queries, gallery, k=k, kind=cfg.index, batch=cfg.query_batch, use_gpu=cfg.use_gpu,
-                    nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m)
+    sims, ids = knn(
+        queries,
+        gallery,
+        k=k,
+        kind=cfg.index,
+        batch=cfg.query_batch,
+        use_gpu=cfg.use_gpu,
+        nlist=cfg.nlist,
+        nprobe=cfg.nprobe,
+        hnsw_m=cfg.hnsw_m,
+    )
     return Neighbours(sims, ids)
 
 
 def check_finite(name: str, array: np.ndarray) -> None:
     bad = ~np.isfinite(array).all(axis=1)
     if bad.any():
-        raise FloatingPointError(f"{name}: {int(bad.sum())} embedding row(s) contain NaN/inf (first rows "
-                                 f"{np.flatnonzero(bad)[:5].tolist()}); refusing to search")
+        raise FloatingPointError(
+            f"{name}: {int(bad.sum())} embedding row(s) contain NaN/inf (first rows "
+            f"{np.flatnonzero(bad)[:5].tolist()}); refusing to search"
+        )
 
 
-def run_chain(cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray,
-              distractors: np.ndarray | None = None, on_step=None) -> Neighbours:
+def run_chain(
+    cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray, distractors: np.ndarray | None = None, on_step=None
+) -> Neighbours:
     """The post-processing chain for one (queries, gallery) pair; `on_step(name, neighbours)` after each."""
     check_finite("queries", queries)
     check_finite("gallery", gallery)
@@ -66,16 +78,21 @@ def run_chain(cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray,
         both = np.concatenate([queries, gallery])
         graph_k = min(len(both), max(cfg.rerank.k1 + 1, k + cfg.rerank.k1))
         graph = _search(cfg, both, both, graph_k).ids
-        dist, ids = k_reciprocal_rerank(queries, gallery, graph, cfg.rerank.k1, cfg.rerank.k2, cfg.rerank.lambda_,
-                                        candidates=k)
+        dist, ids = k_reciprocal_rerank(
+            queries, gallery, graph, cfg.rerank.k1, cfg.rerank.k2, cfg.rerank.lambda_, candidates=k
+        )
         result = Neighbours((1.0 - dist).astype(np.float32), ids)
         if on_step:
             on_step("+ re-ranking", result)
     if cfg.penalty.enabled and distractors is not None and len(distractors):
-        gallery_pen = distractor_penalty(_search(cfg, gallery, distractors, cfg.penalty.k_gallery).sims,
-                                         cfg.penalty.k_gallery)
-        query_pen = (distractor_penalty(_search(cfg, queries, distractors, cfg.penalty.k_query).sims,
-                                        cfg.penalty.k_query) if cfg.penalty.query_side else None)
+        gallery_pen = distractor_penalty(
+            _search(cfg, gallery, distractors, cfg.penalty.k_gallery).sims, cfg.penalty.k_gallery
+        )
+        query_pen = (
+            distractor_penalty(_search(cfg, queries, distractors, cfg.penalty.k_query).sims, cfg.penalty.k_query)
+            if cfg.penalty.query_side
+            else None
+        )
         sims = penalised_similarity(result.sims, result.ids, gallery_pen, query_pen)
         order = np.argsort(-sims, axis=1, kind="stable")
         result = Neighbours(np.take_along_axis(sims, order, 1), np.take_along_axis(result.ids, order, 1))
@@ -84,9 +101,16 @@ def run_chain(cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray,
     return result
 
 
-def retrieve(cfg: RetrieveConfig, adapter: Adapter, formats: list[Adapter], table: pd.DataFrame,
-             folds: pd.DataFrame, embeddings: np.ndarray, member_embeddings: dict[str, np.ndarray],
-             val_fold: int) -> tuple[dict[str, Predictions], pd.DataFrame, dict]:
+def retrieve(
+    cfg: RetrieveConfig,
+    adapter: Adapter,
+    formats: list[Adapter],
+    table: pd.DataFrame,
+    folds: pd.DataFrame,
+    embeddings: np.ndarray,
+    member_embeddings: dict[str, np.ndarray],
+    val_fold: int,
+) -> tuple[dict[str, Predictions], pd.DataFrame, dict]:
     """Validation report, tuned settings and test predictions for every submission format."""
     row_of = {(r, i): n for n, (r, i) in enumerate(zip(table["role"], table["id"], strict=True))}
     folds = folds.copy()
@@ -105,12 +129,22 @@ def retrieve(cfg: RetrieveConfig, adapter: Adapter, formats: list[Adapter], tabl
         g_labels = train_part["label"].to_numpy()
         if neighbours is None:
             q, g = source[val_part["row"].to_numpy()], source[train_part["row"].to_numpy()]
-            out = validation_scores(metric, q, q_labels, val_part["known"].to_numpy(), g, g_labels, unknown,
-                                    cfg.voting.k, cfg.voting.power)
+            out = validation_scores(
+                metric, q, q_labels, val_part["known"].to_numpy(), g, g_labels, unknown, cfg.voting.k, cfg.voting.power
+            )
         else:
-            out = validation_scores(metric, np.zeros((len(val_part), 1)), q_labels,
-                                    val_part["known"].to_numpy(), np.zeros((len(train_part), 1)), g_labels, unknown,
-                                    cfg.voting.k, cfg.voting.power, sims_ids=(neighbours.sims, neighbours.ids))
+            out = validation_scores(
+                metric,
+                np.zeros((len(val_part), 1)),
+                q_labels,
+                val_part["known"].to_numpy(),
+                np.zeros((len(train_part), 1)),
+                g_labels,
+                unknown,
+                cfg.voting.k,
+                cfg.voting.power,
+                sims_ids=(neighbours.sims, neighbours.ids),
+            )
         report.append({"step": step, metric: out["score"], "recall@1": out["recall@1"]})
         return out
 
@@ -126,17 +160,28 @@ def retrieve(cfg: RetrieveConfig, adapter: Adapter, formats: list[Adapter], tabl
             nonlocal last
             last = score(step if step != "kNN" or len(member_embeddings) == 1 else "kNN, ensemble", neighbours)
 
-        run_chain(cfg, embeddings[val_part["row"].to_numpy()], embeddings[train_part["row"].to_numpy()],
-                  embeddings[distractor_rows] if cfg.penalty.enabled else None, on_step)
+        run_chain(
+            cfg,
+            embeddings[val_part["row"].to_numpy()],
+            embeddings[train_part["row"].to_numpy()],
+            embeddings[distractor_rows] if cfg.penalty.enabled else None,
+            on_step,
+        )
         if metric == "map@5":
             tuned["threshold"] = last["threshold"] if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold)
-            report.append({"step": f"+ {unknown} threshold {tuned['threshold']:.4f}", metric: last["score"],
-                           "recall@1": last["recall@1"]})
+            report.append(
+                {
+                    "step": f"+ {unknown} threshold {tuned['threshold']:.4f}",
+                    metric: last["score"],
+                    "recall@1": last["recall@1"],
+                }
+            )
             report[-2][metric] = last["score_without_unknown"]
         elif metric == "gap":
             tuned["confidence"] = last["confidence"]
-            report.append({"step": f"+ confidence '{last['confidence']}'", metric: last["score"],
-                           "recall@1": last["recall@1"]})
+            report.append(
+                {"step": f"+ confidence '{last['confidence']}'", metric: last["score"], "recall@1": last["recall@1"]}
+            )
 
     predictions: dict[str, Predictions] = {}
     test_rows = np.flatnonzero((table["role"] == "test").to_numpy())
@@ -153,10 +198,13 @@ def retrieve(cfg: RetrieveConfig, adapter: Adapter, formats: list[Adapter], tabl
             predictions[fmt.name] = Predictions(ids=test_ids, neighbours=neighbours)
             continue
         gallery_rows = known_train["row"].to_numpy()
-        result = run_chain(cfg, embeddings[test_rows], embeddings[gallery_rows],
-                           embeddings[distractor_rows] if cfg.penalty.enabled else None)
-        labels, scores = vote(result.sims, result.ids, known_train["label"].to_numpy(), cfg.voting.k,
-                              cfg.voting.power)
+        result = run_chain(
+            cfg,
+            embeddings[test_rows],
+            embeddings[gallery_rows],
+            embeddings[distractor_rows] if cfg.penalty.enabled else None,
+        )
+        labels, scores = vote(result.sims, result.ids, known_train["label"].to_numpy(), cfg.voting.k, cfg.voting.power)
         if fmt.metric == "gap":
             conf = landmark_confidence(labels, scores, tuned.get("confidence", "vote"))
             top_scores = [[float(c)] if r else [] for r, c in zip(labels, conf, strict=True)]

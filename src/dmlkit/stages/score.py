@@ -23,8 +23,10 @@ def score_files(submission: Path, solution: Path) -> dict:
     adapter = adapter_for_header(list(frame.columns))
     answers = adapter.read_solution(solution)
     if answers.columns[0] != adapter.solution_columns[0] or answers.columns[1] != adapter.solution_columns[1]:
-        raise InputError(f"{solution}: columns {list(answers.columns)} do not match the {adapter.name} submission "
-                         f"{submission} (expected {list(adapter.solution_columns)})")
+        raise InputError(
+            f"{solution}: columns {list(answers.columns)} do not match the {adapter.name} submission "
+            f"{submission} (expected {list(adapter.solution_columns)})"
+        )
     result = adapter.score(frame, answers, source=str(submission))
     result["competition"] = adapter.name
     return result
@@ -34,5 +36,7 @@ def format_scores(result: dict) -> str:
     def fmt(value):
         return "n/a" if value is None else f"{value:.5f}"
 
-    return (f"{result['competition']} ({result['metric']}): public {fmt(result['public'])}  "
-            f"private {fmt(result['private'])}")
+    return (
+        f"{result['competition']} ({result['metric']}): public {fmt(result['public'])}  "
+        f"private {fmt(result['private'])}"
+    )

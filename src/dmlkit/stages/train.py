@@ -29,7 +29,7 @@ from ..inference import autocast_dtype, embed_paths, validation_scores
 from ..models.backbone import EmbeddingModel
 from ..models.heads import MarginHead, build_head
 from ..models.see import schedule_value, see_expand, select_confident
-from ..runtime import is_main_process, world_size
+from ..runtime import is_main_process, rank, world_size
 from .folds import fold_parts
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,30 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_model(member: MemberConfig) -> EmbeddingModel:
-    return EmbeddingModel(member.backbone, member.embedding_size, member.in_chans, member.pretrained_file,
-                          member.gem_p, member.gem_learnable)
+    return EmbeddingModel(
+        member.backbone,
+        member.embedding_size,
+        member.in_chans,
+        member.pretrained_file,
+        member.gem_p,
+        member.gem_learnable,
+    )
 
 
 def build_member_head(member: MemberConfig, class_counts: np.ndarray) -> MarginHead:
     h = member.head
-    return build_head(h.type, member.embedding_size, class_counts, h.scale, h.subcenters, h.dynamic,
-                      h.dynamic_a, h.dynamic_b, h.dynamic_lambda, h.margin)
+    return build_head(
+        h.type,
+        member.embedding_size,
+        class_counts,
+        h.scale,
+        h.subcenters,
+        h.dynamic,
+        h.dynamic_a,
+        h.dynamic_b,
+        h.dynamic_lambda,
+        h.margin,
+    )
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -67,8 +83,9 @@ class MarginModel(nn.Module):
         self.head = head
         self.see = member.see
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, see_value: float,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, see_value: float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, int]:
         """Cross-entropy on the margin logits, plus λ·CE on SEE's synthetic embeddings; (loss, #expanded)."""
         embeddings = self.model(images)
         loss = F.cross_entropy(self.head(embeddings, labels), labels)
@@ -102,8 +119,17 @@ def _set_epoch_seed(seed: int, epoch: int, transform) -> torch.Generator:
     return generator
 
 
-def train_member(cfg: Config, member: MemberConfig, folds: pd.DataFrame, metric: str, unknown_label: str | None,
-                 work: Path, device: torch.device, init_state: dict | None = None, progress: bool = True) -> dict:
+def train_member(
+    cfg: Config,
+    member: MemberConfig,
+    folds: pd.DataFrame,
+    metric: str,
+    unknown_label: str | None,
+    work: Path,
+    device: torch.device,
+    init_state: dict | None = None,
+    progress: bool = True,
+) -> dict:
     """Train `member` on its fold; writes best.pt, metrics.csv and curves.png into `work`."""
     from tqdm import tqdm
 
@@ -124,16 +150,28 @@ def train_member(cfg: Config, member: MemberConfig, folds: pd.DataFrame, metric:
             head.load_state_dict(init_state["head"])
             log.info("%s: initialised model and head from %s", member.name, member.init_from)
         else:
-            log.info("%s: initialised backbone from %s; head re-initialised (class set differs)",
-                     member.name, member.init_from)
+            log.info(
+                "%s: initialised backbone from %s; head re-initialised (class set differs)",
+                member.name,
+                member.init_from,
+            )
     if t.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if t.sync_bn and world_size() > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.warning("%s: train.sync_bn needs GPUs (torch's SyncBatchNorm is CUDA-only); ignored", member.name)
     mean, std = model.data_config()
     transform = make_pipeline(member.image_size, mean, std, augment=t.augment)
-    dataset = ImageDataset(train_part["path"].tolist(), targets.tolist(), transform, member.in_chans,
-                           member.image_size, skip_unreadable=not t.strict_images)
+    dataset = ImageDataset(
+        train_part["path"].tolist(),
+        targets.tolist(),
+        transform,
+        member.in_chans,
+        member.image_size,
+        skip_unreadable=not t.strict_images,
+    )
     distributed = world_size() > 1
     train_model: nn.Module = MarginModel(model, head, member)
     if distributed:
@@ -151,11 +189,15 @@ def train_member(cfg: Config, member: MemberConfig, folds: pd.DataFrame, metric:
     steps_per_epoch = max(1, (len(dataset) // world_size()) // per_rank_batch // t.grad_accum)
     total_steps = steps_per_epoch * t.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, int(t.warmup_epochs * steps_per_epoch)))
+        optimizer, lambda s: lr_factor(s, total_steps, int(t.warmup_epochs * steps_per_epoch))
+    )
     dtype = autocast_dtype(device, t.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema))
-           if t.ema else None)
+    ema = (
+        torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema))
+        if t.ema
+        else None
+    )
 
     checkpoint_path = work / "last.pt"
     start_epoch, history, best = 0, [], {"score": -math.inf, "epoch": -1}
@@ -176,22 +218,36 @@ def train_member(cfg: Config, member: MemberConfig, folds: pd.DataFrame, metric:
     started = time.time()
     for epoch in range(start_epoch, t.epochs):
         generator = _set_epoch_seed(cfg.seed, epoch, transform)
-        if distributed:
-            sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=drop_last)
-            sampler.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, drop_last=drop_last,
-                                num_workers=t.num_workers)
-        else:
-            worker_seed = cfg.seed * 1000 + epoch * 97
-            loader = DataLoader(dataset, batch_size=per_rank_batch, shuffle=True, drop_last=drop_last,
-                                num_workers=t.num_workers, generator=generator,
-                                worker_init_fn=functools.partial(_seed_worker, transform, worker_seed))
+        # One sampler for one or many processes: the union of the ranks' batch j is the
+        # single-process batch j, so N processes train on the same global batches as one.
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=cfg.seed, drop_last=distributed
+        )
+        sampler.set_epoch(epoch)
+        worker_seed = cfg.seed * 1000 + epoch * 97 + rank() * 7919
+        loader = DataLoader(
+            dataset,
+            batch_size=per_rank_batch,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=t.num_workers,
+            worker_init_fn=functools.partial(_seed_worker, transform, worker_seed),
+        )
         see_value = schedule_value(member.see.start, member.see.end, epoch / max(1, t.epochs - 1))
         model.train()
         head.train()
+        if t.freeze_bn:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         running, n_batches, n_expanded = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"{member.name} epoch {epoch + 1}/{t.epochs}", unit="batch", leave=False,
-                   disable=not progress or not is_main_process())
+        bar = tqdm(
+            loader,
+            desc=f"{member.name} epoch {epoch + 1}/{t.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not progress or not is_main_process(),
+        )
         optimizer.zero_grad(set_to_none=True)
         for batch_index, (images, labels, rows, ok) in enumerate(bar):
             if not ok.all():
@@ -206,8 +262,10 @@ def train_member(cfg: Config, member: MemberConfig, folds: pd.DataFrame, metric:
                 loss, expanded = train_model(images, labels, see_value, generator)
             if not torch.isfinite(loss):
                 nonfinite_steps += 1
-                message = (f"{member.name}: non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {batch_index}; "
-                           f"the last good checkpoint is {checkpoint_path if checkpoint_path.exists() else 'none'}")
+                message = (
+                    f"{member.name}: non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {batch_index}; "
+                    f"the last good checkpoint is {checkpoint_path if checkpoint_path.exists() else 'none'}"
+                )
                 if t.nan_policy == "stop":
                     raise NonFiniteLossError(message + " (train.nan_policy=skip skips such steps)")
                 log.warning("%s; skipped", message)
@@ -228,26 +286,48 @@ def train_member(cfg: Config, member: MemberConfig, folds: pd.DataFrame, metric:
             n_batches += 1
             n_expanded += expanded
             bar.set_postfix(loss=f"{running / n_batches:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        row = {"epoch": epoch + 1, "loss": running / max(1, n_batches), "lr": scheduler.get_last_lr()[0],
-               "see_expanded": n_expanded, "elapsed_s": round(time.time() - started, 1)}
+        row = {
+            "epoch": epoch + 1,
+            "loss": running / max(1, n_batches),
+            "lr": scheduler.get_last_lr()[0],
+            "see_expanded": n_expanded,
+            "elapsed_s": round(time.time() - started, 1),
+        }
         eval_model = ema.module if ema is not None else model
         if (epoch + 1) % t.validate_every == 0 or epoch + 1 == t.epochs:
             row.update(validate(member, eval_model, train_part, val_part, metric, unknown_label, device, progress))
         history.append(row)
-        log.info("%s: %s", member.name, " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                                 for k, v in row.items()))
+        log.info(
+            "%s: %s",
+            member.name,
+            " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+        )
         if is_main_process():
             if "val_score" in row and row["val_score"] > best["score"]:
                 best = {"score": row["val_score"], "epoch": epoch + 1}
                 _save_weights(work / "best.pt", eval_model, head, classes, member)
-            torch.save({"model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                        "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "history": history,
-                        "best": best}, str(checkpoint_path) + ".tmp")
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "head": head.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "epoch": epoch,
+                    "history": history,
+                    "best": best,
+                },
+                str(checkpoint_path) + ".tmp",
+            )
             os.replace(str(checkpoint_path) + ".tmp", checkpoint_path)
     if skipped_images:
-        log.warning("%s: skipped %d unreadable training image(s): %s", member.name, len(skipped_images),
-                    sorted(skipped_images)[:10])
+        log.warning(
+            "%s: skipped %d unreadable training image(s): %s",
+            member.name,
+            len(skipped_images),
+            sorted(skipped_images)[:10],
+        )
     if is_main_process():
         _save_weights(work / "final.pt", ema.module if ema is not None else model, head, classes, member)
         if not (work / "best.pt").exists():
@@ -255,28 +335,73 @@ def train_member(cfg: Config, member: MemberConfig, folds: pd.DataFrame, metric:
         pd.DataFrame(history).to_csv(work / "metrics.csv", index=False)
         plot_training_curves(pd.DataFrame(history), work / "curves.png", title=member.name)
         checkpoint_path.unlink(missing_ok=True)
-    return {"best": best, "classes": len(classes), "train_images": len(dataset),
-            "skipped_images": sorted(skipped_images), "nonfinite_steps": nonfinite_steps,
-            "final_val_score": history[-1].get("val_score") if history else None}
+    return {
+        "best": best,
+        "classes": len(classes),
+        "train_images": len(dataset),
+        "skipped_images": sorted(skipped_images),
+        "nonfinite_steps": nonfinite_steps,
+        "final_val_score": history[-1].get("val_score") if history else None,
+    }
 
 
-def validate(member: MemberConfig, model: EmbeddingModel, train_part: pd.DataFrame, val_part: pd.DataFrame,
-             metric: str, unknown_label: str | None, device: torch.device, progress: bool) -> dict:
+def validate(
+    member: MemberConfig,
+    model: EmbeddingModel,
+    train_part: pd.DataFrame,
+    val_part: pd.DataFrame,
+    metric: str,
+    unknown_label: str | None,
+    device: torch.device,
+    progress: bool,
+) -> dict:
     if val_part.empty:
         return {}
-    gallery = embed_paths(model, train_part["path"].tolist(), member.image_size, 128, device, flip=False,
-                          amp=member.train.amp, desc="val gallery", progress=progress)
-    queries = embed_paths(model, val_part["path"].tolist(), member.image_size, 128, device, flip=False,
-                          amp=member.train.amp, desc="val queries", progress=progress)
-    scores = validation_scores(metric, queries, val_part["label"].to_numpy(), val_part["known"].to_numpy(),
-                               gallery, train_part["label"].to_numpy(), unknown_label)
+    gallery = embed_paths(
+        model,
+        train_part["path"].tolist(),
+        member.image_size,
+        128,
+        device,
+        flip=False,
+        amp=member.train.amp,
+        desc="val gallery",
+        progress=progress,
+    )
+    queries = embed_paths(
+        model,
+        val_part["path"].tolist(),
+        member.image_size,
+        128,
+        device,
+        flip=False,
+        amp=member.train.amp,
+        desc="val queries",
+        progress=progress,
+    )
+    scores = validation_scores(
+        metric,
+        queries,
+        val_part["label"].to_numpy(),
+        val_part["known"].to_numpy(),
+        gallery,
+        train_part["label"].to_numpy(),
+        unknown_label,
+    )
     return {f"val_{k}": v for k, v in scores.items() if isinstance(v, float)}
 
 
 def _save_weights(path: Path, model: nn.Module, head: MarginHead, classes: list[str], member: MemberConfig) -> None:
     tmp = str(path) + ".tmp"
-    torch.save({"model": model.state_dict(), "head": head.state_dict(), "classes": classes,
-                "member": member.model_dump(mode="json")}, tmp)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "head": head.state_dict(),
+            "classes": classes,
+            "member": member.model_dump(mode="json"),
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 

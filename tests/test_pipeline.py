@@ -1,0 +1,154 @@
+"""End to end on a tiny demo: caching, invalidation, --force, submissions, folds."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import write_tiny_config
+from dmlkit.config import load_config
+from dmlkit.pipeline import STAGES, Context, ensure_demo_data, load_table, local_scores, run_folds, run_stage
+from dmlkit.stages.folds import fold_parts
+
+
+def run_all(cfg_path: Path, tmp_path: Path, overrides=(), force=()) -> Context:
+    cfg = load_config(cfg_path, list(overrides))
+    ctx = Context(
+        cfg, artifacts=tmp_path / "artifacts", submissions=tmp_path / "submissions", force=set(force), progress=False
+    )
+    ensure_demo_data(ctx)
+    for stage in STAGES:
+        run_stage(ctx, stage)
+    return ctx
+
+
+def reused(ctx: Context) -> dict[str, bool]:
+    return {label: art.reused for label, art in ctx.done.items()}
+
+
+def test_whale_pipeline_caches_and_invalidates_downstream_only(tmp_path):
+    cfg = write_tiny_config(tmp_path, "whale")
+    first = run_all(cfg, tmp_path)
+    assert not any(reused(first).values())
+    sub = pd.read_csv(tmp_path / "submissions" / "tiny-whale.csv", dtype=str)
+    assert list(sub.columns) == ["Image", "Id"] and sub.Id.str.split().str.len().max() <= 5
+    sample = pd.read_csv(tmp_path / "input-whale" / "sample_submission.csv", dtype=str)
+    assert sub.Image.tolist() == sample.Image.tolist()
+    scores = local_scores(first)
+    assert scores and 0.0 <= scores[0]["public"] <= 1.0
+    train_dir = first.done["train/m0"].path
+    assert (train_dir / "curves.png").is_file() and (train_dir / "metrics.csv").is_file()
+    assert not (train_dir / "last.pt").exists()
+
+    again = run_all(cfg, tmp_path)
+    assert all(reused(again).values())
+
+    post = run_all(cfg, tmp_path, ["retrieve.voting.k=3"])
+    flags = reused(post)
+    assert not flags["retrieve"] and not flags["submit"]
+    assert flags["folds"] and flags["train/m0"] and flags["embed/m0"] and flags["ensemble"]
+
+    retrain = run_all(cfg, tmp_path, ["members.0.train.epochs=1"])
+    flags = reused(retrain)
+    assert flags["folds"] and not flags["train/m0"] and not flags["embed/m0"] and not flags["retrieve"]
+
+    forced = run_all(cfg, tmp_path, force=["embed"])
+    flags = reused(forced)
+    assert not flags["embed/m0"] and flags["train/m0"] and flags["folds"]
+    assert forced.done["embed/m0"].key == first.done["embed/m0"].key  # same key, recomputed in place
+
+
+def test_changed_input_csv_changes_the_folds_key(tmp_path):
+    cfg_path = write_tiny_config(tmp_path, "whale")
+    cfg = load_config(cfg_path)
+    ctx = Context(cfg, artifacts=tmp_path / "a", progress=False)
+    ensure_demo_data(ctx)
+    key = run_folds(ctx).key
+    train_csv = tmp_path / "input-whale" / "train.csv"
+    frame = pd.read_csv(train_csv)
+    frame.iloc[:-1].to_csv(train_csv, index=False)
+    assert run_folds(Context(cfg, artifacts=tmp_path / "a", progress=False)).key != key
+
+
+def test_yaml_key_order_does_not_change_keys(tmp_path):
+    cfg_path = write_tiny_config(tmp_path, "whale")
+    lines = cfg_path.read_text().splitlines()
+    reordered = tmp_path / "reordered.yaml"
+    head = [line for line in lines if line.startswith(("experiment", "seed", "threads"))]
+    reordered.write_text("\n".join([*reversed(head), *[line for line in lines if line not in head]]))
+    a = Context(load_config(cfg_path), artifacts=tmp_path / "a", progress=False)
+    b = Context(load_config(reordered), artifacts=tmp_path / "a", progress=False)
+    ensure_demo_data(a)
+    assert run_folds(a).key == run_folds(b).key
+
+
+def test_fold_invariants(tmp_path):
+    cfg = load_config(write_tiny_config(tmp_path, "whale"))
+    ctx = Context(cfg, artifacts=tmp_path / "a", progress=False)
+    ensure_demo_data(ctx)
+    _, folds = load_table(run_folds(ctx))
+    counts = folds[folds.known].label.value_counts()
+    singletons = set(counts[counts == 1].index)
+    assert (folds[folds.label.isin(singletons)].fold == -1).all()  # single-image classes always train
+    unknown = folds[~folds.known]
+    assert (unknown.label == "new_whale").all() and (unknown.fold >= 0).all()
+    for fold in range(cfg.folds.n_splits):
+        train, val = fold_parts(folds, fold)
+        assert "new_whale" not in set(train.label)  # never a training class
+        assert not (set(train.id) & set(val.id))
+        unseen = ~val.label.isin(set(train.label))
+        assert not val.known[unseen].any()  # unseen classes play "unknown"
+    again = load_table(run_folds(Context(cfg, artifacts=tmp_path / "b", progress=False)))[1]
+    assert (again.fold.to_numpy() == folds.fold.to_numpy()).all()
+
+
+def test_landmark_pipeline_writes_recognition_and_retrieval(tmp_path):
+    cfg = write_tiny_config(
+        tmp_path,
+        "landmark",
+        "retrieve: {k: 20, qe: {enabled: true, k: 2}, "
+        "dba: {enabled: true, k: 2}, rerank: {enabled: true, k1: 4, k2: 2}}\n",
+    )
+    ctx = run_all(cfg, tmp_path)
+    rec = pd.read_csv(tmp_path / "submissions" / "tiny-landmark.csv", dtype=str, keep_default_na=False)
+    ret = pd.read_csv(tmp_path / "submissions" / "tiny-landmark-retrieval.csv", dtype=str, keep_default_na=False)
+    assert list(rec.columns) == ["id", "landmarks"] and list(ret.columns) == ["id", "images"]
+    assert rec.landmarks.str.split().str.len().isin([0, 2]).all()
+    index_ids = set(pd.read_csv(ctx.done["folds"].file("table.csv"), dtype=str).query("role == 'index'").id)
+    assert all(set(cell.split()) <= index_ids for cell in ret.images)
+    report = pd.read_csv(ctx.done["retrieve"].file("report.csv"))
+    assert report.step.tolist()[:3] == ["kNN", "+ QE/DBA", "+ re-ranking"]
+    assert {r["metric"] for r in local_scores(ctx)} == {"gap", "map@100"}
+
+
+def test_two_members_ensemble_report_and_init_from(tmp_path):
+    extra = """
+members:
+  - {name: a, backbone: test_resnet, fold: 0}
+  - {name: b, backbone: test_resnet, fold: 1, init_from: a, image_size: 40}
+ensemble: {weights: {a: 1.0, b: 0.5}}
+"""
+    cfg = write_tiny_config(tmp_path, "whale", extra)
+    text = cfg.read_text().replace("members:\n  - {name: m0, backbone: test_resnet, fold: 0}\n", "", 1)
+    cfg.write_text(text)
+    ctx = run_all(cfg, tmp_path)
+    emb = np.load(ctx.done["ensemble"].file("embeddings.npy"))
+    assert emb.shape[1] == 64 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    steps = pd.read_csv(ctx.done["retrieve"].file("report.csv")).step.tolist()
+    assert steps[:3] == ["kNN, member a alone", "kNN, member b alone", "kNN, ensemble"]
+    assert ctx.done["train/b"].manifest["upstream"]["init"] == ctx.done["train/a"].key
+
+
+@pytest.mark.parametrize("stage", ["folds"])
+def test_interrupted_stage_is_redone(tmp_path, stage):
+    cfg = load_config(write_tiny_config(tmp_path, "whale"))
+    ctx = Context(cfg, artifacts=tmp_path / "a", progress=False)
+    ensure_demo_data(ctx)
+    art = run_folds(ctx)
+    partial = art.path.with_name(art.path.name + ".partial")
+    shutil.move(art.path, partial)
+    (partial / "manifest.json").unlink()  # what a run killed before its commit leaves
+    again = run_folds(Context(cfg, artifacts=tmp_path / "a", progress=False))
+    assert not again.reused and (again.path / "manifest.json").is_file() and not partial.exists()

@@ -1,0 +1,185 @@
+import numpy as np
+import pytest
+
+from dmlkit.retrieval import search
+from dmlkit.retrieval.ensemble import concatenate, pca_whiten
+from dmlkit.retrieval.expansion import database_augmentation, query_expansion
+from dmlkit.retrieval.rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
+from dmlkit.retrieval.voting import insert_unknown, landmark_confidence, tune_unknown_threshold, vote
+
+
+def unit(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def clustered(rng, n, d, clusters):
+    centres = unit(rng, clusters, d)
+    x = centres[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_faiss_against_brute_force(kind):
+    rng = np.random.default_rng(0)
+    q, g = unit(rng, 50, 16), unit(rng, 400, 16)
+    sims, ids = search.knn(q, g, k=10, kind=kind, nlist=4, nprobe=4, batch=7, progress=False)
+    dense = q @ g.T
+    expected = np.argsort(-dense, axis=1)[:, :10]
+    if kind == "flat":
+        assert (ids == expected).all()
+        assert np.allclose(sims, np.take_along_axis(dense, expected, 1), atol=1e-5)
+    else:  # approximate: high recall of the true top-10
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, expected, strict=True)])
+        assert recall > 0.9
+
+
+def test_gpu_failure_falls_back_to_cpu(monkeypatch):
+    """A GPU that faiss sees but that fails the child-process probe must not be used."""
+    search.gpu_usable.cache_clear()
+    monkeypatch.setattr(search.faiss, "get_num_gpus", lambda: 1)
+
+    class Failed:
+        returncode = -6  # SIGABRT, as a broken faiss GPU build does
+        stderr = b"Faiss assertion failed: no kernel image for this device"
+
+    monkeypatch.setattr(search.subprocess, "run", lambda *a, **k: Failed())
+    try:
+        assert search.gpu_usable() is False
+        rng = np.random.default_rng(1)
+        q, g = unit(rng, 5, 8), unit(rng, 30, 8)
+        _, ids = search.knn(q, g, k=3, use_gpu="yes", progress=False)
+        assert (ids == np.argsort(-(q @ g.T), axis=1)[:, :3]).all()
+    finally:
+        search.gpu_usable.cache_clear()
+
+
+def test_real_probe_without_gpu_is_false():
+    search.gpu_usable.cache_clear()
+    if search.faiss.get_num_gpus() == 0:
+        assert search.gpu_usable() is False
+
+
+def dense_alpha_qe(queries, gallery, alpha, k):
+    out = []
+    for q in queries:
+        s = gallery @ q
+        top = np.argsort(-s)[:k]
+        v = q + sum(max(s[j], 0) ** alpha * gallery[j] for j in top)
+        out.append(v / np.linalg.norm(v))
+    return np.array(out)
+
+
+def test_query_expansion_and_dba_against_dense_reference():
+    rng = np.random.default_rng(2)
+    q, g = clustered(rng, 20, 8, 4), clustered(rng, 60, 8, 4)
+    sims, ids = search.knn(q, g, k=5, progress=False)
+    assert np.allclose(query_expansion(q, g, sims, ids, 3.0, 5), dense_alpha_qe(q, g, 3.0, 5), atol=1e-5)
+    gs, gi = search.knn(g, g, k=6, progress=False)
+    expected = []
+    for i, x in enumerate(g):
+        s = g @ x
+        order = [j for j in np.argsort(-s) if j != i][:5]
+        v = x + sum(max(s[j], 0) ** 3.0 * g[j] for j in order)
+        expected.append(v / np.linalg.norm(v))
+    assert np.allclose(database_augmentation(g, gs, gi, 3.0, 5), np.array(expected), atol=1e-5)
+
+
+def dense_k_reciprocal(x, n_queries, k1, k2, lam):
+    """Zhong et al.'s reference algorithm, dense N×N, with d = 2 − 2·cos (no column normalisation)."""
+    original = 2.0 - 2.0 * (x @ x.T).astype(np.float64)
+    n = len(x)
+    rank = np.argsort(original, axis=1, kind="stable")
+    v = np.zeros((n, n))
+    for i in range(n):
+        forward = rank[i, : k1 + 1]
+        backward = rank[forward, : k1 + 1]
+        recip = forward[np.where(backward == i)[0]]
+        expansion = recip
+        for candidate in recip:
+            cf = rank[candidate, : int(np.around(k1 / 2)) + 1]
+            cb = rank[cf, : int(np.around(k1 / 2)) + 1]
+            crecip = cf[np.where(cb == candidate)[0]]
+            if len(np.intersect1d(crecip, recip)) > 2 / 3 * len(crecip):
+                expansion = np.append(expansion, crecip)
+        expansion = np.unique(expansion)
+        weight = np.exp(-original[i, expansion])
+        v[i, expansion] = weight / weight.sum()
+    if k2 != 1:
+        v = np.array([v[rank[i, :k2]].mean(axis=0) for i in range(n)])
+    jaccard = np.zeros((n_queries, n))
+    for i in range(n_queries):
+        smin = np.minimum(v[i][None, :], v).sum(axis=1)
+        jaccard[i] = 1 - smin / (2 - smin)
+    return ((1 - lam) * jaccard + lam * original[:n_queries])[:, n_queries:]
+
+
+@pytest.mark.parametrize(("k1", "k2"), [(6, 3), (5, 1), (10, 4)])
+def test_sparse_k_reciprocal_equals_dense_reference(k1, k2):
+    rng = np.random.default_rng(3)
+    x = clustered(rng, 90, 12, 6)
+    n_queries = 15
+    dense = dense_k_reciprocal(x, n_queries, k1, k2, 0.3)
+    graph = np.argsort(-(x @ x.T), axis=1, kind="stable")[:, :40]
+    dist, ids = k_reciprocal_rerank(x[:n_queries], x[n_queries:], graph, k1, k2, 0.3, candidates=25, progress=False)
+    expected = np.take_along_axis(dense, ids, axis=1)
+    assert np.allclose(dist, expected, atol=1e-5)
+    assert (np.diff(dist, axis=1) >= -1e-12).all()  # best first
+    # the dense reference ranks the same candidates in the same order
+    assert (np.argsort(expected, axis=1, kind="stable") == np.arange(ids.shape[1])).all()
+
+
+def test_k_reciprocal_needs_enough_neighbours():
+    x = unit(np.random.default_rng(0), 10, 4)
+    with pytest.raises(ValueError, match="k1"):
+        k_reciprocal_rerank(x[:2], x[2:], np.argsort(-(x @ x.T), axis=1)[:, :3], k1=5, k2=2, lam=0.3)
+
+
+def test_distractor_penalty():
+    to_distractors = np.array([[0.9, 0.8, 0.1], [0.2, 0.1, 0.0]])
+    b = distractor_penalty(to_distractors, 2)
+    assert b.tolist() == pytest.approx([0.85, 0.15])
+    sims = np.array([[0.9, -0.2]])
+    out = penalised_similarity(sims, np.array([[1, 0]]), b, np.array([0.1]))
+    assert out.tolist()[0] == pytest.approx([0.9 - 0.15 - 0.1, 0.0 - 0.85 - 0.1])
+
+
+def test_vote_sums_powered_similarities_per_label():
+    sims = np.array([[0.9, 0.8, 0.7, 0.1]])
+    ids = np.array([[0, 1, 2, 3]])
+    labels = np.array(["a", "b", "b", "a"])
+    ranked, scores = vote(sims, ids, labels, k=3, power=2.0)
+    assert ranked == [["b", "a"]]
+    assert scores[0] == pytest.approx([0.8**2 + 0.7**2, 0.81])
+    ranked, _ = vote(sims, ids, labels, k=1, power=2.0)
+    assert ranked == [["a"]]
+
+
+def test_insert_unknown_and_tune_threshold():
+    labels = [["a", "b"], ["c", "d"], ["e"]]
+    scores = [[0.9, 0.2], [0.3, 0.1], [0.5]]
+    assert insert_unknown(labels, scores, "new", 0.4) == [["a", "new", "b"], ["new", "c", "d"], ["e", "new"]]
+    truths = ["a", "new", "new"]
+    threshold, score = tune_unknown_threshold(labels, scores, truths, "new", grid=[0.0, 0.4, 0.6, 1.0])
+    # 0.6: [a new b] → 1, [new c d] → 1, [new e] → 1
+    assert threshold == pytest.approx(0.6) and score == pytest.approx(1.0)
+
+
+def test_landmark_confidence_forms():
+    scores = [[0.9, 0.3], [0.5], []]
+    labels = [["a", "b"], ["c"], []]
+    assert landmark_confidence(labels, scores, "vote").tolist() == pytest.approx([0.9, 0.5, 0.0])
+    assert landmark_confidence(labels, scores, "margin").tolist() == pytest.approx([0.6, 0.5, 0.0])
+    assert landmark_confidence(labels, scores, "share").tolist() == pytest.approx([0.81 / 1.2, 0.5, 0.0])
+
+
+def test_ensemble_concatenation_and_whitening():
+    rng = np.random.default_rng(4)
+    a, b = unit(rng, 10, 4) * 3, unit(rng, 10, 6)
+    out = concatenate([a, b], [1.0, 2.0])
+    assert out.shape == (10, 10) and np.allclose(np.linalg.norm(out, axis=1), 1)
+    assert np.allclose(out[:, :4] * np.sqrt(5), a / 3, atol=1e-6)  # each part normalised, weighted 1 : 2
+    with pytest.raises(ValueError, match="different numbers"):
+        concatenate([a, b[:5]], [1, 1])
+    white = pca_whiten(clustered(rng, 50, 8, 3), np.arange(50) < 40, dim=4)
+    assert white.shape == (50, 4) and np.allclose(np.linalg.norm(white, axis=1), 1, atol=1e-5)
