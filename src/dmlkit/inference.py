@@ -80,11 +80,15 @@ def validation_scores(
     k: int = 5,
     power: float = 3.0,
     sims_ids: tuple[np.ndarray, np.ndarray] | None = None,
+    confidence_offset: np.ndarray | None = None,
+    unknown_threshold: float | None = None,
 ) -> dict:
     """The competition's metric on a validation split, plus Recall@1 on the known queries.
 
     Unknown queries (unseen classes, new_whale) are answered `unknown_label` for MAP@5 (with the
-    threshold tuned here) and count as non-landmarks for GAP.
+    threshold tuned here) and count as non-landmarks for GAP. `plain` is the score before that
+    calibration (no unknown label; the raw vote as GAP confidence), `score` the calibrated one
+    (with `unknown_threshold` when given, else the tuned threshold).
     """
     if sims_ids is None:
         sims_ids = knn(queries, gallery, k=min(len(gallery), max(100, k)), progress=False)
@@ -101,21 +105,31 @@ def validation_scores(
                 global_average_precision(
                     [str(i) for i in range(len(labels))],
                     [r[0] if r else None for r in labels],
-                    landmark_confidence(labels, scores, form),
+                    landmark_confidence(labels, scores, form) - (0 if confidence_offset is None else confidence_offset),
                     truths,
                 ),
                 form,
             )
             for form in CONFIDENCE_FORMS
         )
-        out.update(score=best[0], confidence=best[1])
+        plain = global_average_precision(
+            [str(i) for i in range(len(labels))],
+            [r[0] if r else None for r in labels],
+            landmark_confidence(labels, scores, "vote") - (0 if confidence_offset is None else confidence_offset),
+            truths,
+        )
+        out.update(score=best[0], confidence=best[1], plain=plain)
     elif metric == "map@5":
         truths = [lab if kn else (unknown_label or "new") for lab, kn in zip(query_labels, known, strict=True)]
-        threshold, score = tune_unknown_threshold(labels, scores, truths, unknown_label or "new")
+        if unknown_threshold is None:
+            threshold, score = tune_unknown_threshold(labels, scores, truths, unknown_label or "new")
+        else:
+            threshold = unknown_threshold
+            score = map_at_5(insert_unknown(labels, scores, unknown_label or "new", threshold), truths)
         out.update(
             score=score,
             threshold=threshold,
-            score_without_unknown=map_at_5(insert_unknown(labels, scores, "", -np.inf), truths),
+            plain=map_at_5(insert_unknown(labels, scores, "", -np.inf), truths),
         )
     elif metric == "map@100":
         by_label: dict[str, set[str]] = {}
@@ -123,7 +137,8 @@ def validation_scores(
             by_label.setdefault(lab, set()).add(str(i))
         rows = [i for i in range(len(queries)) if known[i] and query_labels[i] in by_label]
         preds = [[str(j) for j in ids[i] if j >= 0] for i in rows]
-        out.update(score=mean_average_precision_at_k(preds, [by_label[query_labels[i]] for i in rows], 100))
+        value = mean_average_precision_at_k(preds, [by_label[query_labels[i]] for i in rows], 100)
+        out.update(score=value, plain=value)
     else:
         raise ValueError(f"unknown metric '{metric}'")
     return out

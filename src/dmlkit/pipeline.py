@@ -27,7 +27,7 @@ from .runtime import barrier, default_device, is_main_process
 log = logging.getLogger("dmlkit")
 
 STAGES = ("folds", "train", "embed", "ensemble", "retrieve", "submit")
-VERSIONS = {"folds": 1, "train": 1, "embed": 1, "ensemble": 1, "retrieve": 1, "submit": 1}
+VERSIONS = {"folds": 1, "train": 1, "embed": 1, "ensemble": 1, "retrieve": 3, "submit": 1}
 
 
 @dataclass
@@ -245,6 +245,14 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
 
     def compute(work: Path) -> dict:
         table, folds = load_table(folds_art)
+        leaky = [m.name for m in ctx.cfg.members if m.fold != _val_fold(ctx)]
+        if leaky:
+            log.warning(
+                "retrieve: members %s trained on validation fold %d's images: the ensemble's validation "
+                "scores (and tuned thresholds) are optimistic",
+                leaky,
+                _val_fold(ctx),
+            )
         predictions, report, tuned = retrieve(
             ctx.cfg.retrieve,
             ctx.adapter,
@@ -254,15 +262,21 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
             np.load(ensemble_art.file("embeddings.npy")),
             member_embeddings(ctx),
             _val_fold(ctx),
+            ctx.progress,
         )
         for name, pred in predictions.items():
             (work / f"predictions-{name}.json").write_text(json.dumps(pred.__dict__))
         report.to_csv(work / "report.csv", index=False)
-        if not report.empty:
-            log.info("validation, step by step (fold %d):\n%s", _val_fold(ctx), report.to_string(index=False))
         return {"tuned": tuned, "report": report.to_dict(orient="records")}
 
-    return _run(ctx, "retrieve", "", part, {"ensemble": ensemble_art.key, "folds": folds_art.key}, {}, compute)
+    art = _run(ctx, "retrieve", "", part, {"ensemble": ensemble_art.key, "folds": folds_art.key}, {}, compute)
+    try:
+        report = pd.read_csv(art.file("report.csv"))
+    except pd.errors.EmptyDataError:  # no validation fold
+        report = pd.DataFrame()
+    if not report.empty and is_main_process():
+        log.info("validation, step by step (fold %d):\n%s", _val_fold(ctx), report.to_string(index=False))
+    return art
 
 
 def run_submit(ctx: Context) -> cache.Artifact:

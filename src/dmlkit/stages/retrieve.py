@@ -28,9 +28,12 @@ log = logging.getLogger(__name__)
 class Neighbours:
     sims: np.ndarray
     ids: np.ndarray
+    # GLR2020 1st's query-side penalty C: subtracted from each query's landmark confidence (it
+    # shifts all of a query's similarities alike, so it changes no ranking, only the GAP order)
+    query_offset: np.ndarray | None = None
 
 
-def _search(cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray, k: int) -> Neighbours:
+def _search(cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray, k: int, progress: bool) -> Neighbours:
     sims, ids = knn(
         queries,
         gallery,
@@ -41,6 +44,7 @@ def _search(cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray, k: in
         nlist=cfg.nlist,
         nprobe=cfg.nprobe,
         hnsw_m=cfg.hnsw_m,
+        progress=progress,
     )
     return Neighbours(sims, ids)
 
@@ -55,47 +59,56 @@ def check_finite(name: str, array: np.ndarray) -> None:
 
 
 def run_chain(
-    cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray, distractors: np.ndarray | None = None, on_step=None
+    cfg: RetrieveConfig,
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    distractors: np.ndarray | None = None,
+    on_step=None,
+    progress: bool = True,
 ) -> Neighbours:
     """The post-processing chain for one (queries, gallery) pair; `on_step(name, neighbours)` after each."""
     check_finite("queries", queries)
     check_finite("gallery", gallery)
     k = min(len(gallery), max(cfg.k, cfg.voting.k, cfg.qe.k + 1, cfg.rerank.k1 + 1))
-    result = _search(cfg, queries, gallery, k)
+    result = _search(cfg, queries, gallery, k, progress)
     if on_step:
         on_step("kNN", result)
     if cfg.dba.enabled or cfg.qe.enabled:
         if cfg.dba.enabled:
-            self_graph = _search(cfg, gallery, gallery, min(len(gallery), cfg.dba.k + 1))
+            self_graph = _search(cfg, gallery, gallery, min(len(gallery), cfg.dba.k + 1), progress)
             gallery = database_augmentation(gallery, self_graph.sims, self_graph.ids, cfg.dba.alpha, cfg.dba.k)
-            result = _search(cfg, queries, gallery, k)
+            result = _search(cfg, queries, gallery, k, progress)
         if cfg.qe.enabled:
             queries = query_expansion(queries, gallery, result.sims, result.ids, cfg.qe.alpha, cfg.qe.k)
-            result = _search(cfg, queries, gallery, k)
+            result = _search(cfg, queries, gallery, k, progress)
         if on_step:
             on_step("+ QE/DBA", result)
     if cfg.rerank.enabled:
         both = np.concatenate([queries, gallery])
         graph_k = min(len(both), max(cfg.rerank.k1 + 1, k + cfg.rerank.k1))
-        graph = _search(cfg, both, both, graph_k).ids
+        graph = _search(cfg, both, both, graph_k, progress).ids
         dist, ids = k_reciprocal_rerank(
-            queries, gallery, graph, cfg.rerank.k1, cfg.rerank.k2, cfg.rerank.lambda_, candidates=k
+            queries, gallery, graph, cfg.rerank.k1, cfg.rerank.k2, cfg.rerank.lambda_, candidates=k, progress=progress
         )
         result = Neighbours((1.0 - dist).astype(np.float32), ids)
         if on_step:
             on_step("+ re-ranking", result)
     if cfg.penalty.enabled and distractors is not None and len(distractors):
         gallery_pen = distractor_penalty(
-            _search(cfg, gallery, distractors, cfg.penalty.k_gallery).sims, cfg.penalty.k_gallery
+            _search(cfg, gallery, distractors, cfg.penalty.k_gallery, progress).sims, cfg.penalty.k_gallery
         )
         query_pen = (
-            distractor_penalty(_search(cfg, queries, distractors, cfg.penalty.k_query).sims, cfg.penalty.k_query)
+            distractor_penalty(
+                _search(cfg, queries, distractors, cfg.penalty.k_query, progress).sims, cfg.penalty.k_query
+            )
             if cfg.penalty.query_side
             else None
         )
-        sims = penalised_similarity(result.sims, result.ids, gallery_pen, query_pen)
+        sims = penalised_similarity(result.sims, result.ids, gallery_pen)
         order = np.argsort(-sims, axis=1, kind="stable")
-        result = Neighbours(np.take_along_axis(sims, order, 1), np.take_along_axis(result.ids, order, 1))
+        result = Neighbours(
+            np.take_along_axis(sims, order, 1), np.take_along_axis(result.ids, order, 1), query_offset=query_pen
+        )
         if on_step:
             on_step("+ distractor penalty", result)
     return result
@@ -110,6 +123,7 @@ def retrieve(
     embeddings: np.ndarray,
     member_embeddings: dict[str, np.ndarray],
     val_fold: int,
+    progress: bool = True,
 ) -> tuple[dict[str, Predictions], pd.DataFrame, dict]:
     """Validation report, tuned settings and test predictions for every submission format."""
     row_of = {(r, i): n for n, (r, i) in enumerate(zip(table["role"], table["id"], strict=True))}
@@ -144,8 +158,10 @@ def retrieve(
                 cfg.voting.k,
                 cfg.voting.power,
                 sims_ids=(neighbours.sims, neighbours.ids),
+                confidence_offset=neighbours.query_offset,
+                unknown_threshold=None if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold),
             )
-        report.append({"step": step, metric: out["score"], "recall@1": out["recall@1"]})
+        report.append({"step": step, metric: out["plain"], "recall@1": out["recall@1"]})
         return out
 
     if val_part.empty:
@@ -166,6 +182,7 @@ def retrieve(
             embeddings[train_part["row"].to_numpy()],
             embeddings[distractor_rows] if cfg.penalty.enabled else None,
             on_step,
+            progress,
         )
         if metric == "map@5":
             tuned["threshold"] = last["threshold"] if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold)
@@ -176,7 +193,6 @@ def retrieve(
                     "recall@1": last["recall@1"],
                 }
             )
-            report[-2][metric] = last["score_without_unknown"]
         elif metric == "gap":
             tuned["confidence"] = last["confidence"]
             report.append(
@@ -192,7 +208,7 @@ def retrieve(
             gallery_rows = np.flatnonzero((table["role"] == "index").to_numpy())
             if len(gallery_rows) == 0:
                 raise ValueError(f"{fmt.name}: the competition has no index images to retrieve from")
-            result = run_chain(cfg, embeddings[test_rows], embeddings[gallery_rows])
+            result = run_chain(cfg, embeddings[test_rows], embeddings[gallery_rows], progress=progress)
             index_ids = table["id"].to_numpy()[gallery_rows]
             neighbours = [[index_ids[j] for j in row if j >= 0][: fmt.max_predictions] for row in result.ids]
             predictions[fmt.name] = Predictions(ids=test_ids, neighbours=neighbours)
@@ -203,10 +219,13 @@ def retrieve(
             embeddings[test_rows],
             embeddings[gallery_rows],
             embeddings[distractor_rows] if cfg.penalty.enabled else None,
+            progress=progress,
         )
         labels, scores = vote(result.sims, result.ids, known_train["label"].to_numpy(), cfg.voting.k, cfg.voting.power)
         if fmt.metric == "gap":
             conf = landmark_confidence(labels, scores, tuned.get("confidence", "vote"))
+            if result.query_offset is not None:
+                conf = conf - result.query_offset
             top_scores = [[float(c)] if r else [] for r, c in zip(labels, conf, strict=True)]
             predictions[fmt.name] = Predictions(ids=test_ids, labels=[r[:1] for r in labels], scores=top_scores)
         else:
