@@ -55,6 +55,10 @@ case "${1:-}" in
     if [[ $# -eq 0 ]]; then
       exec "$VENV/bin/python" -m dmlkit demo
     fi
+    if [[ "$1" == "bench" ]]; then
+      shift
+      exec "$VENV/bin/python" benchmarks/run.py "$@"
+    fi
     exec "$VENV/bin/python" -m dmlkit "$@"
     ;;
 esac

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -208,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            print(f"error: disk full ({exc}); the stage's partial artifact is not marked complete and will be "
+                  "redone on the next run; free space and rerun", file=sys.stderr)
+            return 4
+        raise
     except KeyboardInterrupt:
         print("interrupted; completed artifacts are kept, partial ones will be redone", file=sys.stderr)
         return 130

@@ -138,6 +138,7 @@ class PenaltyConfig(Strict):
 class VotingConfig(Strict):
     k: int = Field(5, ge=1)
     power: float = 3.0
+    head_weight: float = Field(0.0, ge=0, le=1, description="fuse the heads' class cosines: (1-w)·vote + w·cos^power")
     head_weight: float = Field(0.0, ge=0, le=1, description="weight of the head's class cosines in the fusion")
 
 

@@ -16,6 +16,7 @@ from .models.backbone import EmbeddingModel
 from .retrieval.search import knn
 from .retrieval.voting import (
     CONFIDENCE_FORMS,
+    fuse_head,
     insert_unknown,
     landmark_confidence,
     tune_unknown_threshold,
@@ -46,8 +47,12 @@ def embed_paths(
     num_workers: int = 0,
     desc: str = "embed",
     progress: bool = True,
+    skip_unreadable: bool = False,
 ) -> np.ndarray:
-    """(N, E) L2-normalised embeddings, averaged over the TTA views (flip × scales)."""
+    """(N, E) L2-normalised embeddings, averaged over the TTA views (flip × scales).
+
+    With `skip_unreadable`, rows of unreadable images are NaN instead of an error.
+    """
     model.eval()
     mean, std = model.data_config()
     dtype = autocast_dtype(device, amp)
@@ -55,18 +60,49 @@ def embed_paths(
     views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     for scale, flipped in views:
         size = max(16, int(round(image_size * scale)))
-        dataset = ImageDataset(paths, None, make_pipeline(size, mean, std, flip=flipped), model.in_chans, size)
+        pipeline = make_pipeline(size, mean, std, flip=flipped)
+        dataset = ImageDataset(paths, None, pipeline, model.in_chans, size, skip_unreadable=skip_unreadable)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         chunks = []
-        for images, _, _, _ in tqdm(
+        for images, _, _, ok in tqdm(
             loader, desc=f"{desc} {size}px{' flip' if flipped else ''}", unit="batch", leave=False, disable=not progress
         ):
             images = images.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                chunks.append(model(images).float().cpu())
+                out = model(images).float().cpu()
+            out[~ok] = float("nan")
+            chunks.append(out)
         view = torch.cat(chunks) if chunks else torch.zeros(0, model.embedding_size)
         total = view if total is None else total + view
     return torch.nn.functional.normalize(total, dim=1).numpy().astype(np.float32)
+
+
+def gather_rows(part: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray:
+    """Reassemble per-rank shards (rows[i] is the global row of part[i]) on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return part
+    pieces: list = [None] * dist.get_world_size()
+    dist.all_gather_object(pieces, (rows, part))
+    out = np.zeros((total, part.shape[1]), dtype=part.dtype)
+    for piece_rows, piece in pieces:
+        out[piece_rows] = piece
+    return out
+
+
+@torch.no_grad()
+def head_topk(head, embeddings: np.ndarray, device: torch.device, k: int = 20, batch: int = 4096):
+    """(index, cosine) of each embedding's k best head classes, for fusing the head with kNN votes."""
+    k = min(k, head.num_classes)
+    index = np.zeros((len(embeddings), k), np.int32)
+    cos = np.zeros((len(embeddings), k), np.float32)
+    for start in range(0, len(embeddings), batch):
+        chunk = torch.from_numpy(embeddings[start : start + batch]).to(device)
+        values, ids = head.cosine(chunk).topk(k, dim=1)
+        index[start : start + batch] = ids.cpu().numpy()
+        cos[start : start + batch] = values.cpu().numpy()
+    return index, cos
 
 
 def validation_scores(
@@ -82,6 +118,8 @@ def validation_scores(
     sims_ids: tuple[np.ndarray, np.ndarray] | None = None,
     confidence_offset: np.ndarray | None = None,
     unknown_threshold: float | None = None,
+    head_scores: list[dict[str, float]] | None = None,
+    head_weight: float = 0.0,
 ) -> dict:
     """The competition's metric on a validation split, plus Recall@1 on the known queries.
 
@@ -94,6 +132,8 @@ def validation_scores(
         sims_ids = knn(queries, gallery, k=min(len(gallery), max(100, k)), progress=False)
     sims, ids = sims_ids
     labels, scores = vote(sims, ids, gallery_labels, k, power)
+    if head_scores is not None and head_weight > 0:
+        labels, scores = fuse_head(labels, scores, head_scores, head_weight, power)
     known = np.asarray(query_known, dtype=bool)
     out: dict = {
         "recall@1": recall_at_k(gallery_labels[ids[known, :1]], query_labels[known], 1) if known.any() else 0.0

@@ -27,7 +27,7 @@ from .runtime import barrier, default_device, is_main_process
 log = logging.getLogger("dmlkit")
 
 STAGES = ("folds", "train", "embed", "ensemble", "retrieve", "submit")
-VERSIONS = {"folds": 1, "train": 1, "embed": 1, "ensemble": 1, "retrieve": 3, "submit": 1}
+VERSIONS = {"folds": 1, "train": 1, "embed": 2, "ensemble": 1, "retrieve": 3, "submit": 1}
 
 
 @dataclass
@@ -172,8 +172,9 @@ def run_train(ctx: Context, member_name: str) -> cache.Artifact:
 
 
 def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
-    from .inference import embed_paths
-    from .stages.train import load_weights
+    from .inference import embed_paths, gather_rows, head_topk
+    from .runtime import rank, world_size
+    from .stages.train import load_member
 
     member = ctx.cfg.member(member_name)
     train_art = run_train(ctx, member_name)
@@ -182,10 +183,11 @@ def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
 
     def compute(work: Path) -> dict:
         table, _ = load_table(folds_art)
-        model = load_weights(train_art.file("best.pt"), member, ctx.device)
+        model, head, classes = load_member(train_art.file("best.pt"), member, ctx.device)
+        shard = np.arange(len(table))[rank() :: world_size()]  # under torchrun each rank embeds its share
         emb = embed_paths(
             model,
-            table["path"].tolist(),
+            table["path"].to_numpy()[shard].tolist(),
             member.image_size,
             ctx.cfg.embed.batch_size,
             ctx.device,
@@ -196,15 +198,33 @@ def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
             desc=f"embed {member.name}",
             progress=ctx.progress,
         )
+        emb = gather_rows(emb, shard, len(table))
+        if not is_main_process():
+            return {}
+        top_index, top_cos = head_topk(head, emb, ctx.device)
         np.save(work / "embeddings.npy", emb)
+        np.save(work / "head_topk_index.npy", top_index)
+        np.save(work / "head_topk_cos.npy", top_cos)
+        (work / "head_classes.json").write_text(json.dumps(classes))
         table[["id", "role"]].to_csv(work / "ids.csv", index=False)
         return {"rows": len(emb), "dim": int(emb.shape[1])}
 
-    return _run(ctx, "embed", member.name, part, {"train": train_art.key, "folds": folds_art.key}, {}, compute)
+    upstream = {"train": train_art.key, "folds": folds_art.key}
+    return _run(ctx, "embed", member.name, part, upstream, {}, compute, all_ranks=True)
 
 
 def member_embeddings(ctx: Context) -> dict[str, np.ndarray]:
     return {m.name: np.load(run_embed(ctx, m.name).file("embeddings.npy")) for m in ctx.cfg.members}
+
+
+def member_heads(ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per member, (labels, cosines) of its head's best classes for every row of the table."""
+    heads = {}
+    for member in ctx.cfg.members:
+        art = run_embed(ctx, member.name)
+        classes = np.array(json.loads(art.file("head_classes.json").read_text()), dtype=object)
+        heads[member.name] = (classes[np.load(art.file("head_topk_index.npy"))], np.load(art.file("head_topk_cos.npy")))
+    return heads
 
 
 def run_ensemble(ctx: Context) -> cache.Artifact:
@@ -263,6 +283,7 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
             member_embeddings(ctx),
             _val_fold(ctx),
             ctx.progress,
+            member_heads(ctx) if ctx.cfg.retrieve.voting.head_weight > 0 else None,
         )
         for name, pred in predictions.items():
             (work / f"predictions-{name}.json").write_text(json.dumps(pred.__dict__))

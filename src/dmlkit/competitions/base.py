@@ -126,6 +126,11 @@ class Adapter(ABC):
             scores = predictions.scores[i] if predictions.scores else []
             neighbours = predictions.neighbours[i] if predictions.neighbours else []
             by_id[qid] = self.format_cell(labels, scores, neighbours)
+        extra = sorted(set(by_id) - set(expected_ids))
+        if extra:
+            raise InputError(
+                f"{self.name}: {len(extra)} predicted id(s) are not in sample_submission.csv, e.g. {extra[:5]}"
+            )
         missing = [i for i in expected_ids if i not in by_id]
         if missing:
             raise InputError(

@@ -29,6 +29,26 @@ def vote(
     return labels_out, scores_out
 
 
+def fuse_head(
+    labels: list[list[str]],
+    scores: list[list[float]],
+    head: list[dict[str, float]],
+    weight: float,
+    power: float,
+    top: int = 5,
+) -> tuple[list[list[str]], list[list[float]]]:
+    """(1−w)·vote + w·max(cos,0)^power per label, over the union of voted and head-predicted labels."""
+    out_labels, out_scores = [], []
+    for row_labels, row_scores, row_head in zip(labels, scores, head, strict=True):
+        fused = {label: (1 - weight) * score for label, score in zip(row_labels, row_scores, strict=True)}
+        for label, cos in row_head.items():
+            fused[label] = fused.get(label, 0.0) + weight * max(cos, 0.0) ** power
+        ranked = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:top]
+        out_labels.append([label for label, _ in ranked])
+        out_scores.append([score for _, score in ranked])
+    return out_labels, out_scores
+
+
 def insert_unknown(
     labels: list[list[str]], scores: list[list[float]], unknown: str, threshold: float, top: int = 5
 ) -> list[list[str]]:

@@ -19,7 +19,7 @@ from ..inference import validation_scores
 from ..retrieval.expansion import database_augmentation, query_expansion
 from ..retrieval.rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
 from ..retrieval.search import knn
-from ..retrieval.voting import insert_unknown, landmark_confidence, vote
+from ..retrieval.voting import fuse_head, insert_unknown, landmark_confidence, vote
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,23 @@ def retrieve(
     member_embeddings: dict[str, np.ndarray],
     val_fold: int,
     progress: bool = True,
+    member_heads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[dict[str, Predictions], pd.DataFrame, dict]:
-    """Validation report, tuned settings and test predictions for every submission format."""
+    """Validation report, tuned settings and test predictions for every submission format.
+
+    `member_heads` maps a member to (labels, cosines), each (N, k): its head's best classes per row.
+    """
+    fuse = cfg.voting.head_weight > 0 and bool(member_heads)
+
+    def head_scores(rows: np.ndarray) -> list[dict[str, float]]:
+        """Per row, each label's best head cosine over the members."""
+        out: list[dict[str, float]] = [{} for _ in rows]
+        for labels, cos in (member_heads or {}).values():
+            for i, (row_labels, row_cos) in enumerate(zip(labels[rows], cos[rows], strict=True)):
+                for label, value in zip(row_labels, row_cos, strict=True):
+                    out[i][label] = max(out[i].get(label, -1.0), float(value))
+        return out
+
     row_of = {(r, i): n for n, (r, i) in enumerate(zip(table["role"], table["id"], strict=True))}
     folds = folds.copy()
     folds["row"] = [row_of[("train", i)] for i in folds["id"]]
@@ -138,7 +153,9 @@ def retrieve(
     report: list[dict] = []
     tuned: dict = {}
 
-    def score(step: str, neighbours: Neighbours | None = None, source: np.ndarray | None = None) -> dict:
+    def score(
+        step: str, neighbours: Neighbours | None = None, source: np.ndarray | None = None, heads: bool = False
+    ) -> dict:
         q_labels = val_part["label"].to_numpy()
         g_labels = train_part["label"].to_numpy()
         if neighbours is None:
@@ -160,6 +177,8 @@ def retrieve(
                 sims_ids=(neighbours.sims, neighbours.ids),
                 confidence_offset=neighbours.query_offset,
                 unknown_threshold=None if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold),
+                head_scores=head_scores(val_part["row"].to_numpy()) if heads else None,
+                head_weight=cfg.voting.head_weight,
             )
         report.append({"step": step, metric: out["plain"], "recall@1": out["recall@1"]})
         return out
@@ -176,7 +195,7 @@ def retrieve(
             nonlocal last
             last = score(step if step != "kNN" or len(member_embeddings) == 1 else "kNN, ensemble", neighbours)
 
-        run_chain(
+        final = run_chain(
             cfg,
             embeddings[val_part["row"].to_numpy()],
             embeddings[train_part["row"].to_numpy()],
@@ -184,6 +203,8 @@ def retrieve(
             on_step,
             progress,
         )
+        if fuse and metric != "map@100":
+            last = score(f"+ head fusion (w={cfg.voting.head_weight})", final, heads=True)
         if metric == "map@5":
             tuned["threshold"] = last["threshold"] if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold)
             report.append(
@@ -222,6 +243,8 @@ def retrieve(
             progress=progress,
         )
         labels, scores = vote(result.sims, result.ids, known_train["label"].to_numpy(), cfg.voting.k, cfg.voting.power)
+        if fuse:
+            labels, scores = fuse_head(labels, scores, head_scores(test_rows), cfg.voting.head_weight, cfg.voting.power)
         if fmt.metric == "gap":
             conf = landmark_confidence(labels, scores, tuned.get("confidence", "vote"))
             if result.query_offset is not None:

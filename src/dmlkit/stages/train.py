@@ -367,7 +367,10 @@ def validate(
         amp=member.train.amp,
         desc="val gallery",
         progress=progress,
+        skip_unreadable=not member.train.strict_images,
     )
+    readable = np.isfinite(gallery).all(axis=1)  # unreadable training images were skipped (and are reported)
+    gallery, train_part = gallery[readable], train_part[readable]
     queries = embed_paths(
         model,
         val_part["path"].tolist(),
@@ -405,8 +408,11 @@ def _save_weights(path: Path, model: nn.Module, head: MarginHead, classes: list[
     os.replace(tmp, path)
 
 
-def load_weights(path: Path, member: MemberConfig, device: torch.device) -> EmbeddingModel:
+def load_member(path: Path, member: MemberConfig, device: torch.device) -> tuple[EmbeddingModel, MarginHead, list]:
+    """The trained model and head (margins are irrelevant for inference) with the head's classes."""
     state = torch.load(path, map_location=device, weights_only=False)
     model = build_model(member).to(device)
     model.load_state_dict(state["model"])
-    return model.eval()
+    head = build_member_head(member, np.ones(len(state["classes"]))).to(device)
+    head.load_state_dict(state["head"])
+    return model.eval(), head.eval(), list(state["classes"])

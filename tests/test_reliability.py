@@ -1,0 +1,261 @@
+"""Bad input, numerical faults, resources and concurrency: refused or reported, never half-written."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, write_tiny_config
+from dmlkit import cache, cli
+from dmlkit.config import load_config
+from dmlkit.data.dataset import ImageDataset
+from dmlkit.data.images import UnreadableImageError, read_image
+from dmlkit.data.transforms import make_pipeline
+from dmlkit.pipeline import Context, ensure_demo_data, run_embed, run_folds, run_train
+from dmlkit.stages import train as train_stage
+from dmlkit.stages.retrieve import check_finite
+
+
+def _png(path: Path, array: np.ndarray) -> Path:
+    assert cv2.imwrite(str(path), array)
+    return path
+
+
+def test_unreadable_images_name_the_file(tmp_path):
+    with pytest.raises(UnreadableImageError, match="not found"):
+        read_image(tmp_path / "missing.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(UnreadableImageError, match="empty"):
+        read_image(tmp_path / "empty.jpg")
+    (tmp_path / "text.jpg").write_text("not an image")
+    with pytest.raises(UnreadableImageError, match=r"text\.jpg: not a decodable"):
+        read_image(tmp_path / "text.jpg")
+    good = cv2.imencode(".jpg", np.full((64, 64, 3), 200, np.uint8))[1].tobytes()
+    (tmp_path / "truncated.jpg").write_bytes(good[:40])
+    with pytest.raises(UnreadableImageError):
+        read_image(tmp_path / "truncated.jpg")
+
+
+def test_convertible_images_are_converted(tmp_path):
+    gray = read_image(_png(tmp_path / "gray.png", np.full((10, 12), 77, np.uint8)))
+    assert gray.shape == (10, 12, 3) and (gray == 77).all()
+    deep = read_image(_png(tmp_path / "deep.png", np.full((5, 5, 3), 65535, np.uint16)))
+    assert deep.dtype == np.uint8 and (deep == 255).all()
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 2] = 255  # red in BGR(A)
+    rgba[:2, ..., 3] = 255  # top half opaque, bottom transparent → white
+    out = read_image(_png(tmp_path / "alpha.png", rgba))
+    assert out.shape == (4, 4, 3) and out[0, 0].tolist() == [255, 0, 0] and out[3, 3].tolist() == [255, 255, 255]
+    one = read_image(_png(tmp_path / "color.png", np.full((3, 3, 3), 100, np.uint8)), channels=1)
+    assert one.shape == (3, 3, 1)
+    from PIL import Image
+
+    Image.new("CMYK", (6, 6), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red in CMYK
+    cmyk = read_image(tmp_path / "cmyk.jpg")
+    assert cmyk.shape == (6, 6, 3) and cmyk[..., 0].mean() > 200 and cmyk[..., 1].mean() < 60
+
+
+def test_image_smaller_than_the_crop_is_resized(tmp_path):
+    path = _png(tmp_path / "tiny.png", np.full((5, 3, 3), 9, np.uint8))
+    pipeline = make_pipeline(
+        32,
+        (0.5, 0.5, 0.5),
+        (0.2, 0.2, 0.2),
+        augment=[{"type": "RandomResizedCrop", "size": ["image_size", "image_size"]}],
+    )
+    tensor, *_ = ImageDataset([str(path)], [0], pipeline, 3, 32)[0]
+    assert tuple(tensor.shape) == (3, 32, 32)
+
+
+def test_training_skips_and_names_unreadable_images_or_fails_in_strict_mode(tmp_path, caplog):
+    cfg_path = write_tiny_config(tmp_path, "whale")
+    ctx = Context(load_config(cfg_path, ["members.0.train.epochs=1"]), artifacts=tmp_path / "a", progress=False)
+    ensure_demo_data(ctx)
+    broken = sorted((tmp_path / "input-whale" / "train").glob("*.jpg"))[:2]
+    broken[0].write_bytes(b"")
+    broken[1].unlink()
+    with caplog.at_level("WARNING"):
+        art = run_train(ctx, "m0")
+    assert sorted(Path(p).name for p in art.manifest["result"]["skipped_images"]) == sorted(p.name for p in broken)
+    assert "skipped 2 unreadable training image(s)" in caplog.text
+    strict = Context(
+        load_config(cfg_path, ["members.0.train.epochs=1", "members.0.train.strict_images=true"]),
+        artifacts=tmp_path / "a",
+        progress=False,
+    )
+    with pytest.raises(UnreadableImageError):
+        run_train(strict, "m0")
+    assert not list((tmp_path / "a").glob("*/train/m0/*/manifest.json"))[1:]  # no second complete artifact
+
+
+def test_unreadable_test_image_fails_embedding_naming_it(tmp_path):
+    cfg_path = write_tiny_config(tmp_path, "whale")
+    ctx = Context(load_config(cfg_path, ["members.0.train.epochs=1"]), artifacts=tmp_path / "a", progress=False)
+    ensure_demo_data(ctx)
+    victim = sorted((tmp_path / "input-whale" / "test").glob("*.jpg"))[0]
+    victim.write_text("garbage")
+    with pytest.raises(UnreadableImageError, match=victim.name):
+        run_embed(ctx, "m0")
+    assert not list((tmp_path / "a").glob("*/embed/m0/*/manifest.json"))
+
+
+def test_nan_loss_stops_with_step_or_is_skipped(tmp_path, monkeypatch):
+    cfg_path = write_tiny_config(tmp_path, "whale")
+    original = train_stage.MarginModel.forward
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        loss, expanded = original(self, *args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), expanded
+
+    monkeypatch.setattr(train_stage.MarginModel, "forward", flaky)
+    ctx = Context(load_config(cfg_path, ["members.0.train.epochs=3"]), artifacts=tmp_path / "a", progress=False)
+    ensure_demo_data(ctx)
+    with pytest.raises(train_stage.NonFiniteLossError, match=r"non-finite loss .* at epoch \d+, batch \d+"):
+        run_train(ctx, "m0")
+    assert not list((tmp_path / "a").glob("*/train/m0/*/manifest.json"))
+    calls["n"] = 0
+    skip = Context(
+        load_config(cfg_path, ["members.0.train.epochs=3", "members.0.train.nan_policy=skip"]),
+        artifacts=tmp_path / "b",
+        progress=False,
+    )
+    art = run_train(skip, "m0")
+    assert art.manifest["result"]["nonfinite_steps"] == 1
+
+
+def test_nan_embeddings_are_refused_before_search():
+    emb = np.ones((4, 3), np.float32)
+    emb[2, 1] = np.nan
+    with pytest.raises(FloatingPointError, match=r"1 embedding row\(s\) contain NaN.*\[2\]"):
+        check_finite("gallery", emb)
+
+
+def test_out_of_memory_suggests_the_config_change(monkeypatch, capsys):
+    def boom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "cmd_stage", boom)
+    parser_func = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser_func(), boom))
+    assert cli.main(["train", "-c", "x.yaml"]) == 3
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "batch_size" in err and "grad_accum" in err
+
+
+def _with_func(parser, func):
+    parser.set_defaults(func=func)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(func=func)
+    return parser
+
+
+def test_full_disk_leaves_no_complete_artifact(tmp_path, monkeypatch, capsys):
+    cfg_path = write_tiny_config(tmp_path, "whale")
+    ctx = Context(load_config(cfg_path), artifacts=tmp_path / "a", progress=False)
+    ensure_demo_data(ctx)
+    real_to_csv = pd.DataFrame.to_csv
+
+    def full(self, path=None, *args, **kwargs):
+        if path is not None and str(path).endswith("folds.csv"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_to_csv(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    with pytest.raises(OSError):
+        run_folds(ctx)
+    assert not list((tmp_path / "a").glob("*/folds/*/manifest.json"))
+    monkeypatch.setattr(pd.DataFrame, "to_csv", real_to_csv)
+    art = run_folds(Context(load_config(cfg_path), artifacts=tmp_path / "a", progress=False))
+    assert cache.is_complete(art.path) and not art.reused
+
+
+def test_concurrent_run_of_the_same_stage_is_refused(tmp_path):
+    cfg_path = write_tiny_config(tmp_path, "whale")
+    ctx = Context(load_config(cfg_path), artifacts=tmp_path / "a", progress=False)
+    ensure_demo_data(ctx)
+    key_dir = None
+    # find the folds artifact path this config will use, then hold its lock as another run would
+    art = run_folds(ctx)
+    key_dir = art.path
+    import shutil
+
+    shutil.rmtree(key_dir)
+    with cache.stage_lock(key_dir):
+        run = subprocess.run(
+            [sys.executable, "-m", "dmlkit", "folds", "-c", str(cfg_path), "--artifacts", str(tmp_path / "a")],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )
+    assert run.returncode == 2 and "another run is computing this artifact" in run.stderr
+    assert not cache.is_complete(key_dir)
+
+
+def test_unknown_backbone_fails_early_naming_the_key(tmp_path):
+    cfg_path = write_tiny_config(tmp_path, "whale")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dmlkit",
+            "train",
+            "-c",
+            str(cfg_path),
+            "members.0.backbone=resnet19x",
+            "--artifacts",
+            str(tmp_path / "a"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert run.returncode == 2
+    assert "members.0.backbone" in run.stderr and "unknown timm backbone 'resnet19x'" in run.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_killed_embedding_is_redone_to_the_same_result(tmp_path):
+    cfg_path = write_tiny_config(tmp_path, "landmark")
+    overrides = ["members.0.train.epochs=1", "embed.tta_scales=[1.0,1.5,2.0,2.5]"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "dmlkit", "embed", "-c", str(cfg_path), *overrides, "--no-progress", "--artifacts"]
+    ref = subprocess.run([*cmd, str(tmp_path / "ref")], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = tmp_path / "killed"
+    # train first (cached), so that the kill lands in the embedding stage
+    subprocess.run(
+        [sys.executable, "-m", "dmlkit", "train", "-c", str(cfg_path), *overrides, "--artifacts", str(killed)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    proc = subprocess.Popen(
+        [*cmd, str(killed)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(killed.glob("*/embed/m0/*.partial")):
+        time.sleep(0.01)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(killed.glob("*/embed/m0/*/manifest.json")), "embedding finished before the kill"
+    again = subprocess.run([*cmd, str(killed)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    (a,) = (tmp_path / "ref").glob("*/embed/m0/*/embeddings.npy")
+    (b,) = killed.glob("*/embed/m0/*/embeddings.npy")
+    assert np.array_equal(np.load(a), np.load(b))
