@@ -28,6 +28,31 @@ VARIANTS = [
 ]
 
 
+def untrained_score(ctx: Context) -> dict:
+    """Validation score of the randomly initialised backbone + neck (the floor training must beat)."""
+    from dmlkit.inference import embed_paths, validation_scores
+    from dmlkit.pipeline import load_table, run_folds
+    from dmlkit.stages.folds import fold_parts
+    from dmlkit.stages.train import build_model
+
+    member = ctx.cfg.members[0]
+    _, folds = load_table(run_folds(ctx))
+    train, val = fold_parts(folds, member.fold)
+    model = build_model(member).to(ctx.device)
+    embed = {"image_size": member.image_size, "batch_size": 128, "device": ctx.device, "flip": False, "progress": False}
+    gallery = embed_paths(model, train["path"].tolist(), **embed)
+    queries = embed_paths(model, val["path"].tolist(), **embed)
+    return validation_scores(
+        ctx.adapter.metric,
+        queries,
+        val["label"].to_numpy(),
+        val["known"].to_numpy(),
+        gallery,
+        train["label"].to_numpy(),
+        ctx.adapter.unknown_label,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./run.sh bench ablation")
     parser.add_argument("-c", "--config", required=True)
@@ -42,6 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     runs += [(f"{name} @ {args.low_dim}-d", [*ov, f"embedding_size={args.low_dim}"]) for name, ov in VARIANTS[2:]]
     rows = []
     for seed in range(args.seeds):
+        member = {"name": "ablation", "backbone": args.backbone, "fold": 0}
+        cfg = load_config(args.config, [f"members=[{json.dumps(member)}]", f"seed={42 + seed}"])
+        seed_everything(cfg.seed)
+        ctx = Context(cfg, artifacts=Path(args.artifacts), progress=False)
+        ensure_demo_data(ctx)
+        floor = untrained_score(ctx)
+        rows.append(
+            {
+                "variant": "untrained backbone (no training)",
+                "seed": cfg.seed,
+                "embedding": cfg.members[0].embedding_size,
+                "val_score": round(float(floor["score"]), 4),
+                "val_recall@1": round(float(floor["recall@1"]), 4),
+                "best_epoch": 0,
+                "train_s": 0.0,
+                "artifact": "",
+            }
+        )
         for name, overrides in runs:
             member = {"name": "ablation", "backbone": args.backbone, "fold": 0}
             cli = [f"members=[{json.dumps(member)}]", f"seed={42 + seed}"]
@@ -59,11 +102,18 @@ def main(argv: list[str] | None = None) -> int:
             art = run_train(ctx, "ablation")
             history = pd.read_csv(art.file("metrics.csv"))
             best = history.loc[history["val_score"].idxmax()]
-            rows.append({"variant": name, "seed": cfg.seed, "embedding": cfg.members[0].embedding_size,
-                         "val_score": round(float(best["val_score"]), 4),
-                         "val_recall@1": round(float(best["val_recall@1"]), 4), "best_epoch": int(best["epoch"]),
-                         "train_s": round(float(art.manifest.get("wall_time_s", time.time() - started)), 1),
-                         "artifact": str(art.path)})
+            rows.append(
+                {
+                    "variant": name,
+                    "seed": cfg.seed,
+                    "embedding": cfg.members[0].embedding_size,
+                    "val_score": round(float(best["val_score"]), 4),
+                    "val_recall@1": round(float(best["val_recall@1"]), 4),
+                    "best_epoch": int(best["epoch"]),
+                    "train_s": round(float(art.manifest.get("wall_time_s", time.time() - started)), 1),
+                    "artifact": str(art.path),
+                }
+            )
     table = pd.DataFrame(rows)
     summary = table.groupby("variant", sort=False)[["val_score", "val_recall@1", "train_s"]].mean().round(4)
     metric = load_config(args.config).competition.name
@@ -71,8 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.to_string())
     out = Path(args.out or Path(__file__).parent / "results" / f"ablation-{Path(args.config).stem}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": args.config, "backbone": args.backbone, "runs": rows,
-                               "summary": summary.reset_index().to_dict(orient="records")}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "config": args.config,
+                "backbone": args.backbone,
+                "runs": rows,
+                "summary": summary.reset_index().to_dict(orient="records"),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

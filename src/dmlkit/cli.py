@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("MPLBACKEND", "Agg")  # plots are files; never open a window
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
@@ -211,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            print(f"error: disk full ({exc}); the stage's partial artifact is not marked complete and will be "
-                  "redone on the next run; free space and rerun", file=sys.stderr)
+            print(
+                f"error: disk full ({exc}); the stage's partial artifact is not marked complete and will be "
+                "redone on the next run; free space and rerun",
+                file=sys.stderr,
+            )
             return 4
         raise
     except KeyboardInterrupt:

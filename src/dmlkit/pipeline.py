@@ -248,6 +248,49 @@ def run_ensemble(ctx: Context) -> cache.Artifact:
     return _run(ctx, "ensemble", "", part, upstream, {}, compute)
 
 
+def embeddings_of(art: cache.Artifact) -> np.ndarray:
+    return np.load(art.file("embeddings.npy"))
+
+
+def save_retrieval_grid(
+    path: Path,
+    table: pd.DataFrame,
+    folds: pd.DataFrame,
+    embeddings: np.ndarray,
+    fold: int,
+    queries: int = 6,
+    k: int = 5,
+) -> Path | None:
+    """A PNG of a few validation queries and their top-k training neighbours (right ones green)."""
+    from .data.images import read_image
+    from .plots import plot_retrieval_grid
+    from .retrieval.search import knn
+    from .stages.folds import fold_parts
+
+    train, val = fold_parts(folds, fold)
+    val = val[val["known"]]
+    if val.empty or train.empty:
+        return None
+    row_of = {i: n for n, (r, i) in enumerate(zip(table["role"], table["id"], strict=True)) if r == "train"}
+    chosen = val.iloc[np.random.default_rng(0).permutation(len(val))[:queries]]
+    _, ids = knn(
+        embeddings[[row_of[i] for i in chosen["id"]]],
+        embeddings[[row_of[i] for i in train["id"]]],
+        k=min(k, len(train)),
+        progress=False,
+    )
+    labels, paths = train["label"].to_numpy(), train["path"].to_numpy()
+    plot_retrieval_grid(
+        chosen["path"].tolist(),
+        [[paths[j] for j in row] for row in ids],
+        [[labels[j] == q for j in row] for row, q in zip(ids, chosen["label"], strict=True)],
+        path,
+        read_image,
+        f"validation fold {fold}: queries (left) and their {k} nearest training images",
+    )
+    return path
+
+
 def _val_fold(ctx: Context) -> int:
     return ctx.cfg.retrieve.val_fold if ctx.cfg.retrieve.val_fold is not None else ctx.cfg.members[0].fold
 
@@ -288,6 +331,9 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
         for name, pred in predictions.items():
             (work / f"predictions-{name}.json").write_text(json.dumps(pred.__dict__))
         report.to_csv(work / "report.csv", index=False)
+        grid = save_retrieval_grid(work / "retrievals.png", table, folds, embeddings_of(ensemble_art), _val_fold(ctx))
+        if grid:
+            log.info("[retrieve] validation queries and their neighbours: %s", grid)
         return {"tuned": tuned, "report": report.to_dict(orient="records")}
 
     art = _run(ctx, "retrieve", "", part, {"ensemble": ensemble_art.key, "folds": folds_art.key}, {}, compute)
