@@ -8,13 +8,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-BENCHMARKS = ["ablation"]
+HOT_PATHS = ["train_step", "see", "head_memory", "knn", "rerank", "loader", "end_to_end"]
+BENCHMARKS = [*HOT_PATHS, "ablation", "omniglot"]
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: ./run.sh bench NAME [ARGS]\nbenchmarks: " + ", ".join(BENCHMARKS))
+    if argv and argv[0] in ("-h", "--help"):
+        print(
+            "usage: ./run.sh bench [--quick]          every hot-path benchmark\n"
+            "       ./run.sh bench NAME [ARGS]        one of: " + ", ".join(BENCHMARKS)
+        )
         return 0
+    if not argv or argv[0] == "--quick":
+        failed = []
+        for name in HOT_PATHS:
+            try:
+                importlib.import_module(name).main(argv[:1])
+            except Exception as exc:  # one broken benchmark must not hide the others' tables
+                print(f"benchmark {name} failed: {exc!r}", file=sys.stderr)
+                failed.append(name)
+        return 1 if failed else 0
     name, rest = argv[0], argv[1:]
     if name not in BENCHMARKS:
         print(f"error: unknown benchmark '{name}'; known: {BENCHMARKS}", file=sys.stderr)

@@ -110,8 +110,9 @@ def _run(
 def run_folds(ctx: Context) -> cache.Artifact:
     from .stages.folds import assign_folds
 
-    inputs = [*ctx.adapter.input_files(ctx.root), ctx.root / "demo_params.json"]  # the latter: demos only
-    fingerprints = {str(p): cache.file_fingerprint(p) for p in inputs if p.exists()}
+    fingerprints = ctx.adapter.fingerprints(ctx.root)
+    if (ctx.root / "demo_params.json").exists():  # a regenerated demo can keep identical CSVs
+        fingerprints["demo_params"] = cache.file_fingerprint(ctx.root / "demo_params.json")
     part = {
         "competition": {"name": ctx.cfg.competition.name, "root": ctx.cfg.competition.root},
         "folds": config_slice(ctx.cfg.folds),

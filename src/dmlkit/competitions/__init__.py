@@ -6,11 +6,12 @@ from .base import Adapter, InputError, Predictions
 from .generic_csv import GenericCSV
 from .happywhale import Happywhale
 from .humpback import Humpback
+from .image_folder import ImageFolder
 from .landmark_recognition import LandmarkRecognition
 from .landmark_retrieval import LandmarkRetrieval
 
 ADAPTERS: dict[str, type[Adapter]] = {
-    cls.name: cls for cls in (LandmarkRecognition, LandmarkRetrieval, Humpback, Happywhale, GenericCSV)
+    cls.name: cls for cls in (LandmarkRecognition, LandmarkRetrieval, Humpback, Happywhale, GenericCSV, ImageFolder)
 }
 
 

@@ -101,6 +101,12 @@ class Adapter(ABC):
     def input_files(self, root: Path) -> list[Path]:
         """The CSV files `read` depends on (fingerprinted by the cache)."""
 
+    def fingerprints(self, root: Path) -> dict[str, str]:
+        """What the cache hashes for this competition's inputs: the CSVs' contents by default."""
+        from ..cache import file_fingerprint
+
+        return {str(p): file_fingerprint(p) for p in self.input_files(root) if p.exists()}
+
     @abstractmethod
     def format_cell(self, labels: list[str], scores: list[float], neighbours: list[str]) -> str:
         """The prediction cell of one submission row."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import Config, MemberConfig
+from ..config import Config, MemberConfig, TrainConfig
 from ..data.dataset import ImageDataset
 from ..data.transforms import make_pipeline
 from ..inference import autocast_dtype, embed_paths, validation_scores
@@ -64,6 +64,20 @@ def build_member_head(member: MemberConfig, class_counts: np.ndarray) -> MarginH
         h.dynamic_lambda,
         h.margin,
     )
+
+
+def make_optimizer(t: TrainConfig, backbone: list, head: list, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW or Nesterov SGD; the head's LR is `head_lr_mult` × the backbone's. Fused kernels where
+    torch has them for the device: one pass over the (possibly 100M-parameter) head per step."""
+    groups = [{"params": [p for p in backbone if p.requires_grad], "lr": t.lr}]
+    if head:
+        groups.append({"params": head, "lr": t.lr * t.head_lr_mult})
+    if t.optimizer == "adamw":
+        try:
+            return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=True)
+        except (RuntimeError, TypeError):
+            return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -176,14 +190,7 @@ def train_member(
     train_model: nn.Module = MarginModel(model, head, member)
     if distributed:
         train_model = nn.parallel.DistributedDataParallel(train_model)
-    params = [
-        {"params": [p for p in model.parameters() if p.requires_grad], "lr": t.lr},
-        {"params": list(head.parameters()), "lr": t.lr * t.head_lr_mult},
-    ]
-    if t.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(t, list(model.parameters()), list(head.parameters()), device)
     per_rank_batch = max(2, t.batch_size // world_size())
     drop_last = len(dataset) // world_size() > per_rank_batch
     steps_per_epoch = max(1, (len(dataset) // world_size()) // per_rank_batch // t.grad_accum)

@@ -1,0 +1,131 @@
+"""Full training step (backbone, GeM, neck, sub-center ArcFace with dynamic margins, SEE, loss, AdamW)
+vs the backbone-only step on the same batch, with a GLR2020-sized head and with the demo config."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import best_time, report
+
+from dmlkit.config import HeadConfig, MemberConfig, SEEConfig, TrainConfig
+from dmlkit.inference import autocast_dtype
+from dmlkit.stages.train import MarginModel, build_member_head, build_model, make_optimizer
+
+
+def measure(
+    backbone: str, size: int, batch: int, classes: int, see: bool, repeats: int, device: torch.device, with_pml: bool
+) -> list[dict]:
+    member = MemberConfig(
+        name="bench",
+        backbone=backbone,
+        fold=0,
+        image_size=size,
+        head=HeadConfig(subcenters=3, dynamic="glr3"),
+        see=SEEConfig(enabled=see),
+        train=TrainConfig(batch_size=batch),
+    )
+    torch.manual_seed(0)
+    model = build_model(member).to(device)
+    counts = np.random.default_rng(0).zipf(1.5, classes).clip(1, 1000)
+    head = build_member_head(member, counts).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, size, size, device=device)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, classes, (batch,), device=device)
+    dtype = autocast_dtype(device, "auto")
+    full = MarginModel(model, head, member)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    opt_backbone = make_optimizer(member.train, list(model.parameters()), [], device)
+
+    def backbone_step():
+        with torch.autocast(device.type, dtype=dtype):
+            loss = model(images).float().pow(2).mean()
+        loss.backward()
+        opt_backbone.step()
+        opt_backbone.zero_grad(set_to_none=True)
+        sync()
+
+    opt_full = make_optimizer(member.train, list(model.parameters()), list(head.parameters()), device)
+
+    def full_step():
+        with torch.autocast(device.type, dtype=dtype):
+            loss, _ = full(images, labels, 0.4)
+        loss.backward()
+        opt_full.step()
+        opt_full.zero_grad(set_to_none=True)
+        sync()
+
+    t_backbone = best_time(backbone_step, repeats)
+    t_full = best_time(full_step, repeats)
+    rows = [
+        {
+            "setting": f"{backbone} {size}px b{batch}, {classes} classes ×3, SEE={see}",
+            "variant": "backbone only",
+            "step_s": round(t_backbone, 3),
+            "overhead_%": 0.0,
+        },
+        {
+            "setting": "",
+            "variant": "full step (dmlkit)",
+            "step_s": round(t_full, 3),
+            "overhead_%": round(100 * (t_full / t_backbone - 1), 1),
+        },
+    ]
+    if with_pml:
+        from pytorch_metric_learning.losses import SubCenterArcFaceLoss
+
+        pml = SubCenterArcFaceLoss(num_classes=classes, embedding_size=member.embedding_size, sub_centers=3).to(device)
+        opt_pml = torch.optim.AdamW([{"params": model.parameters()}, {"params": pml.parameters(), "lr": 1e-2}], lr=1e-3)
+
+        def pml_step():
+            with torch.autocast(device.type, dtype=dtype):
+                emb = model(images)
+            loss = pml(emb.float(), labels)
+            loss.backward()
+            opt_pml.step()
+            opt_pml.zero_grad(set_to_none=True)
+            sync()
+
+        t_pml = best_time(pml_step, repeats)
+        rows.append(
+            {
+                "setting": "",
+                "variant": "PML SubCenterArcFaceLoss + AdamW",
+                "step_s": round(t_pml, 3),
+                "overhead_%": round(100 * (t_pml / t_backbone - 1), 1),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./run.sh bench train_step")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    try:
+        import pytorch_metric_learning  # noqa: F401
+
+        with_pml = True
+    except ImportError:
+        with_pml = False
+    repeats = 2 if args.quick else 5
+    rows = measure("resnet50", 224, 32, 81313, True, repeats, device, with_pml)
+    rows += measure("resnet18", 64, 32, 250, True, repeats * 2, device, False)
+    report("train_step", rows, {"target": "overhead ≤ 10% with resnet50 at 224 px, batch 32, GLR2020 head"})
+    _ = F  # keep import for clarity of the loss definitions above
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
