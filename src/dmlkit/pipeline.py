@@ -299,6 +299,8 @@ def _val_fold(ctx: Context) -> int:
 def run_retrieve(ctx: Context) -> cache.Artifact:
     from .stages.retrieve import retrieve
 
+    if "retrieve" in ctx.done:  # already run (and its report logged) in this process
+        return ctx.done["retrieve"]
     ensemble_art = run_ensemble(ctx)
     folds_art = run_folds(ctx)
     part = {

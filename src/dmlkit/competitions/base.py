@@ -33,18 +33,24 @@ class Predictions:
     neighbours: list[list[str]] = field(default_factory=list)
 
 
-def read_csv_checked(
-    path: Path, required: list[str], id_column: str | None = None, nonempty: tuple[str, ...] = ()
-) -> pd.DataFrame:
-    """Read a CSV as strings, failing with the file and row on missing columns, duplicates, blanks."""
+def read_csv_file(path: Path) -> pd.DataFrame:
+    """A CSV as strings (nothing parsed as NaN), or an InputError naming the file."""
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a readable CSV: {exc}") from exc
+
+
+def read_csv_checked(
+    path: Path, required: list[str], id_column: str | None = None, nonempty: tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """Read a CSV as strings, failing with the file and row on missing columns, duplicates, blanks."""
+    df = read_csv_file(path)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {missing}; found {list(df.columns)}, expected {required}")

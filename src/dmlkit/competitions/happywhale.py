@@ -6,11 +6,6 @@ The solution holds `image,individual_id,Usage`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pandas as pd
-
-from .base import check_table, image_path, read_csv_checked
 from .humpback import Humpback
 
 
@@ -21,32 +16,6 @@ class Happywhale(Humpback):
     unknown_label = "new_individual"
     train_folder = "train_images"
     test_folder = "test_images"
-
-    def read(self, root: Path) -> pd.DataFrame:
-        train = read_csv_checked(
-            root / "train.csv",
-            ["image", "species", "individual_id"],
-            id_column="image",
-            nonempty=("image", "individual_id"),
-        )
-        rows = [
-            {
-                "id": i,
-                "path": image_path(root, self.train_folder, i, nested=False),
-                "label": lab,
-                "role": "train",
-                "known": True,
-            }
-            for i, lab in zip(train["image"], train["individual_id"], strict=True)
-        ]
-        rows += [
-            {
-                "id": i,
-                "path": image_path(root, self.test_folder, i, nested=False),
-                "label": None,
-                "role": "test",
-                "known": False,
-            }
-            for i in self.submission_ids(root)
-        ]
-        return check_table(pd.DataFrame(rows), str(root))
+    train_csv_columns = ("image", "species", "individual_id")
+    image_column = "image"
+    label_column = "individual_id"

@@ -20,7 +20,9 @@ class Humpback(Adapter):
     header: tuple[str, str] = ("Image", "Id")
     solution_columns: tuple[str, ...] = ("Image", "Id", "Usage")
     unknown_label = "new_whale"
-    train_csv_columns: tuple[str, str] = ("Image", "Id")
+    train_csv_columns: tuple[str, ...] = ("Image", "Id")  # required in train.csv
+    image_column = "Image"
+    label_column = "Id"
     train_folder = "train"
     test_folder = "test"
 
@@ -28,9 +30,9 @@ class Humpback(Adapter):
         return [root / "train.csv", root / "sample_submission.csv"]
 
     def read(self, root: Path) -> pd.DataFrame:
-        image_col, label_col = self.train_csv_columns
+        image_col, label_col = self.image_column, self.label_column
         train = read_csv_checked(
-            root / "train.csv", list(self.train_csv_columns), id_column=image_col, nonempty=self.train_csv_columns
+            root / "train.csv", list(self.train_csv_columns), id_column=image_col, nonempty=(image_col, label_col)
         )
         rows = [
             {

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 from ..competitions import adapter_for_header
-from ..competitions.base import InputError
+from ..competitions.base import InputError, read_csv_file
 
 
 def score_files(submission: Path, solution: Path) -> dict:
     submission, solution = Path(submission), Path(solution)
-    if not submission.is_file():
-        raise InputError(f"{submission}: submission file not found")
-    if submission.stat().st_size == 0:
-        raise InputError(f"{submission}: submission file is empty")
-    try:
-        frame = pd.read_csv(submission, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{submission}: not a readable CSV: {exc}") from exc
+    frame = read_csv_file(submission)
     adapter = adapter_for_header(list(frame.columns))
     answers = adapter.read_solution(solution)
     if answers.columns[0] != adapter.solution_columns[0] or answers.columns[1] != adapter.solution_columns[1]:

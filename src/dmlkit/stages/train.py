@@ -364,31 +364,26 @@ def validate(
 ) -> dict:
     if val_part.empty:
         return {}
-    gallery = embed_paths(
-        model,
-        train_part["path"].tolist(),
-        member.image_size,
-        128,
-        device,
-        flip=False,
-        amp=member.train.amp,
-        desc="val gallery",
-        progress=progress,
-        skip_unreadable=not member.train.strict_images,
-    )
-    readable = np.isfinite(gallery).all(axis=1)  # unreadable training images were skipped (and are reported)
-    gallery, train_part = gallery[readable], train_part[readable]
-    queries = embed_paths(
-        model,
-        val_part["path"].tolist(),
-        member.image_size,
-        128,
-        device,
-        flip=False,
-        amp=member.train.amp,
-        desc="val queries",
-        progress=progress,
-    )
+
+    def embed(part: pd.DataFrame, desc: str) -> tuple[np.ndarray, pd.DataFrame]:
+        """Embeddings of a part's readable images (unreadable ones are skipped and reported by training)."""
+        emb = embed_paths(
+            model,
+            part["path"].tolist(),
+            member.image_size,
+            128,
+            device,
+            flip=False,
+            amp=member.train.amp,
+            desc=desc,
+            progress=progress,
+            skip_unreadable=not member.train.strict_images,
+        )
+        readable = np.isfinite(emb).all(axis=1)
+        return emb[readable], part[readable]
+
+    gallery, train_part = embed(train_part, "val gallery")
+    queries, val_part = embed(val_part, "val queries")
     scores = validation_scores(
         metric,
         queries,
