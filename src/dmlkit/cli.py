@@ -28,6 +28,9 @@ usage: ./run.sh [COMMAND] ...
   ./run.sh data [-c CONFIG ...]         build the demo competitions (default: both) and print their statistics
   ./run.sh score SUBMISSION SOLUTION [--json]
                                         score a submission like the leaderboard (public / private)
+  ./run.sh bench [--quick]              every hot-path benchmark (benchmarks/), a table each
+  ./run.sh bench NAME [ARGS]            one benchmark: train_step see head_memory knn rerank loader
+                                        end_to_end ablation omniglot
 
 options for stages:
   -c, --config FILE     YAML config (may name a `base`); overrides as dotted.key=value

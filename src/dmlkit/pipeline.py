@@ -169,7 +169,10 @@ def run_train(ctx: Context, member_name: str) -> cache.Artifact:
             ctx.progress,
         )
 
-    return _run(ctx, "train", member.name, part, upstream, {}, compute, resumable=True, all_ranks=True)
+    art = _run(ctx, "train", member.name, part, upstream, {}, compute, resumable=True, all_ranks=True)
+    if not art.reused and is_main_process():
+        log.info("[train/%s] training curves: %s", member.name, art.file("curves.png"))
+    return art
 
 
 def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
