@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--backbone", default=None)
     parser.add_argument("--quick", action="store_true", help="2 epochs, ArcFace and + SEE only")
+    parser.add_argument("--variants", default=None, help="comma-separated variant numbers (0: ArcFace … 3: + SEE)")
     parser.add_argument("--artifacts", default="artifacts")
     parser.add_argument("--gallery-per-class", type=int, default=3)
     parser.add_argument("--new-share", type=float, default=0.2)
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.backbone:
         base.append(f"member_defaults.backbone={args.backbone}")
     variants = [VARIANTS[0], VARIANTS[3]] if args.quick else VARIANTS
+    if args.variants:
+        variants = [VARIANTS[int(i)] for i in args.variants.split(",")]
     runs = one_shot_runs(args.data)
     eval_root = image_root(args.data / "images_evaluation.zip")
     evaluation = pd.DataFrame({"path": [str(p) for p in list_images(eval_root)]})
