@@ -17,7 +17,7 @@ from dmlkit.pipeline import STAGES, Context, ensure_demo_data, run_stage
 def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nb")
     cfg = write_tiny_config(tmp, "whale")
-    ctx = Context(load_config(cfg), artifacts=tmp / "artifacts", progress=False)
+    ctx = Context(load_config(cfg), artifacts=tmp / "artifacts", submissions=tmp / "submissions", progress=False)
     ensure_demo_data(ctx)
     for stage in STAGES:
         run_stage(ctx, stage)
