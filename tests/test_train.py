@@ -3,6 +3,7 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,12 @@ from conftest import ROOT, write_tiny_config
 from dmlkit.config import load_config
 from dmlkit.pipeline import Context, ensure_demo_data
 from dmlkit.stages.train import lr_factor
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _env() -> dict:
@@ -108,7 +115,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     cmd = [
         torchrun,
         "--nproc_per_node=2",
-        "--master_port=29517",
+        f"--master_port={_free_port()}",
         "-m",
         "dmlkit",
         *_train_cmd(cfg, tmp_path / "two", *overrides)[3:],
