@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 cv2.resize(read_image(p), (size, size), interpolation=cv2.INTER_LINEAR)
             return n / (time.perf_counter() - start)
 
-        pipeline = make_pipeline(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), augment=AUGMENT)
+        pipeline = make_pipeline(size, augment=AUGMENT)
         dataset = ImageDataset(paths, [0] * n, pipeline, 3, size)
 
         def full() -> float:

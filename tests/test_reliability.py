@@ -68,8 +68,6 @@ def test_image_smaller_than_the_crop_is_resized(tmp_path):
     path = _png(tmp_path / "tiny.png", np.full((5, 3, 3), 9, np.uint8))
     pipeline = make_pipeline(
         32,
-        (0.5, 0.5, 0.5),
-        (0.2, 0.2, 0.2),
         augment=[{"type": "RandomResizedCrop", "size": ["image_size", "image_size"]}],
     )
     tensor, *_ = ImageDataset([str(path)], [0], pipeline, 3, 32)[0]

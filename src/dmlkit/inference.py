@@ -54,13 +54,12 @@ def embed_paths(
     With `skip_unreadable`, rows of unreadable images are NaN instead of an error.
     """
     model.eval()
-    mean, std = model.data_config()
     dtype = autocast_dtype(device, amp)
     total = None
     views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     for scale, flipped in views:
         size = max(16, int(round(image_size * scale)))
-        pipeline = make_pipeline(size, mean, std, flip=flipped)
+        pipeline = make_pipeline(size, flip=flipped)
         dataset = ImageDataset(paths, None, pipeline, model.in_chans, size, skip_unreadable=skip_unreadable)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         chunks = []

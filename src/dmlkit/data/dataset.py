@@ -46,6 +46,7 @@ class ImageDataset(Dataset):
         except UnreadableImageError:
             if not self.skip_unreadable:
                 raise
-            return torch.zeros(self.channels, self.image_size, self.image_size), self.labels[index], index, False
+            blank = torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8)
+            return blank, self.labels[index], index, False
         tensor = self.transform(image=image)["image"]
         return tensor, self.labels[index], index, True

@@ -1,4 +1,4 @@
-"""Albumentations pipelines built from the config; mean/std come from timm's data config."""
+"""Albumentations pipelines built from the config (uint8 in, uint8 CHW tensors out)."""
 
 from __future__ import annotations
 
@@ -38,16 +38,14 @@ def build_augmentations(specs: list[dict[str, Any]], image_size: int, where: str
     return transforms
 
 
-def make_pipeline(
-    image_size: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    augment: list[dict[str, Any]] | None = None,
-    flip: bool = False,
-) -> A.Compose:
-    """Augmentations (train) or none (eval), then resize, normalise, CHW tensor."""
+def make_pipeline(image_size: int, augment: list[dict[str, Any]] | None = None, flip: bool = False) -> A.Compose:
+    """Augmentations (train) or none (eval), then resize to a uint8 CHW tensor.
+
+    Normalisation (mean/std from timm's data config) happens inside the model, batched and on the
+    device: done per image on the CPU it cost about as much as the augmentations themselves.
+    """
     steps = build_augmentations(augment or [], image_size)
     if flip:
         steps.append(A.HorizontalFlip(p=1.0))
-    steps += [A.Resize(image_size, image_size), A.Normalize(mean=mean, std=std), ToTensorV2()]
+    steps += [A.Resize(image_size, image_size), ToTensorV2()]
     return A.Compose(steps)

@@ -55,6 +55,10 @@ class EmbeddingModel(nn.Module):
         self.neck = nn.Sequential(nn.Linear(channels, embedding_size), nn.BatchNorm1d(embedding_size), nn.PReLU())
         self.in_chans = in_chans
         self.embedding_size = embedding_size
+        mean, std = self.data_config()
+        # uint8 images are normalised here, batched on the model's device (not saved in checkpoints)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1) * 255.0, persistent=False)
 
     def data_config(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Mean and std from the backbone's own timm config (averaged for one channel)."""
@@ -65,6 +69,9 @@ class EmbeddingModel(nn.Module):
         return mean, std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings of uint8 images (normalised here) or of already normalised float images."""
+        if images.dtype == torch.uint8:
+            images = (images.float() - self.pixel_mean) / self.pixel_std
         features = self.backbone.forward_features(images)
         pooled = self.pool(features)
         with torch.autocast(device_type=images.device.type, enabled=False):

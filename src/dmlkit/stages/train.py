@@ -176,8 +176,7 @@ def train_member(
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             log.warning("%s: train.sync_bn needs GPUs (torch's SyncBatchNorm is CUDA-only); ignored", member.name)
-    mean, std = model.data_config()
-    transform = make_pipeline(member.image_size, mean, std, augment=t.augment)
+    transform = make_pipeline(member.image_size, augment=t.augment)
     dataset = ImageDataset(
         train_part["path"].tolist(),
         targets.tolist(),
