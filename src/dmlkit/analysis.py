@@ -7,6 +7,7 @@ through the normal cached stages); the other functions turn them into frames and
 from __future__ import annotations
 
 import itertools
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def plot_retrievals(v: Validation, queries: int = 6, k: int = 5, seed: int = 0):
     paths = v.gallery["path"].to_numpy()
     grid_paths = [[paths[j] for j in v.ids[r, :k]] for r in rows]
     correct = [[labels[j] == v.queries["label"].iloc[r] for j in v.ids[r, :k]] for r in rows]
-    out = Path("/tmp") / f"retrievals-{seed}.png"
+    out = Path(tempfile.mkdtemp(prefix="dmlkit-")) / "retrievals.png"
     plot_retrieval_grid(
         v.queries["path"].to_numpy()[rows].tolist(),
         grid_paths,

@@ -212,8 +212,3 @@ def build_manifest(
         "host": platform.node(),
     }
 
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    os.replace(tmp, path)
