@@ -125,3 +125,70 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
     worst = max((a[p][k].float() - b[p][k].float()).abs().max().item() for p in ("model", "head") for k in a[p])
     assert worst < 1e-4, f"largest weight difference between 1 and 2 processes: {worst}"
+
+
+def _margin_model(matmul: str, see: bool):
+    import numpy as np
+
+    from dmlkit.config import MemberConfig
+    from dmlkit.models.heads import build_head
+    from dmlkit.stages.train import MarginModel
+
+    member = MemberConfig.model_validate(
+        {
+            "name": "m",
+            "backbone": "resnet18",
+            "fold": 0,
+            "image_size": 32,
+            "embedding_size": 24,
+            "head": {"subcenters": 3, "dynamic": "glr3", "matmul": matmul},
+            "see": {"enabled": see, "n_expansion": 4, "weight": 0.2, "schedule": "top_fraction"},
+        }
+    )
+
+    class UnitLinear(torch.nn.Linear):
+        def forward(self, x):
+            return torch.nn.functional.normalize(super().forward(x), dim=1)
+
+    torch.manual_seed(0)
+    embed = UnitLinear(10, 24)
+    head = build_head("arcface", 24, np.arange(1, 8), 30.0, 3, "glr3", 0.45, 0.05, -0.25, 0.3)
+    return MarginModel(embed, head, member), embed, head
+
+
+def test_margin_model_loss_matches_head_and_see_computed_separately():
+    """The shared-centers step equals CE(head(z)) + λ·CE(head(SEE(z, closest center))) done step by step."""
+    import torch.nn.functional as F
+
+    from dmlkit.models.see import see_expand
+
+    model, embed, head = _margin_model("fp32", see=True)
+    x = torch.randn(12, 10)
+    labels = torch.randint(0, 7, (12,))
+    loss, expanded = model(x, labels, 0.5, torch.Generator().manual_seed(3))
+    z = embed(x)
+    expected = F.cross_entropy(head(z, labels), labels)
+    centers = head.closest_centers(z, labels)
+    cos = (z.detach() * centers).sum(dim=1)
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[cos.argsort(descending=True)[:6]] = True
+    synthetic = see_expand(z[mask], centers[mask], 4, torch.Generator().manual_seed(3)).reshape(-1, 24)
+    synthetic_labels = labels[mask].repeat_interleave(4)
+    expected = expected + 0.2 * F.cross_entropy(head(synthetic, synthetic_labels), synthetic_labels)
+    assert expanded == 6
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_low_precision_head_matmul_stays_close_to_fp32():
+    x = torch.randn(64, 10)
+    labels = torch.randint(0, 7, (64,))
+    losses, grads = [], []
+    for matmul in ("fp32", "amp"):
+        model, _, head = _margin_model(matmul, see=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = model(x, labels, 0.0)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(head.weight.grad.clone())
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    assert torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0) > 0.99

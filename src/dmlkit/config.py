@@ -50,6 +50,11 @@ class HeadConfig(Strict):
     dynamic_a: float = 0.45
     dynamic_b: float = 0.05
     dynamic_lambda: float = -0.25
+    matmul: Literal["amp", "fp32"] = Field(
+        "amp",
+        description="precision of the embeddings × sub-centers product in training: the autocast dtype "
+        "(bf16/fp16, fp32 accumulation; the margin math stays fp32) or fp32",
+    )
 
 
 class SEEConfig(Strict):
@@ -138,7 +143,6 @@ class PenaltyConfig(Strict):
 class VotingConfig(Strict):
     k: int = Field(5, ge=1)
     power: float = 3.0
-    head_weight: float = Field(0.0, ge=0, le=1, description="fuse the heads' class cosines: (1-w)·vote + w·cos^power")
     head_weight: float = Field(0.0, ge=0, le=1, description="weight of the head's class cosines in the fusion")
 
 

@@ -27,7 +27,7 @@ from .runtime import barrier, default_device, is_main_process
 log = logging.getLogger("dmlkit")
 
 STAGES = ("folds", "train", "embed", "ensemble", "retrieve", "submit")
-VERSIONS = {"folds": 1, "train": 1, "embed": 2, "ensemble": 1, "retrieve": 3, "submit": 1}
+VERSIONS = {"folds": 1, "train": 2, "embed": 2, "ensemble": 1, "retrieve": 3, "submit": 1}
 
 
 @dataclass

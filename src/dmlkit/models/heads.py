@@ -59,41 +59,62 @@ class MarginHead(nn.Module):
         self.subcenters = subcenters
         self.scale = float(scale)
         self.weight = nn.Parameter(torch.empty(num_classes * subcenters, embedding_size))
-        nn.init.normal_(self.weight, std=0.01)
+        # Unit-variance init (as pytorch-metric-learning): Adam moves each element by ~lr per step, so
+        # sub-centers with a small norm would be turned around by every step.
+        nn.init.normal_(self.weight, std=1.0)
         self.register_buffer("margins", torch.as_tensor(np.asarray(margins), dtype=torch.float32))
         if self.margins.shape != (num_classes,):
             raise ValueError(f"margins: expected ({num_classes},), got {tuple(self.margins.shape)}")
 
-    def subcenter_cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, C, K) cosines between embeddings and every sub-center."""
-        emb = F.normalize(embeddings.float(), dim=1)
+    def normalized_centers(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(C·K, E) unit sub-centers, normalised in fp32, then cast to `dtype` (default fp32).
+
+        One pass over the (possibly 100M-parameter) weight: compute it once per step and share it
+        between the real and the synthetic (SEE) rows. A bf16/fp16 copy makes the product with the
+        embeddings run at the low-precision matmul rate (fp32 accumulation).
+        """
         centers = F.normalize(self.weight.float(), dim=1)
-        return F.linear(emb, centers).view(-1, self.num_classes, self.subcenters)
+        return centers if dtype is None else centers.to(dtype)
+
+    def subcenter_cosines(self, embeddings: torch.Tensor, centers: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, K) fp32 cosines between embeddings and every sub-center (computed in centers' dtype)."""
+        centers = self.normalized_centers() if centers is None else centers
+        emb = F.normalize(embeddings.float(), dim=1).to(centers.dtype)
+        return F.linear(emb, centers).float().view(-1, self.num_classes, self.subcenters)
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, C) class cosines: the max over each class's sub-centers."""
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             return self.subcenter_cosines(embeddings).amax(dim=2)
 
-    def closest_centers(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(B, E) unit vector of each sample's own-class sub-center closest to it."""
+    def closest_centers(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, subcenter_cos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, E) unit vector of each sample's own-class sub-center closest to it (a constant for the
+        gradient). `subcenter_cos`: the (B, C, K) cosines when the caller already has them."""
         with torch.no_grad():
-            best = self.subcenter_cosines(embeddings)[torch.arange(len(labels)), labels].argmax(dim=1)
-        rows = labels * self.subcenters + best
-        return F.normalize(self.weight.float()[rows], dim=1)
+            if subcenter_cos is None:
+                subcenter_cos = self.subcenter_cosines(embeddings)
+            best = subcenter_cos[torch.arange(len(labels), device=labels.device), labels].argmax(dim=1)
+            rows = labels * self.subcenters + best
+            return F.normalize(self.weight.float()[rows], dim=1)
 
     def apply_margin(self, cos: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def margin_logits(self, subcenter_cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Scaled logits from (B, C, K) sub-center cosines, the margin applied to each target (fp32)."""
+        cos = subcenter_cos.amax(dim=2)
+        index = labels.view(-1, 1)
+        target = cos.gather(1, index).squeeze(1)
+        modified = self.apply_margin(target, self.margins[labels])
+        logits = cos.scatter(1, index, modified.unsqueeze(1))
+        return logits * self.scale
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Scaled logits with the margin applied to each sample's target class (fp32)."""
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            cos = self.subcenter_cosines(embeddings).amax(dim=2)
-            index = labels.view(-1, 1)
-            target = cos.gather(1, index).squeeze(1)
-            modified = self.apply_margin(target, self.margins[labels])
-            logits = cos.scatter(1, index, modified.unsqueeze(1))
-            return logits * self.scale
+            return self.margin_logits(self.subcenter_cosines(embeddings), labels)
 
 
 class ArcFaceHead(MarginHead):

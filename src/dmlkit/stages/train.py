@@ -96,26 +96,38 @@ class MarginModel(nn.Module):
         self.model = model
         self.head = head
         self.see = member.see
+        self.matmul = member.head.matmul
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, see_value: float, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, int]:
         """Cross-entropy on the margin logits, plus λ·CE on SEE's synthetic embeddings; (loss, #expanded)."""
         embeddings = self.model(images)
-        loss = F.cross_entropy(self.head(embeddings, labels), labels)
-        expanded = 0
-        if self.see.enabled and self.see.weight > 0:
-            centers = self.head.closest_centers(embeddings, labels)
-            cos_to_center = (embeddings.float().detach() * centers).sum(dim=1)
-            mask = select_confident(cos_to_center, self.see.schedule, see_value)
-            expanded = int(mask.sum())
-            if expanded:
-                n = self.see.n_expansion
-                synthetic = see_expand(embeddings[mask], centers[mask], n, generator)
-                synthetic = synthetic.reshape(-1, embeddings.shape[1])
-                synthetic_labels = labels[mask].repeat_interleave(n)
-                extra = F.cross_entropy(self.head(synthetic, synthetic_labels), synthetic_labels)
-                loss = loss + self.see.weight * extra
+        head = self.head
+        device_type = embeddings.device.type
+        matmul_dtype = None
+        if self.matmul == "amp" and torch.is_autocast_enabled(device_type):
+            matmul_dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type=device_type, enabled=False):
+            # The sub-centers are normalised once per step and shared by the real and synthetic rows;
+            # the real rows' cosines also pick each sample's closest sub-center for SEE.
+            all_centers = head.normalized_centers(matmul_dtype)
+            subcenter_cos = head.subcenter_cosines(embeddings, all_centers)
+            loss = F.cross_entropy(head.margin_logits(subcenter_cos, labels), labels)
+            expanded = 0
+            if self.see.enabled and self.see.weight > 0:
+                centers = head.closest_centers(embeddings, labels, subcenter_cos.detach())
+                cos_to_center = (embeddings.float().detach() * centers).sum(dim=1)
+                mask = select_confident(cos_to_center, self.see.schedule, see_value)
+                expanded = int(mask.sum())
+                if expanded:
+                    n = self.see.n_expansion
+                    synthetic = see_expand(embeddings[mask], centers[mask], n, generator)
+                    synthetic = synthetic.reshape(-1, embeddings.shape[1])
+                    synthetic_labels = labels[mask].repeat_interleave(n)
+                    synthetic_cos = head.subcenter_cosines(synthetic, all_centers)
+                    extra = F.cross_entropy(head.margin_logits(synthetic_cos, synthetic_labels), synthetic_labels)
+                    loss = loss + self.see.weight * extra
         return loss, expanded
 
 
