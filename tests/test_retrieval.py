@@ -3,7 +3,7 @@ import pytest
 
 from dmlkit.retrieval import search
 from dmlkit.retrieval.ensemble import concatenate, pca_whiten
-from dmlkit.retrieval.expansion import database_augmentation, query_expansion
+from dmlkit.retrieval.expansion import database_augmentation, query_expansion, weighted_neighbour_mean
 from dmlkit.retrieval.rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
 from dmlkit.retrieval.voting import insert_unknown, landmark_confidence, tune_unknown_threshold, vote
 
@@ -83,6 +83,8 @@ def test_query_expansion_and_dba_against_dense_reference():
         v = x + sum(max(s[j], 0) ** 3.0 * g[j] for j in order)
         expected.append(v / np.linalg.norm(v))
     assert np.allclose(database_augmentation(g, gs, gi, 3.0, 5), np.array(expected), atol=1e-5)
+    chunked = weighted_neighbour_mean(g, q, sims, ids, 3.0, 5, rows_per_chunk=7)  # 20 rows: 3 chunks
+    assert np.allclose(chunked, dense_alpha_qe(q, g, 3.0, 5), atol=1e-5)
 
 
 def dense_k_reciprocal(x, n_queries, k1, k2, lam):

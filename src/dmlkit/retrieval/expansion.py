@@ -6,7 +6,13 @@ import numpy as np
 
 
 def weighted_neighbour_mean(
-    vectors: np.ndarray, own: np.ndarray, sims: np.ndarray, ids: np.ndarray, alpha: float, k: int
+    vectors: np.ndarray,
+    own: np.ndarray,
+    sims: np.ndarray,
+    ids: np.ndarray,
+    alpha: float,
+    k: int,
+    rows_per_chunk: int | None = None,
 ) -> np.ndarray:
     """normalise(own + Σ_{j<k} max(sim_j,0)^α · vectors[ids_j]) for each row (neighbours best first).
 
@@ -16,9 +22,13 @@ def weighted_neighbour_mean(
     ids = ids[:, :k]
     weights = np.clip(sims[:, :k], 0, None) ** alpha
     weights = np.where(ids >= 0, weights, 0.0).astype(np.float32)
-    gathered = vectors[np.clip(ids, 0, None)]  # (Q, k, D)
-    out = own + np.einsum("qk,qkd->qd", weights, gathered)
-    return (out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+    out = np.array(own, dtype=np.float32, copy=True)
+    # the (rows, k, D) gather stays ~64 MB: memory grows with N·k, not N·k·D
+    step = rows_per_chunk or max(1, (1 << 24) // max(1, k * vectors.shape[1]))
+    for start in range(0, len(out), step):
+        gathered = vectors[np.clip(ids[start : start + step], 0, None)]  # (rows, k, D)
+        out[start : start + step] += np.einsum("qk,qkd->qd", weights[start : start + step], gathered)
+    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(1e-12)
 
 
 def query_expansion(

@@ -49,7 +49,7 @@ def k_reciprocal_encoding(
 
     width = (k1 + 1) * (half + 2)
     chunk = max(1, min(8192, (1 << 26) // (width * max(vectors.shape[1], k1 + 1))))
-    rows_out, cols_out, vals_out = [], [], []
+    counts_out, cols_out, vals_out = [], [], []
     for start in tqdm(range(0, n, chunk), desc="k-reciprocal", unit="chunk", disable=not progress, leave=False):
         stop = min(n, start + chunk)
         r = recip[start:stop]  # (b, k1+1)
@@ -63,20 +63,25 @@ def k_reciprocal_encoding(
         duplicate = np.zeros_like(members, dtype=bool)
         duplicate[:, 1:] = members[:, 1:] == members[:, :-1]
         keep = (members >= 0) & ~duplicate
+        # compact: the kept members first, so that only about as many vectors as kept are gathered
+        order = np.argsort(~keep, axis=1, kind="stable")[:, : max(1, int(keep.sum(axis=1).max()))]
+        members = np.take_along_axis(members, order, axis=1)
+        keep = np.take_along_axis(keep, order, axis=1)
         dist = 2.0 - 2.0 * _row_dots(vectors, np.arange(start, stop), members)
         weight = np.where(keep, np.exp(-dist), 0.0)
         weight /= weight.sum(axis=1, keepdims=True)
-        row_index = np.broadcast_to(np.arange(start, stop)[:, None], members.shape)
-        rows_out.append(row_index[keep])
-        cols_out.append(members[keep])
-        vals_out.append(weight[keep])
-    v = sp.csr_matrix(
-        (np.concatenate(vals_out), (np.concatenate(rows_out), np.concatenate(cols_out))), shape=(n, n), dtype=np.float64
-    )
+        # CSR pieces straight away (rows are in order): int32 indices and float32 weights keep the
+        # matrices at ~8 bytes per entry, which is what bounds memory at a million points
+        counts_out.append(keep.sum(axis=1))
+        cols_out.append(members[keep].astype(np.int32))
+        vals_out.append(weight[keep].astype(np.float32))
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts_out))]).astype(np.int64)
+    v = sp.csr_matrix((np.concatenate(vals_out), np.concatenate(cols_out), indptr), shape=(n, n))
+    del cols_out, vals_out
     if k2 > 1:
-        local = graph[:, :k2]
+        local = graph[:, :k2].astype(np.int32)
         expand = sp.csr_matrix(
-            (np.full(local.size, 1.0 / k2), (np.repeat(np.arange(n), k2), local.ravel())), shape=(n, n)
+            (np.full(local.size, 1.0 / k2, np.float32), local.ravel(), np.arange(0, local.size + 1, k2)), shape=(n, n)
         )
         v = (expand @ v).tocsr()
     return v
