@@ -53,6 +53,21 @@ def best_time(fn, repeats: int, warmup: int = 1) -> float:
     return min(times)
 
 
+def interleaved_best(fns: list, repeats: int, warmup: int = 1) -> list[float]:
+    """Best time of each function, the functions alternating (A B A B …) so that a machine whose
+    speed drifts (other jobs, thermal) affects them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
 def machine() -> dict:
     import torch
 

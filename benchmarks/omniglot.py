@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/omniglot.yaml")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--backbone", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--quick", action="store_true", help="2 epochs, ArcFace and + SEE only")
     parser.add_argument("--variants", default=None, help="comma-separated variant numbers (0: ArcFace … 3: + SEE)")
     parser.add_argument("--artifacts", default="artifacts")
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         base.append(f"member_defaults.train.epochs={args.epochs or 2}")
     if args.backbone:
         base.append(f"member_defaults.backbone={args.backbone}")
+    base += args.set
     variants = [VARIANTS[0], VARIANTS[3]] if args.quick else VARIANTS
     if args.variants:
         variants = [VARIANTS[int(i)] for i in args.variants.split(",")]

@@ -7,7 +7,7 @@ import argparse
 
 import numpy as np
 import torch
-from common import best_time, report
+from common import interleaved_best, report
 
 from dmlkit.config import HeadConfig, MemberConfig, SEEConfig, TrainConfig
 from dmlkit.inference import autocast_dtype
@@ -15,7 +15,15 @@ from dmlkit.stages.train import MarginModel, build_member_head, build_model, mak
 
 
 def measure(
-    backbone: str, size: int, batch: int, classes: int, see: bool, repeats: int, device: torch.device, with_pml: bool
+    backbone: str,
+    size: int,
+    batch: int,
+    classes: int,
+    see: bool,
+    repeats: int,
+    device: torch.device,
+    with_pml: bool,
+    profile: int = 0,
 ) -> list[dict]:
     member = MemberConfig(
         name="bench",
@@ -63,8 +71,16 @@ def measure(
         opt_full.zero_grad(set_to_none=True)
         sync()
 
-    t_backbone = best_time(backbone_step, repeats)
-    t_full = best_time(full_step, repeats)
+    t_backbone, t_full = interleaved_best([backbone_step, full_step], repeats)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            full_step()
+        print(f"\nprofile of one full step ({backbone}, {classes} classes):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile))
     rows = [
         {
             "setting": f"{backbone} {size}px b{batch}, {classes} classes ×3, SEE={see}",
@@ -94,7 +110,7 @@ def measure(
             opt_pml.zero_grad(set_to_none=True)
             sync()
 
-        t_pml = best_time(pml_step, repeats)
+        (t_pml,) = interleaved_best([pml_step], repeats)
         rows.append(
             {
                 "setting": "",
@@ -109,6 +125,7 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./run.sh bench train_step")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print a torch.profiler table")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -119,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         with_pml = False
     repeats = 2 if args.quick else 5
-    rows = measure("resnet50", 224, 32, 81313, True, repeats, device, with_pml)
+    rows = measure("resnet50", 224, 32, 81313, True, repeats, device, with_pml, args.profile)
     rows += measure("resnet18", 64, 32, 250, True, repeats * 2, device, False)
     report("train_step", rows, {"target": "overhead ≤ 10% with resnet50 at 224 px, batch 32, GLR2020 head"})
     return 0
