@@ -66,21 +66,26 @@ class MarginHead(nn.Module):
         if self.margins.shape != (num_classes,):
             raise ValueError(f"margins: expected ({num_classes},), got {tuple(self.margins.shape)}")
 
-    def normalized_centers(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """(C·K, E) unit sub-centers, normalised in fp32, then cast to `dtype` (default fp32).
+    def center_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight in the matmul dtype, fp32 1/‖row‖): cosines are (e·w)·(1/‖w‖).
 
-        One pass over the (possibly 100M-parameter) weight: compute it once per step and share it
-        between the real and the synthetic (SEE) rows. A bf16/fp16 copy makes the product with the
-        embeddings run at the low-precision matmul rate (fp32 accumulation).
+        No normalised copy of the (possibly 100M-parameter) weight is made: F.normalize's backward
+        (a broadcast division over the whole weight) cost more than the backbone's convolutions in
+        a profile of the GLR2020-sized step. Compute once per step and share between the real and
+        the synthetic (SEE) rows; a bf16/fp16 weight makes the product run at the low-precision
+        matmul rate (fp32 accumulation).
         """
-        centers = F.normalize(self.weight.float(), dim=1)
-        return centers if dtype is None else centers.to(dtype)
+        weight = self.weight.float()
+        inverse_norm = torch.linalg.vector_norm(weight, dim=1).clamp(min=1e-12).reciprocal()
+        return (weight if dtype is None else weight.to(dtype)), inverse_norm
 
-    def subcenter_cosines(self, embeddings: torch.Tensor, centers: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, K) fp32 cosines between embeddings and every sub-center (computed in centers' dtype)."""
-        centers = self.normalized_centers() if centers is None else centers
-        emb = F.normalize(embeddings.float(), dim=1).to(centers.dtype)
-        return F.linear(emb, centers).float().view(-1, self.num_classes, self.subcenters)
+    def subcenter_cosines(
+        self, embeddings: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """(B, C, K) fp32 cosines between embeddings and every sub-center; `factors` from center_factors."""
+        weight, inverse_norm = self.center_factors() if factors is None else factors
+        emb = F.normalize(embeddings.float(), dim=1).to(weight.dtype)
+        return (F.linear(emb, weight).float() * inverse_norm).view(-1, self.num_classes, self.subcenters)
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, C) class cosines: the max over each class's sub-centers."""

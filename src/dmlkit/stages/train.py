@@ -109,10 +109,10 @@ class MarginModel(nn.Module):
         if self.matmul == "amp" and torch.is_autocast_enabled(device_type):
             matmul_dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type=device_type, enabled=False):
-            # The sub-centers are normalised once per step and shared by the real and synthetic rows;
+            # The sub-center norms are computed once per step and shared by the real and synthetic rows;
             # the real rows' cosines also pick each sample's closest sub-center for SEE.
-            all_centers = head.normalized_centers(matmul_dtype)
-            subcenter_cos = head.subcenter_cosines(embeddings, all_centers)
+            factors = head.center_factors(matmul_dtype)
+            subcenter_cos = head.subcenter_cosines(embeddings, factors)
             loss = F.cross_entropy(head.margin_logits(subcenter_cos, labels), labels)
             expanded = 0
             if self.see.enabled and self.see.weight > 0:
@@ -125,7 +125,7 @@ class MarginModel(nn.Module):
                     synthetic = see_expand(embeddings[mask], centers[mask], n, generator)
                     synthetic = synthetic.reshape(-1, embeddings.shape[1])
                     synthetic_labels = labels[mask].repeat_interleave(n)
-                    synthetic_cos = head.subcenter_cosines(synthetic, all_centers)
+                    synthetic_cos = head.subcenter_cosines(synthetic, factors)
                     extra = F.cross_entropy(head.margin_logits(synthetic_cos, synthetic_labels), synthetic_labels)
                     loss = loss + self.see.weight * extra
         return loss, expanded
