@@ -32,7 +32,14 @@ def main(argv: list[str]) -> int:
     if name not in BENCHMARKS:
         print(f"error: unknown benchmark '{name}'; known: {BENCHMARKS}", file=sys.stderr)
         return 2
-    return importlib.import_module(name).main(rest)
+    from dmlkit.competitions.base import InputError
+    from dmlkit.config import ConfigError
+
+    try:
+        return importlib.import_module(name).main(rest)
+    except (ConfigError, InputError) as exc:  # bad config or data: the message names the key or file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -63,8 +63,9 @@ def k_reciprocal_encoding(
         duplicate = np.zeros_like(members, dtype=bool)
         duplicate[:, 1:] = members[:, 1:] == members[:, :-1]
         keep = (members >= 0) & ~duplicate
+        kept = keep.sum(axis=1)
         # compact: the kept members first, so that only about as many vectors as kept are gathered
-        order = np.argsort(~keep, axis=1, kind="stable")[:, : max(1, int(keep.sum(axis=1).max()))]
+        order = np.argsort(~keep, axis=1, kind="stable")[:, : max(1, int(kept.max()))]
         members = np.take_along_axis(members, order, axis=1)
         keep = np.take_along_axis(keep, order, axis=1)
         dist = 2.0 - 2.0 * _row_dots(vectors, np.arange(start, stop), members)
@@ -72,7 +73,7 @@ def k_reciprocal_encoding(
         weight /= weight.sum(axis=1, keepdims=True)
         # CSR pieces straight away (rows are in order): int32 indices and float32 weights keep the
         # matrices at ~8 bytes per entry, which is what bounds memory at a million points
-        counts_out.append(keep.sum(axis=1))
+        counts_out.append(kept)
         cols_out.append(members[keep].astype(np.int32))
         vals_out.append(weight[keep].astype(np.float32))
     indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts_out))]).astype(np.int64)
