@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss
 
-from dmlkit.models.heads import ArcFaceHead, CosFaceHead, adacos_scale, build_head, dynamic_margins
+from dmlkit.models.heads import ArcFaceHead, CosFaceHead, adacos_scale, build_head, dynamic_margins, sample_classes
 
 
 def _data(batch=16, dim=8, classes=5, seed=0):
@@ -100,3 +100,56 @@ def test_head_is_fp32_and_finite_under_autocast(dtype):
     assert logits.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(emb.grad).all() and torch.isfinite(head.weight.grad).all()
+
+
+def test_sample_classes_keeps_every_positive_and_draws_the_rest():
+    labels = torch.tensor([7, 3, 7, 99, 0])
+    classes, columns = sample_classes(labels, 100, 0.1, torch.Generator().manual_seed(0))
+    assert len(classes) == 10 and torch.equal(classes, classes.sort().values) and len(set(classes.tolist())) == 10
+    assert torch.equal(classes[columns], labels)  # columns are the labels' positions
+    # A batch with more classes than the sample keeps them all.
+    many = torch.arange(0, 40, 2)
+    classes, columns = sample_classes(many, 100, 0.05, torch.Generator().manual_seed(0))
+    assert torch.equal(classes, many) and torch.equal(columns, torch.arange(20))
+    # Over many draws the negatives are spread evenly over the other classes.
+    g = torch.Generator().manual_seed(1)
+    hits = torch.zeros(100)
+    for _ in range(400):
+        hits[sample_classes(torch.tensor([5]), 100, 0.2, g)[0]] += 1
+    assert hits[5] == 400
+    others = torch.cat([hits[:5], hits[6:]]) / 400
+    assert others.mean().item() == pytest.approx(19 / 99, rel=1e-6) and others.min() > 0.1 and others.max() < 0.3
+
+
+def test_partial_fc_logits_are_the_full_logits_restricted_to_the_sampled_classes():
+    emb, labels = _data(batch=12, dim=8, classes=20, seed=4)
+    head = ArcFaceHead(8, 20, np.linspace(0.1, 0.5, 20), scale=30.0, subcenters=3)
+    classes, columns = sample_classes(labels, 20, 0.5, torch.Generator().manual_seed(2))
+    partial = head.margin_logits(
+        head.subcenter_cosines(emb, head.center_factors(classes=classes)), columns, head.margins[labels]
+    )
+    full = head(emb, labels)
+    assert torch.allclose(partial, full[:, classes], atol=1e-5)
+    F.cross_entropy(partial, columns).backward()
+    touched = head.weight.grad.view(20, 3, 8).abs().sum(dim=(1, 2)) > 0
+    assert touched.nonzero().flatten().tolist() == classes.tolist()  # only sampled centers get a gradient
+
+
+def test_partial_fc_gradient_buffer_equals_autograd_over_accumulation_and_steps():
+    """The persistent gradient buffer gives the weight the same gradient as autograd's dense gather,
+    summed over accumulated micro-batches, and starts clean after the optimizer drops it."""
+    emb, labels = _data(batch=24, dim=8, classes=30, seed=5)
+    heads = [ArcFaceHead(8, 30, np.full(30, 0.3), scale=20.0, subcenters=2) for _ in range(2)]
+    heads[1].load_state_dict(heads[0].state_dict())
+    heads[1].persistent_grad = False
+    generator = torch.Generator().manual_seed(0)
+    for step in range(3):
+        for half in (slice(0, 12), slice(12, 24)):  # two micro-batches, one optimizer step
+            classes, columns = sample_classes(labels[half], 30, 0.3, generator)
+            for head in heads:
+                cos = head.subcenter_cosines(emb[half], head.center_factors(classes=classes))
+                F.cross_entropy(head.margin_logits(cos, columns, head.margins[labels[half]]), columns).backward()
+        assert heads[0].weight.grad.abs().sum() > 0
+        assert torch.allclose(heads[0].weight.grad, heads[1].weight.grad, atol=1e-6), f"step {step}"
+        for head in heads:  # what the optimizer's zero_grad(set_to_none=True) does
+            head.weight.grad = None

@@ -127,7 +127,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert worst < 1e-4, f"largest weight difference between 1 and 2 processes: {worst}"
 
 
-def _margin_model(matmul: str, see: bool):
+def _margin_model(matmul: str, see: bool, sample_rate: float = 1.0):
     import numpy as np
 
     from dmlkit.config import MemberConfig
@@ -141,7 +141,7 @@ def _margin_model(matmul: str, see: bool):
             "fold": 0,
             "image_size": 32,
             "embedding_size": 24,
-            "head": {"subcenters": 3, "dynamic": "glr3", "matmul": matmul},
+            "head": {"subcenters": 3, "dynamic": "glr3", "matmul": matmul, "sample_rate": sample_rate},
             "see": {"enabled": see, "n_expansion": 4, "weight": 0.2, "schedule": "top_fraction"},
         }
     )
@@ -156,25 +156,34 @@ def _margin_model(matmul: str, see: bool):
     return MarginModel(embed, head, member), embed, head
 
 
-def test_margin_model_loss_matches_head_and_see_computed_separately():
-    """The shared-centers step equals CE(head(z)) + λ·CE(head(SEE(z, closest center))) done step by step."""
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_margin_model_loss_matches_head_and_see_computed_separately(sample_rate):
+    """The shared-centers step equals CE(head(z)) + λ·CE(head(SEE(z, closest center))) done step by step,
+    with Partial FC the full head's logits restricted to the sampled classes."""
     import torch.nn.functional as F
 
+    from dmlkit.models.heads import sample_classes
     from dmlkit.models.see import see_expand
 
-    model, embed, head = _margin_model("fp32", see=True)
+    model, embed, head = _margin_model("fp32", see=True, sample_rate=sample_rate)
     x = torch.randn(12, 10)
-    labels = torch.randint(0, 7, (12,))
+    labels = torch.randint(0, 3, (12,))  # 3 of 7 classes: at rate 0.5 one negative is drawn
     loss, expanded = model(x, labels, 0.5, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    classes, columns = torch.arange(7), labels
+    if sample_rate < 1:
+        classes, columns = sample_classes(labels, 7, sample_rate, generator)
+        assert len(classes) == 4
     z = embed(x)
-    expected = F.cross_entropy(head(z, labels), labels)
+    expected = F.cross_entropy(head(z, labels)[:, classes], columns)
     centers = head.closest_centers(z, labels)
     cos = (z.detach() * centers).sum(dim=1)
     mask = torch.zeros(12, dtype=torch.bool)
     mask[cos.argsort(descending=True)[:6]] = True
-    synthetic = see_expand(z[mask], centers[mask], 4, torch.Generator().manual_seed(3)).reshape(-1, 24)
+    synthetic = see_expand(z[mask], centers[mask], 4, generator).reshape(-1, 24)
     synthetic_labels = labels[mask].repeat_interleave(4)
-    expected = expected + 0.2 * F.cross_entropy(head(synthetic, synthetic_labels), synthetic_labels)
+    synthetic_columns = columns[mask].repeat_interleave(4)
+    expected = expected + 0.2 * F.cross_entropy(head(synthetic, synthetic_labels)[:, classes], synthetic_columns)
     assert expanded == 6
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 

@@ -55,6 +55,13 @@ class HeadConfig(Strict):
         description="precision of the embeddings × sub-centers product in training: the autocast dtype "
         "(bf16/fp16, fp32 accumulation; the margin math stays fp32) or fp32",
     )
+    sample_rate: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Partial FC: the share of classes in each training step's softmax (the batch's "
+        "classes plus random others); 0.1 at 100k+ classes costs a tenth of the head's matmuls",
+    )
 
 
 class SEEConfig(Strict):

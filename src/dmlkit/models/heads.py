@@ -38,9 +38,43 @@ def dynamic_margins(
     raise ValueError(f"unknown dynamic margin form '{form}' (glr3, power, none)")
 
 
+def sample_classes(
+    labels: torch.Tensor, num_classes: int, rate: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial FC (An et al. 2021): the classes whose centers take part in this step's softmax.
+
+    Every class in `labels` plus uniformly drawn others, ⌈rate·C⌉ in all (more when the batch holds
+    more classes); returns (sorted class ids, labels as positions in them). `generator` is a CPU
+    generator (per-epoch seeding keeps resumed runs identical); the ids move to the labels' device.
+    """
+    count = max(1, min(num_classes, math.ceil(rate * num_classes)))
+    priority = torch.rand(num_classes, generator=generator).to(labels.device)
+    priority[labels] = 2.0  # positives first
+    positives = int(torch.unique(labels).numel())
+    classes = priority.topk(max(count, positives), sorted=False).indices.sort().values
+    return classes, torch.searchsorted(classes, labels)
+
+
 def adacos_scale(num_classes: int) -> float:
     """The fixed AdaCos scale √2·ln(C−1)."""
     return math.sqrt(2.0) * math.log(max(num_classes - 1, 2))
+
+
+class _GatherIntoGradient(torch.autograd.Function):
+    """Rows `classes` of `view` (the weight as (C, K, D)), in fp32; backward adds their gradient into
+    `grad` (the weight's persistent gradient, same shape) and hands autograd nothing for the weight."""
+
+    @staticmethod
+    def forward(ctx, view: torch.Tensor, classes: torch.Tensor, grad: torch.Tensor):
+        ctx.save_for_backward(classes)
+        ctx.grad = grad
+        return view[classes].float()
+
+    @staticmethod
+    def backward(ctx, rows_grad: torch.Tensor):
+        (classes,) = ctx.saved_tensors
+        ctx.grad.index_add_(0, classes, rows_grad.to(ctx.grad.dtype))
+        return None, None, None
 
 
 class MarginHead(nn.Module):
@@ -65,9 +99,44 @@ class MarginHead(nn.Module):
         self.register_buffer("margins", torch.as_tensor(np.asarray(margins), dtype=torch.float32))
         if self.margins.shape != (num_classes,):
             raise ValueError(f"margins: expected ({num_classes},), got {tuple(self.margins.shape)}")
+        # Partial FC: where the sampled rows' gradient accumulates (see sampled_rows).
+        self.persistent_grad = True
+        self._grad_buffer: torch.Tensor | None = None
+        self._touched: list[torch.Tensor] = []
 
-    def center_factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sampled_rows(self, classes: torch.Tensor) -> torch.Tensor:
+        """(n·K, D) fp32 rows of the sampled `classes`; their gradient lands in `weight.grad`.
+
+        With `persistent_grad` the rows are a leaf whose gradient is added into a gradient buffer
+        kept across steps, and only the rows touched since the last optimizer step are zeroed
+        again. Autograd's gather would allocate and zero a whole weight-sized gradient every step —
+        at 81k classes × 3 × 512 that page-faulted 500 MB and cost more than the head's matmuls.
+        The optimizer sees the same dense gradient either way. Off under DDP, whose reducer
+        needs the parameter's own autograd hook.
+        """
+        view = self.weight.view(self.num_classes, self.subcenters, -1)
+        if not (self.persistent_grad and torch.is_grad_enabled() and self.weight.requires_grad):
+            return view.float()[classes].flatten(0, 1)
+        if self.weight.grad is None:  # a new accumulation (the optimizer dropped the gradient)
+            buffer = self._grad_buffer
+            if buffer is None or buffer.shape != self.weight.shape or buffer.dtype != self.weight.dtype:
+                buffer = torch.zeros_like(self.weight)
+            elif self._touched:
+                buffer.view_as(view).index_fill_(0, torch.cat(self._touched), 0.0)
+            self._grad_buffer, self._touched = buffer, []
+            self.weight.grad = buffer
+        grad = self.weight.grad.view_as(view)
+        if self.weight.grad is self._grad_buffer:
+            self._touched.append(classes)
+        return _GatherIntoGradient.apply(view, classes, grad).flatten(0, 1)
+
+    def center_factors(
+        self, dtype: torch.dtype | None = None, classes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight in the matmul dtype, fp32 1/‖row‖): cosines are (e·w)·(1/‖w‖).
+
+        `classes` (sorted ids, from sample_classes) restricts the centers to those classes' rows
+        (Partial FC); their gradient lands in the same rows of the full weight.
 
         No normalised copy of the (possibly 100M-parameter) weight is made: F.normalize's backward
         (a broadcast division over the whole weight) cost more than the backbone's convolutions in
@@ -75,17 +144,18 @@ class MarginHead(nn.Module):
         the synthetic (SEE) rows; a bf16/fp16 weight makes the product run at the low-precision
         matmul rate (fp32 accumulation).
         """
-        weight = self.weight.float()
+        weight = self.weight.float() if classes is None else self.sampled_rows(classes)
         inverse_norm = torch.linalg.vector_norm(weight, dim=1).clamp(min=1e-12).reciprocal()
         return (weight if dtype is None else weight.to(dtype)), inverse_norm
 
     def subcenter_cosines(
         self, embeddings: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """(B, C, K) fp32 cosines between embeddings and every sub-center; `factors` from center_factors."""
+        """(B, C, K) fp32 cosines between embeddings and every sub-center (or the C sampled classes of
+        `factors`, from center_factors)."""
         weight, inverse_norm = self.center_factors() if factors is None else factors
         emb = F.normalize(embeddings.float(), dim=1).to(weight.dtype)
-        return (F.linear(emb, weight).float() * inverse_norm).view(-1, self.num_classes, self.subcenters)
+        return (F.linear(emb, weight).float() * inverse_norm).view(len(emb), -1, self.subcenters)
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, C) class cosines: the max over each class's sub-centers."""
@@ -93,26 +163,36 @@ class MarginHead(nn.Module):
             return self.subcenter_cosines(embeddings).amax(dim=2)
 
     def closest_centers(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, subcenter_cos: torch.Tensor | None = None
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        subcenter_cos: torch.Tensor | None = None,
+        columns: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, E) unit vector of each sample's own-class sub-center closest to it (a constant for the
-        gradient). `subcenter_cos`: the (B, C, K) cosines when the caller already has them."""
+        gradient). `subcenter_cos`: the (B, C, K) cosines when the caller already has them, with
+        `columns` the labels' positions in them when they cover sampled classes only."""
         with torch.no_grad():
             if subcenter_cos is None:
                 subcenter_cos = self.subcenter_cosines(embeddings)
-            best = subcenter_cos[torch.arange(len(labels), device=labels.device), labels].argmax(dim=1)
+            column = labels if columns is None else columns
+            best = subcenter_cos[torch.arange(len(labels), device=labels.device), column].argmax(dim=1)
             rows = labels * self.subcenters + best
             return F.normalize(self.weight.float()[rows], dim=1)
 
     def apply_margin(self, cos: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def margin_logits(self, subcenter_cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Scaled logits from (B, C, K) sub-center cosines, the margin applied to each target (fp32)."""
+    def margin_logits(
+        self, subcenter_cos: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scaled logits from (B, C, K) sub-center cosines, the margin applied to each target (fp32).
+
+        `labels` index the columns; with sampled classes pass each sample's `margins` (by class id)."""
         cos = subcenter_cos.amax(dim=2)
         index = labels.view(-1, 1)
         target = cos.gather(1, index).squeeze(1)
-        modified = self.apply_margin(target, self.margins[labels])
+        modified = self.apply_margin(target, self.margins[labels] if margins is None else margins)
         logits = cos.scatter(1, index, modified.unsqueeze(1))
         return logits * self.scale
 

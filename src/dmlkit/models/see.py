@@ -42,7 +42,9 @@ def see_expand(
     radius = residual.norm(dim=1, keepdim=True).clamp(min=1e-12)
     u1 = residual / radius
     # Random directions, orthonormalised against w and u1 (detached: constants for the gradient).
-    noise = torch.randn(batch, dim, n_expansion, generator=generator, device=z.device, dtype=z.dtype)
+    # Drawn on the generator's device (a CPU generator seeds the run on any device), then moved.
+    noise_device = generator.device if generator is not None else z.device
+    noise = torch.randn(batch, dim, n_expansion, generator=generator, device=noise_device, dtype=z.dtype).to(z.device)
     basis = torch.cat([w.unsqueeze(2), u1.detach().unsqueeze(2), noise], dim=2)  # (B, D, n+2)
     q, _ = torch.linalg.qr(basis)
     rest = q[:, :, 2:]  # (B, D, n): orthonormal, orthogonal to w and u1

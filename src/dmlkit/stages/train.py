@@ -27,7 +27,7 @@ from ..data.dataset import ImageDataset
 from ..data.transforms import make_pipeline
 from ..inference import autocast_dtype, embed_paths, validation_scores
 from ..models.backbone import EmbeddingModel
-from ..models.heads import MarginHead, build_head
+from ..models.heads import MarginHead, build_head, sample_classes
 from ..models.see import schedule_value, see_expand, select_confident
 from ..runtime import is_main_process, rank, world_size
 from .folds import fold_parts
@@ -97,6 +97,7 @@ class MarginModel(nn.Module):
         self.head = head
         self.see = member.see
         self.matmul = member.head.matmul
+        self.sample_rate = member.head.sample_rate
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, see_value: float, generator: torch.Generator | None = None
@@ -109,14 +110,19 @@ class MarginModel(nn.Module):
         if self.matmul == "amp" and torch.is_autocast_enabled(device_type):
             matmul_dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type=device_type, enabled=False):
+            # Partial FC: only the sampled classes' centers (the batch's among them) enter the softmax.
+            classes, columns = None, labels
+            if self.sample_rate < 1.0:
+                classes, columns = sample_classes(labels, head.num_classes, self.sample_rate, generator)
+            margins = head.margins[labels]
             # The sub-center norms are computed once per step and shared by the real and synthetic rows;
             # the real rows' cosines also pick each sample's closest sub-center for SEE.
-            factors = head.center_factors(matmul_dtype)
+            factors = head.center_factors(matmul_dtype, classes)
             subcenter_cos = head.subcenter_cosines(embeddings, factors)
-            loss = F.cross_entropy(head.margin_logits(subcenter_cos, labels), labels)
+            loss = F.cross_entropy(head.margin_logits(subcenter_cos, columns, margins), columns)
             expanded = 0
             if self.see.enabled and self.see.weight > 0:
-                centers = head.closest_centers(embeddings, labels, subcenter_cos.detach())
+                centers = head.closest_centers(embeddings, labels, subcenter_cos.detach(), columns)
                 cos_to_center = (embeddings.float().detach() * centers).sum(dim=1)
                 mask = select_confident(cos_to_center, self.see.schedule, see_value)
                 expanded = int(mask.sum())
@@ -124,10 +130,12 @@ class MarginModel(nn.Module):
                     n = self.see.n_expansion
                     synthetic = see_expand(embeddings[mask], centers[mask], n, generator)
                     synthetic = synthetic.reshape(-1, embeddings.shape[1])
-                    synthetic_labels = labels[mask].repeat_interleave(n)
+                    synthetic_columns = columns[mask].repeat_interleave(n)
                     synthetic_cos = head.subcenter_cosines(synthetic, factors)
-                    extra = F.cross_entropy(head.margin_logits(synthetic_cos, synthetic_labels), synthetic_labels)
-                    loss = loss + self.see.weight * extra
+                    synthetic_logits = head.margin_logits(
+                        synthetic_cos, synthetic_columns, margins[mask].repeat_interleave(n)
+                    )
+                    loss = loss + self.see.weight * F.cross_entropy(synthetic_logits, synthetic_columns)
         return loss, expanded
 
 
@@ -200,6 +208,7 @@ def train_member(
     distributed = world_size() > 1
     train_model: nn.Module = MarginModel(model, head, member)
     if distributed:
+        head.persistent_grad = False  # DDP reduces the weight's gradient from its own autograd hook
         train_model = nn.parallel.DistributedDataParallel(train_model)
     optimizer = make_optimizer(t, list(model.parameters()), list(head.parameters()), device)
     per_rank_batch = max(2, t.batch_size // world_size())
