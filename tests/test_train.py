@@ -1,5 +1,6 @@
 """Training: resume after SIGKILL gives the same weights; two gloo processes match one process."""
 
+import json
 import os
 import shutil
 import signal
@@ -201,3 +202,24 @@ def test_low_precision_head_matmul_stays_close_to_fp32():
         grads.append(head.weight.grad.clone())
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)
     assert torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0) > 0.99
+
+
+def test_rotated_classes_and_partial_fc_train_and_save_the_original_classes(tmp_path):
+    cfg = _prepare(tmp_path)
+    overrides = (
+        "members.0.train.class_rotations=[90,180,270]",
+        "members.0.head.sample_rate=0.5",
+        "members.0.see.enabled=true",
+    )
+    run = subprocess.run(
+        _train_cmd(cfg, tmp_path / "art", *overrides), env=_env(), capture_output=True, text=True, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    saved = _final_weights(tmp_path / "art")
+    (manifest,) = (tmp_path / "art").glob("*/train/m0/*/manifest.json")
+    result = json.loads(manifest.read_text())["result"]
+    classes = saved["classes"]
+    assert classes and not any("@rot" in str(c) for c in classes)
+    assert result["classes"] == len(classes) and result["trained_classes"] == 4 * len(classes)
+    assert saved["head"]["weight"].shape[0] == len(classes) * 2  # two sub-centers per original class
+    assert saved["head"]["margins"].shape[0] == len(classes)

@@ -92,6 +92,11 @@ class TrainConfig(Strict):
     nan_policy: Literal["stop", "skip"] = "stop"
     strict_images: bool = Field(False, description="fail on an unreadable training image instead of skipping")
     validate_every: int = Field(1, ge=1)
+    class_rotations: list[Literal[90, 180, 270]] = Field(
+        default_factory=list,
+        description="each training class rotated by these angles becomes a class of its own (Omniglot "
+        "practice, Santoro et al. 2016); the saved head keeps the original classes only",
+    )
     augment: list[dict[str, Any]] = Field(
         default_factory=list, description="albumentations transforms: [{type: HorizontalFlip, p: 0.5}, ...]"
     )

@@ -6,6 +6,8 @@ import logging
 from collections.abc import Sequence
 
 import albumentations as A
+import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
@@ -29,8 +31,11 @@ class ImageDataset(Dataset):
         channels: int = 3,
         image_size: int = 224,
         skip_unreadable: bool = False,
+        quarter_turns: Sequence[int] | None = None,
     ):
+        """`quarter_turns`: per image, how many times to rotate it by 90° counter-clockwise first."""
         self.paths = list(paths)
+        self.quarter_turns = list(quarter_turns) if quarter_turns is not None else None
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform
         self.channels = channels
@@ -48,5 +53,21 @@ class ImageDataset(Dataset):
                 raise
             blank = torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8)
             return blank, self.labels[index], index, False
+        if self.quarter_turns is not None and self.quarter_turns[index] % 4:
+            image = np.ascontiguousarray(np.rot90(image, self.quarter_turns[index]))
         tensor = self.transform(image=image)["image"]
         return tensor, self.labels[index], index, True
+
+
+def with_rotated_classes(table: pd.DataFrame, rotations: Sequence[int]) -> tuple[pd.DataFrame, list[str]]:
+    """The training rows plus one copy per rotation whose label is `<label>@rot<angle>`, with a
+    `quarter_turns` column; and the class list: the original classes (sorted) first, then the
+    rotated ones, so the original classes keep the head's first rows."""
+    classes = sorted(table["label"].unique())
+    parts = [table.assign(quarter_turns=0)]
+    for angle in rotations:
+        if angle % 90 or not 0 < angle < 360:
+            raise ValueError(f"class rotation {angle}: expected 90, 180 or 270")
+        parts.append(table.assign(label=table["label"].astype(str) + f"@rot{angle}", quarter_turns=angle // 90))
+    rotated = [f"{c}@rot{angle}" for angle in rotations for c in classes]
+    return pd.concat(parts, ignore_index=True), classes + rotated

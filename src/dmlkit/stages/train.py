@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import Config, MemberConfig, TrainConfig
-from ..data.dataset import ImageDataset
+from ..data.dataset import ImageDataset, with_rotated_classes
 from ..data.transforms import make_pipeline
 from ..inference import autocast_dtype, embed_paths, validation_scores
 from ..models.backbone import EmbeddingModel
@@ -171,16 +171,18 @@ def train_member(
 
     t = member.train
     train_part, val_part = fold_parts(folds, member.fold)
-    classes = sorted(train_part["label"].unique())
-    class_index = {c: i for i, c in enumerate(classes)}
-    counts = train_part["label"].value_counts().reindex(classes).to_numpy()
-    targets = train_part["label"].map(class_index).to_numpy()
+    # With class rotations the head trains on more classes than it is saved with (the originals first).
+    train_rows, head_classes = with_rotated_classes(train_part, t.class_rotations)
+    classes = head_classes[: train_part["label"].nunique()]
+    class_index = {c: i for i, c in enumerate(head_classes)}
+    counts = train_rows["label"].value_counts().reindex(head_classes).to_numpy()
+    targets = train_rows["label"].map(class_index).to_numpy()
 
     model = build_model(member).to(device)
     head = build_member_head(member, counts).to(device)
     if init_state is not None:
         model.load_state_dict(init_state["model"])
-        if init_state.get("classes") == classes:
+        if init_state.get("classes") == head_classes:
             head.load_state_dict(init_state["head"])
             log.info("%s: initialised model and head from %s", member.name, member.init_from)
         else:
@@ -198,12 +200,13 @@ def train_member(
             log.warning("%s: train.sync_bn needs GPUs (torch's SyncBatchNorm is CUDA-only); ignored", member.name)
     transform = make_pipeline(member.image_size, augment=t.augment)
     dataset = ImageDataset(
-        train_part["path"].tolist(),
+        train_rows["path"].tolist(),
         targets.tolist(),
         transform,
         member.in_chans,
         member.image_size,
         skip_unreadable=not t.strict_images,
+        quarter_turns=train_rows["quarter_turns"].tolist(),
     )
     distributed = world_size() > 1
     train_model: nn.Module = MarginModel(model, head, member)
@@ -365,6 +368,7 @@ def train_member(
     return {
         "best": best,
         "classes": len(classes),
+        "trained_classes": len(head_classes),
         "train_images": len(dataset),
         "skipped_images": sorted(skipped_images),
         "nonfinite_steps": nonfinite_steps,
@@ -417,11 +421,18 @@ def validate(
 
 
 def _save_weights(path: Path, model: nn.Module, head: MarginHead, classes: list[str], member: MemberConfig) -> None:
+    """Model, and the head's rows for `classes` (the first ones: rotated classes are dropped)."""
+    head_state = head.state_dict()
+    if len(classes) < head.num_classes:
+        head_state = {
+            "weight": head_state["weight"][: len(classes) * head.subcenters].clone(),
+            "margins": head_state["margins"][: len(classes)].clone(),
+        }
     tmp = str(path) + ".tmp"
     torch.save(
         {
             "model": model.state_dict(),
-            "head": head.state_dict(),
+            "head": head_state,
             "classes": classes,
             "member": member.model_dump(mode="json"),
         },

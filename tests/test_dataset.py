@@ -1,0 +1,38 @@
+"""Training rows: rotated copies of classes become classes of their own."""
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from dmlkit.data.dataset import ImageDataset, with_rotated_classes
+
+
+def test_rotated_classes_are_new_classes_after_the_originals():
+    table = pd.DataFrame({"path": ["a1", "a2", "b1"], "label": ["b", "b", "a"]})
+    rows, classes = with_rotated_classes(table, [90, 270])
+    assert classes == ["a", "b", "a@rot90", "b@rot90", "a@rot270", "b@rot270"]
+    assert len(rows) == 9
+    rotated = ["b@rot90", "b@rot90", "a@rot90", "b@rot270", "b@rot270", "a@rot270"]
+    assert rows["label"].tolist() == ["b", "b", "a", *rotated]
+    assert rows["quarter_turns"].tolist() == [0, 0, 0, 1, 1, 1, 3, 3, 3]
+    assert rows["path"].tolist() == ["a1", "a2", "b1"] * 3
+    same, classes = with_rotated_classes(table, [])
+    assert classes == ["a", "b"] and same["quarter_turns"].tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="45"):
+        with_rotated_classes(table, [45])
+
+
+def test_dataset_rotates_by_quarter_turns(tmp_path):
+    image = np.zeros((6, 6), np.uint8)
+    image[0, :3] = 255  # a bar in the top-left corner's row
+    path = tmp_path / "x.png"
+    cv2.imwrite(str(path), image)
+    identity = A.Compose([A.ToTensorV2()])
+    dataset = ImageDataset([str(path)] * 3, [0, 1, 2], identity, channels=1, image_size=6, quarter_turns=[0, 1, 2])
+    for turns in range(3):
+        tensor, label, _, ok = dataset[turns]
+        assert ok and label == turns
+        assert np.array_equal(tensor[0].numpy(), np.rot90(image, turns))
+    assert np.array_equal(dataset[1][0][0].numpy()[3:, 0], [255, 255, 255])  # counter-clockwise: row 0 → column 0
