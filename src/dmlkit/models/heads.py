@@ -102,13 +102,13 @@ class MarginHead(nn.Module):
         # Partial FC: where the sampled rows' gradient accumulates (see sampled_rows).
         self.persistent_grad = True
         self._grad_buffer: torch.Tensor | None = None
-        self._touched: list[torch.Tensor] = []
+        self._touched: torch.Tensor | None = None  # (C,) bool: classes with gradient in the buffer
 
     def sampled_rows(self, classes: torch.Tensor) -> torch.Tensor:
         """(n·K, D) fp32 rows of the sampled `classes`; their gradient lands in `weight.grad`.
 
-        With `persistent_grad` the rows are a leaf whose gradient is added into a gradient buffer
-        kept across steps, and only the rows touched since the last optimizer step are zeroed
+        With `persistent_grad` their gradient is added into a gradient buffer kept across steps,
+        and only the classes touched since the optimizer last dropped the gradient are zeroed
         again. Autograd's gather would allocate and zero a whole weight-sized gradient every step —
         at 81k classes × 3 × 512 that page-faulted 500 MB and cost more than the head's matmuls.
         The optimizer sees the same dense gradient either way. Off under DDP, whose reducer
@@ -121,13 +121,15 @@ class MarginHead(nn.Module):
             buffer = self._grad_buffer
             if buffer is None or buffer.shape != self.weight.shape or buffer.dtype != self.weight.dtype:
                 buffer = torch.zeros_like(self.weight)
-            elif self._touched:
-                buffer.view_as(view).index_fill_(0, torch.cat(self._touched), 0.0)
-            self._grad_buffer, self._touched = buffer, []
+                self._touched = torch.zeros(self.num_classes, dtype=torch.bool, device=buffer.device)
+            else:
+                buffer.view_as(view).index_fill_(0, self._touched.nonzero().flatten(), 0.0)
+                self._touched.zero_()
+            self._grad_buffer = buffer
             self.weight.grad = buffer
         grad = self.weight.grad.view_as(view)
         if self.weight.grad is self._grad_buffer:
-            self._touched.append(classes)
+            self._touched[classes] = True
         return _GatherIntoGradient.apply(view, classes, grad).flatten(0, 1)
 
     def center_factors(
