@@ -5,8 +5,11 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from albumentations.pytorch import ToTensorV2
 
 from dmlkit.data.dataset import ImageDataset, with_rotated_classes
+from dmlkit.data.transforms import make_pipeline
 
 
 def test_rotated_classes_are_new_classes_after_the_originals():
@@ -36,3 +39,20 @@ def test_dataset_rotates_by_quarter_turns(tmp_path):
         assert ok and label == turns
         assert np.array_equal(tensor[0].numpy(), np.rot90(image, turns))
     assert np.array_equal(dataset[1][0][0].numpy()[3:, 0], [255, 255, 255])  # counter-clockwise: row 0 → column 0
+
+
+def test_pipeline_matches_albumentations_resize_and_to_tensor():
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    reference = A.Compose([A.HorizontalFlip(p=1.0), A.Resize(24, 24), ToTensorV2()])(image=colour)["image"]
+    ours = make_pipeline(24, flip=True)(image=colour)["image"]
+    assert ours.dtype == torch.uint8 and torch.equal(ours, reference)
+    # Already the right size: returned as is (no resize), as CHW.
+    square = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    assert torch.equal(make_pipeline(24)(image=square)["image"], torch.from_numpy(square).permute(2, 0, 1))
+    # Grayscale keeps its channel axis through the resize; a negative-stride view is accepted.
+    gray = rng.integers(0, 256, (40, 30, 1), dtype=np.uint8)
+    assert tuple(make_pipeline(16)(image=gray)["image"].shape) == (1, 16, 16)
+    flipped_view = square[:, ::-1]
+    expected = torch.from_numpy(flipped_view.copy()).permute(2, 0, 1)
+    assert torch.equal(make_pipeline(24)(image=flipped_view)["image"], expected)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
@@ -27,7 +26,7 @@ class ImageDataset(Dataset):
         self,
         paths: Sequence[str],
         labels: Sequence[int] | None,
-        transform: A.Compose,
+        transform: Callable[..., dict],
         channels: int = 3,
         image_size: int = 224,
         skip_unreadable: bool = False,

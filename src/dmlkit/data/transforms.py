@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import albumentations as A
-from albumentations.pytorch import ToTensorV2
+import cv2
+import numpy as np
+import torch
 
 
 class TransformConfigError(ValueError):
@@ -38,7 +40,38 @@ def build_augmentations(specs: list[dict[str, Any]], image_size: int, where: str
     return transforms
 
 
-def make_pipeline(image_size: int, augment: list[dict[str, Any]] | None = None, flip: bool = False) -> A.Compose:
+class ImagePipeline:
+    """Augmentations (an albumentations Compose), then resize to ``image_size`` when the image is
+    not that size already, then a uint8 CHW tensor; called like a Compose: ``pipeline(image=...)``.
+
+    The last two steps are plain cv2/torch calls: as albumentations transforms they cost 0.27 ms per
+    image (mostly per-transform dispatch, and a resize even when the size already matches), a third
+    of the 384 px training pipeline's cost beyond decoding.
+    """
+
+    def __init__(self, augmentations: list, image_size: int):
+        self.augment = A.Compose(augmentations) if augmentations else None
+        self.image_size = image_size
+
+    def set_random_seed(self, seed: int | None) -> None:
+        """Seeds the augmentations (albumentations gives every transform the same seed, so the draws
+        do not depend on the steps that follow them)."""
+        if self.augment is not None:
+            self.augment.set_random_seed(seed)
+
+    def __call__(self, *, image: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.augment is not None:
+            image = self.augment(image=image)["image"]
+        if image.shape[:2] != (self.image_size, self.image_size):
+            channels = image.shape[2]
+            image = cv2.resize(image, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
+            image = image.reshape(self.image_size, self.image_size, channels)
+        if any(stride < 0 for stride in image.strides):  # torch cannot view negative strides
+            image = np.ascontiguousarray(image)
+        return {"image": torch.from_numpy(image.transpose(2, 0, 1))}
+
+
+def make_pipeline(image_size: int, augment: list[dict[str, Any]] | None = None, flip: bool = False) -> ImagePipeline:
     """Augmentations (train) or none (eval), then resize to a uint8 CHW tensor.
 
     Normalisation (mean/std from timm's data config) happens inside the model, batched and on the
@@ -47,5 +80,4 @@ def make_pipeline(image_size: int, augment: list[dict[str, Any]] | None = None, 
     steps = build_augmentations(augment or [], image_size)
     if flip:
         steps.append(A.HorizontalFlip(p=1.0))
-    steps += [A.Resize(image_size, image_size), ToTensorV2()]
-    return A.Compose(steps)
+    return ImagePipeline(steps, image_size)
