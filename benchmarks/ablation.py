@@ -30,10 +30,11 @@ VARIANTS = [
 
 def untrained_score(ctx: Context) -> dict:
     """Validation score of the randomly initialised backbone + neck (the floor training must beat)."""
-    from dmlkit.inference import embed_paths, validation_scores
+    from dmlkit.evaluation import knn_validation_scores
+    from dmlkit.inference import embed_paths
+    from dmlkit.models.build import build_model
     from dmlkit.pipeline import load_table, run_folds
     from dmlkit.stages.folds import fold_parts
-    from dmlkit.stages.train import build_model
 
     member = ctx.cfg.members[0]
     _, folds = load_table(run_folds(ctx))
@@ -42,14 +43,13 @@ def untrained_score(ctx: Context) -> dict:
     embed = {"image_size": member.image_size, "batch_size": 128, "device": ctx.device, "flip": False, "progress": False}
     gallery = embed_paths(model, train["path"].tolist(), **embed)
     queries = embed_paths(model, val["path"].tolist(), **embed)
-    return validation_scores(
-        ctx.adapter.metric,
+    return knn_validation_scores(
+        ctx.adapter,
         queries,
         val["label"].to_numpy(),
         val["known"].to_numpy(),
         gallery,
         train["label"].to_numpy(),
-        ctx.adapter.unknown_label,
     )
 
 

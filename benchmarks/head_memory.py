@@ -14,7 +14,7 @@ from common import report
 
 from dmlkit.config import TrainConfig
 from dmlkit.models.heads import build_head
-from dmlkit.stages.train import make_optimizer
+from dmlkit.models.optim import make_optimizer
 
 
 def tensor_bytes(tensors) -> int:

@@ -23,17 +23,19 @@ import pandas as pd
 import torch
 from common import RESULTS
 
+from dmlkit.competitions import get_adapter
 from dmlkit.competitions.image_folder import extracted, image_root, list_images
 from dmlkit.config import load_config
-from dmlkit.inference import embed_paths, validation_scores
+from dmlkit.evaluation import knn_validation_scores
+from dmlkit.inference import embed_paths
 from dmlkit.metrics import map_at_5, recall_at_k
+from dmlkit.models.checkpoint import load_member
 from dmlkit.pipeline import Context, load_table, run_folds, run_train
 from dmlkit.retrieval.ensemble import concatenate
 from dmlkit.retrieval.search import knn
 from dmlkit.retrieval.voting import insert_unknown, vote
 from dmlkit.runtime import seed_everything, set_threads, setup_logging
 from dmlkit.stages.folds import fold_parts
-from dmlkit.stages.train import load_member
 
 VARIANTS = [
     ("ArcFace", ["head.subcenters=1", "head.dynamic=none", "see.enabled=false"]),
@@ -127,14 +129,13 @@ def tune_threshold(ctx: Context, embed, new_share: float) -> float:
     hidden = set(rng.choice(classes, int(round(new_share * len(classes))), replace=False))
     train = train[~train["label"].isin(hidden)]
     val = val.assign(known=~val["label"].isin(hidden))
-    scores = validation_scores(
-        "map@5",
+    scores = knn_validation_scores(
+        get_adapter("generic-csv"),  # MAP@5 with the unknown answer "new"
         embed(val["path"].tolist()),
         val["label"].to_numpy(),
         val["known"].to_numpy(),
         embed(train["path"].tolist()),
         train["label"].to_numpy(),
-        "new",
         k=5,
         power=3.0,
     )

@@ -12,7 +12,9 @@ from common import interleaved_best, report
 
 from dmlkit.config import HeadConfig, MemberConfig, SEEConfig, TrainConfig
 from dmlkit.inference import autocast_dtype
-from dmlkit.stages.train import MarginModel, build_member_head, build_model, make_optimizer
+from dmlkit.models.build import build_member_head, build_model
+from dmlkit.models.objective import MarginModel
+from dmlkit.models.optim import make_optimizer
 
 
 def measure(

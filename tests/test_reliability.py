@@ -20,6 +20,7 @@ from dmlkit.config import load_config
 from dmlkit.data.dataset import ImageDataset
 from dmlkit.data.images import UnreadableImageError, read_image
 from dmlkit.data.transforms import make_pipeline
+from dmlkit.models.objective import MarginModel
 from dmlkit.pipeline import Context, ensure_demo_data, run_embed, run_folds, run_train
 from dmlkit.stages import train as train_stage
 from dmlkit.stages.retrieve import check_finite
@@ -108,7 +109,7 @@ def test_unreadable_test_image_fails_embedding_naming_it(tmp_path):
 
 def test_nan_loss_stops_with_step_or_is_skipped(tmp_path, monkeypatch):
     cfg_path = write_tiny_config(tmp_path, "whale")
-    original = train_stage.MarginModel.forward
+    original = MarginModel.forward
     calls = {"n": 0}
 
     def flaky(self, *args, **kwargs):
@@ -116,7 +117,7 @@ def test_nan_loss_stops_with_step_or_is_skipped(tmp_path, monkeypatch):
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 3 else loss), expanded
 
-    monkeypatch.setattr(train_stage.MarginModel, "forward", flaky)
+    monkeypatch.setattr(MarginModel, "forward", flaky)
     ctx = Context(load_config(cfg_path, ["members.0.train.epochs=3"]), artifacts=tmp_path / "a", progress=False)
     ensure_demo_data(ctx)
     with pytest.raises(train_stage.NonFiniteLossError, match=r"non-finite loss .* at epoch \d+, batch \d+"):

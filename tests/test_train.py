@@ -15,8 +15,8 @@ import torch
 
 from conftest import ROOT, write_tiny_config
 from dmlkit.config import load_config
+from dmlkit.models.optim import lr_factor
 from dmlkit.pipeline import Context, ensure_demo_data
-from dmlkit.stages.train import lr_factor
 
 
 def _free_port() -> int:
@@ -133,7 +133,7 @@ def _margin_model(matmul: str, see: bool, sample_rate: float = 1.0):
 
     from dmlkit.config import MemberConfig
     from dmlkit.models.heads import build_head
-    from dmlkit.stages.train import MarginModel
+    from dmlkit.models.objective import MarginModel
 
     member = MemberConfig.model_validate(
         {

@@ -211,4 +211,3 @@ def build_manifest(
         "git_commit": git_commit(),
         "host": platform.node(),
     }
-

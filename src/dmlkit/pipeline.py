@@ -8,7 +8,6 @@ and everything downstream recompute, nothing upstream.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import cache
-from .competitions import Adapter, Predictions, get_adapter
+from .competitions import Adapter, get_adapter
 from .config import Config, config_slice
 from .runtime import barrier, default_device, is_main_process
 
@@ -108,7 +107,7 @@ def _run(
 
 # ------------------------------------------------------------------------------------ stages
 def run_folds(ctx: Context) -> cache.Artifact:
-    from .stages.folds import assign_folds
+    from .stages.folds import make_folds
 
     fingerprints = ctx.adapter.fingerprints(ctx.root)
     if (ctx.root / "demo_params.json").exists():  # a regenerated demo can keep identical CSVs
@@ -117,30 +116,18 @@ def run_folds(ctx: Context) -> cache.Artifact:
         "competition": {"name": ctx.cfg.competition.name, "root": ctx.cfg.competition.root},
         "folds": config_slice(ctx.cfg.folds),
     }
-
-    def compute(work: Path) -> dict:
-        table = ctx.adapter.read(ctx.root)
-        train = table[table["role"] == "train"].reset_index(drop=True)
-        train["fold"] = assign_folds(train, ctx.cfg.folds.n_splits, ctx.cfg.folds.seed)
-        table.to_csv(work / "table.csv", index=False)
-        train.to_csv(work / "folds.csv", index=False)
-        return {
-            "rows": {role: int(n) for role, n in table["role"].value_counts().items()},
-            "classes": int(train.loc[train["known"], "label"].nunique()),
-        }
-
+    compute = lambda work: make_folds(ctx.adapter, ctx.root, ctx.cfg.folds, work)  # noqa: E731
     return _run(ctx, "folds", "", part, {}, fingerprints, compute)
 
 
 def load_table(folds_art: cache.Artifact) -> tuple[pd.DataFrame, pd.DataFrame]:
-    read = {"dtype": {"id": str, "label": str}, "keep_default_na": False}
-    table = pd.read_csv(folds_art.file("table.csv"), **read)
-    folds = pd.read_csv(folds_art.file("folds.csv"), **read)
-    table["label"] = table["label"].replace("", None)
-    return table, folds
+    from .stages.folds import read_folds
+
+    return read_folds(folds_art.file("table.csv"), folds_art.file("folds.csv"))
 
 
 def run_train(ctx: Context, member_name: str) -> cache.Artifact:
+    from .models.checkpoint import load_weights
     from .stages.train import train_member
 
     member = ctx.cfg.member(member_name)
@@ -153,21 +140,9 @@ def run_train(ctx: Context, member_name: str) -> cache.Artifact:
     part = {"member": config_slice(member), "seed": ctx.cfg.seed}
 
     def compute(work: Path) -> dict:
-        import torch
-
         _, folds = load_table(folds_art)
-        init_state = torch.load(init_art.file("final.pt"), map_location="cpu", weights_only=False) if init_art else None
-        return train_member(
-            ctx.cfg,
-            member,
-            folds,
-            ctx.adapter.metric,
-            ctx.adapter.unknown_label,
-            work,
-            ctx.device,
-            init_state,
-            ctx.progress,
-        )
+        init_state = load_weights(init_art.file("final.pt")) if init_art else None
+        return train_member(ctx.cfg, member, folds, ctx.adapter, work, ctx.device, init_state, ctx.progress)
 
     art = _run(ctx, "train", member.name, part, upstream, {}, compute, resumable=True, all_ranks=True)
     if not art.reused and is_main_process():
@@ -176,9 +151,7 @@ def run_train(ctx: Context, member_name: str) -> cache.Artifact:
 
 
 def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
-    from .inference import embed_paths, gather_rows, head_topk
-    from .runtime import rank, world_size
-    from .stages.train import load_member
+    from .stages.embed import embed_member
 
     member = ctx.cfg.member(member_name)
     train_art = run_train(ctx, member_name)
@@ -187,31 +160,7 @@ def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
 
     def compute(work: Path) -> dict:
         table, _ = load_table(folds_art)
-        model, head, classes = load_member(train_art.file("best.pt"), member, ctx.device)
-        shard = np.arange(len(table))[rank() :: world_size()]  # under torchrun each rank embeds its share
-        emb = embed_paths(
-            model,
-            table["path"].to_numpy()[shard].tolist(),
-            member.image_size,
-            ctx.cfg.embed.batch_size,
-            ctx.device,
-            flip=ctx.cfg.embed.tta_flip,
-            scales=ctx.cfg.embed.tta_scales,
-            amp=member.train.amp,
-            num_workers=member.train.num_workers,
-            desc=f"embed {member.name}",
-            progress=ctx.progress,
-        )
-        emb = gather_rows(emb, shard, len(table))
-        if not is_main_process():
-            return {}
-        top_index, top_cos = head_topk(head, emb, ctx.device)
-        np.save(work / "embeddings.npy", emb)
-        np.save(work / "head_topk_index.npy", top_index)
-        np.save(work / "head_topk_cos.npy", top_cos)
-        (work / "head_classes.json").write_text(json.dumps(classes))
-        table[["id", "role"]].to_csv(work / "ids.csv", index=False)
-        return {"rows": len(emb), "dim": int(emb.shape[1])}
+        return embed_member(ctx.cfg, member, table, train_art.file("best.pt"), ctx.device, work, ctx.progress)
 
     upstream = {"train": train_art.key, "folds": folds_art.key}
     return _run(ctx, "embed", member.name, part, upstream, {}, compute, all_ranks=True)
@@ -223,16 +172,13 @@ def member_embeddings(ctx: Context) -> dict[str, np.ndarray]:
 
 def member_heads(ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per member, (labels, cosines) of its head's best classes for every row of the table."""
-    heads = {}
-    for member in ctx.cfg.members:
-        art = run_embed(ctx, member.name)
-        classes = np.array(json.loads(art.file("head_classes.json").read_text()), dtype=object)
-        heads[member.name] = (classes[np.load(art.file("head_topk_index.npy"))], np.load(art.file("head_topk_cos.npy")))
-    return heads
+    from .stages.embed import read_head_topk
+
+    return {m.name: read_head_topk(run_embed(ctx, m.name).path) for m in ctx.cfg.members}
 
 
 def run_ensemble(ctx: Context) -> cache.Artifact:
-    from .retrieval.ensemble import concatenate, pca_whiten
+    from .stages.embed import ensemble_members
 
     embed_arts = {m.name: run_embed(ctx, m.name) for m in ctx.cfg.members}
     folds_art = run_folds(ctx)
@@ -240,13 +186,8 @@ def run_ensemble(ctx: Context) -> cache.Artifact:
 
     def compute(work: Path) -> dict:
         table, _ = load_table(folds_art)
-        parts = [np.load(a.file("embeddings.npy")) for a in embed_arts.values()]
-        weights = [ctx.cfg.ensemble.weights.get(name, 1.0) for name in embed_arts]
-        emb = concatenate(parts, weights)
-        if ctx.cfg.ensemble.pca_whiten:
-            emb = pca_whiten(emb, (table["role"] == "train").to_numpy(), ctx.cfg.ensemble.pca_dim)
-        np.save(work / "embeddings.npy", emb)
-        return {"dim": int(emb.shape[1]), "members": list(embed_arts)}
+        files = {name: art.file("embeddings.npy") for name, art in embed_arts.items()}
+        return ensemble_members(ctx.cfg, table, files, work)
 
     upstream = {f"embed/{k}": a.key for k, a in embed_arts.items()}
     return _run(ctx, "ensemble", "", part, upstream, {}, compute)
@@ -256,88 +197,43 @@ def embeddings_of(art: cache.Artifact) -> np.ndarray:
     return np.load(art.file("embeddings.npy"))
 
 
-def save_retrieval_grid(
-    path: Path,
-    table: pd.DataFrame,
-    folds: pd.DataFrame,
-    embeddings: np.ndarray,
-    fold: int,
-    queries: int = 6,
-    k: int = 5,
-) -> Path | None:
-    """A PNG of a few validation queries and their top-k training neighbours (right ones green)."""
-    from .data.images import read_image
-    from .plots import plot_retrieval_grid
-    from .retrieval.search import knn
-    from .stages.folds import fold_parts
-
-    train, val = fold_parts(folds, fold)
-    val = val[val["known"]]
-    if val.empty or train.empty:
-        return None
-    row_of = {i: n for n, (r, i) in enumerate(zip(table["role"], table["id"], strict=True)) if r == "train"}
-    chosen = val.iloc[np.random.default_rng(0).permutation(len(val))[:queries]]
-    _, ids = knn(
-        embeddings[[row_of[i] for i in chosen["id"]]],
-        embeddings[[row_of[i] for i in train["id"]]],
-        k=min(k, len(train)),
-        progress=False,
-    )
-    labels, paths = train["label"].to_numpy(), train["path"].to_numpy()
-    plot_retrieval_grid(
-        chosen["path"].tolist(),
-        [[paths[j] for j in row] for row in ids],
-        [[labels[j] == q for j in row] for row, q in zip(ids, chosen["label"], strict=True)],
-        path,
-        read_image,
-        f"validation fold {fold}: queries (left) and their {k} nearest training images",
-    )
-    return path
-
-
 def _val_fold(ctx: Context) -> int:
     return ctx.cfg.retrieve.val_fold if ctx.cfg.retrieve.val_fold is not None else ctx.cfg.members[0].fold
 
 
 def run_retrieve(ctx: Context) -> cache.Artifact:
-    from .stages.retrieve import retrieve
+    from .stages.retrieve import retrieve, save_retrieval_grid, warn_leaky_members, write_retrieval
 
     if "retrieve" in ctx.done:  # already run (and its report logged) in this process
         return ctx.done["retrieve"]
     ensemble_art = run_ensemble(ctx)
     folds_art = run_folds(ctx)
+    val_fold = _val_fold(ctx)
     part = {
         "retrieve": config_slice(ctx.cfg.retrieve),
         "formats": [f.name for f in ctx.formats],
-        "val_fold": _val_fold(ctx),
+        "val_fold": val_fold,
     }
 
     def compute(work: Path) -> dict:
         table, folds = load_table(folds_art)
-        leaky = [m.name for m in ctx.cfg.members if m.fold != _val_fold(ctx)]
-        if leaky:
-            log.warning(
-                "retrieve: members %s trained on validation fold %d's images: the ensemble's validation "
-                "scores (and tuned thresholds) are optimistic",
-                leaky,
-                _val_fold(ctx),
-            )
+        warn_leaky_members(ctx.cfg.members, val_fold)
+        embeddings = embeddings_of(ensemble_art)
+        heads = member_heads(ctx) if ctx.cfg.retrieve.voting.head_weight > 0 else None
         predictions, report, tuned = retrieve(
             ctx.cfg.retrieve,
             ctx.adapter,
             ctx.formats,
             table,
             folds,
-            np.load(ensemble_art.file("embeddings.npy")),
+            embeddings,
             member_embeddings(ctx),
-            _val_fold(ctx),
+            val_fold,
             ctx.progress,
-            member_heads(ctx) if ctx.cfg.retrieve.voting.head_weight > 0 else None,
+            heads,
         )
-        for name, pred in predictions.items():
-            (work / f"predictions-{name}.json").write_text(json.dumps(pred.__dict__))
-        report.to_csv(work / "report.csv", index=False)
-        grid = save_retrieval_grid(work / "retrievals.png", table, folds, embeddings_of(ensemble_art), _val_fold(ctx))
+        write_retrieval(work, predictions, report)
+        grid = save_retrieval_grid(work / "retrievals.png", table, folds, embeddings, val_fold)
         if grid:
             log.info("[retrieve] validation queries and their neighbours: %s", grid)
         return {"tuned": tuned, "report": report.to_dict(orient="records")}
@@ -348,30 +244,25 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
     except pd.errors.EmptyDataError:  # no validation fold
         report = pd.DataFrame()
     if not report.empty and is_main_process():
-        log.info("validation, step by step (fold %d):\n%s", _val_fold(ctx), report.to_string(index=False))
+        log.info("validation, step by step (fold %d):\n%s", val_fold, report.to_string(index=False))
     return art
 
 
 def run_submit(ctx: Context) -> cache.Artifact:
+    from .stages.submit import submission_name, write_submissions
+
     retrieve_art = run_retrieve(ctx)
     part = {"experiment": ctx.cfg.experiment, "formats": [f.name for f in ctx.formats]}
     fingerprints = {"sample_submission": cache.file_fingerprint(ctx.root / "sample_submission.csv")}
 
     def compute(work: Path) -> dict:
-        written = {}
-        for fmt in ctx.formats:
-            pred = Predictions(**json.loads(retrieve_art.file(f"predictions-{fmt.name}.json").read_text()))
-            frame = fmt.build_submission(pred, fmt.submission_ids(ctx.root))
-            name = f"{ctx.cfg.experiment}{fmt.suffix}.csv"
-            frame.to_csv(work / name, index=False)
-            written[fmt.name] = name
-        return {"files": written}
+        return write_submissions(ctx.formats, ctx.root, ctx.cfg.experiment, retrieve_art.path, work)
 
     art = _run(ctx, "submit", "", part, {"retrieve": retrieve_art.key}, fingerprints, compute)
     if is_main_process():
         ctx.submissions.mkdir(parents=True, exist_ok=True)
         for fmt in ctx.formats:
-            name = f"{ctx.cfg.experiment}{fmt.suffix}.csv"
+            name = submission_name(ctx.cfg.experiment, fmt)
             target = ctx.submissions / name
             shutil.copyfile(art.file(name), target.with_name(name + ".tmp"))
             target.with_name(name + ".tmp").replace(target)
@@ -382,11 +273,12 @@ def run_submit(ctx: Context) -> cache.Artifact:
 def local_scores(ctx: Context) -> list[dict]:
     """Leaderboard scores of the written submissions where the competition ships its answers (demos)."""
     from .stages.score import score_files
+    from .stages.submit import submission_name
 
     results = []
     for fmt in ctx.formats:
         solution = ctx.root / fmt.solution_file
-        submission = ctx.submissions / f"{ctx.cfg.experiment}{fmt.suffix}.csv"
+        submission = ctx.submissions / submission_name(ctx.cfg.experiment, fmt)
         if solution.is_file() and submission.is_file():
             result = score_files(submission, solution)
             result["submission"] = str(submission)

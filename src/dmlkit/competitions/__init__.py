@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Adapter, InputError, Predictions
+from .base import Adapter, Calibration, InputError, Predictions
 from .generic_csv import GenericCSV
 from .happywhale import Happywhale
 from .humpback import Humpback
@@ -31,4 +31,4 @@ def adapter_for_header(columns: list[str]) -> Adapter:
     raise InputError(f"submission header {columns} matches no competition; known headers: {known}")
 
 
-__all__ = ["ADAPTERS", "Adapter", "InputError", "Predictions", "adapter_for_header", "get_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "Calibration", "InputError", "Predictions", "adapter_for_header", "get_adapter"]

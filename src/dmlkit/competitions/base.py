@@ -9,10 +9,12 @@ solution file with the same adapter.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 
 TABLE_COLUMNS = ["id", "path", "label", "role", "known"]
@@ -31,6 +33,26 @@ class Predictions:
     labels: list[list[str]] = field(default_factory=list)
     scores: list[list[float]] = field(default_factory=list)
     neighbours: list[list[str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What validation tunes for a competition's predictions: the score below which the unknown
+    label is inserted (identification) or the confidence form that orders GAP (recognition)."""
+
+    threshold: float | None = None
+    confidence: str | None = None
+
+    def tuned(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def step_name(self, unknown_label: str | None) -> str | None:
+        """The validation report's row for this calibration (None: nothing was calibrated)."""
+        if self.threshold is not None:
+            return f"+ {unknown_label} threshold {self.threshold:.4f}"
+        if self.confidence is not None:
+            return f"+ confidence '{self.confidence}'"
+        return None
 
 
 def read_csv_file(path: Path) -> pd.DataFrame:
@@ -98,6 +120,7 @@ class Adapter(ABC):
     unknown_label: ClassVar[str | None] = None
     max_predictions: ClassVar[int] = 5
     solution_file: ClassVar[str] = "solution.csv"  # the answers, where a competition ships them (demos)
+    gallery_role: ClassVar[str] = "train"  # test queries search the labelled training images, or `index`
 
     @abstractmethod
     def read(self, root: Path) -> pd.DataFrame:
@@ -122,8 +145,35 @@ class Adapter(ABC):
         """None when the cell is valid, else what is wrong with it."""
 
     @abstractmethod
-    def score_frame(self, frame: pd.DataFrame) -> float:
-        """The metric over rows holding the submission's columns plus the solution's `truth`."""
+    def parse_cell(self, cell: str) -> tuple[list[str], list[float], list[str]]:
+        """(labels, scores, neighbours) of one submission cell: the inverse of `format_cell`."""
+
+    @abstractmethod
+    def parse_truth(self, cell: str) -> Any:
+        """One solution cell as `score_predictions` takes it."""
+
+    @abstractmethod
+    def score_predictions(self, predictions: Predictions, truths: Sequence[Any]) -> float:
+        """The competition's metric: the one scoring path of `score`, the leaderboard and validation."""
+
+    @abstractmethod
+    def validation_truths(
+        self, query_labels: np.ndarray, query_known: np.ndarray, gallery_labels: np.ndarray
+    ) -> tuple[np.ndarray, list]:
+        """(scored query rows, their truths) when validation queries search a labelled gallery."""
+
+    @abstractmethod
+    def predict(
+        self, ranked: Predictions, calibration: Calibration, confidence_offset: np.ndarray | None = None
+    ) -> Predictions:
+        """This competition's predictions from `ranked`: voted labels with their votes, best first, or
+        ranked gallery ids (`neighbours`); `confidence_offset` is subtracted from GAP confidences."""
+
+    def calibrate(
+        self, score: Callable[[Calibration], float], scores: list[list[float]], fixed_threshold: float | None
+    ) -> tuple[Calibration, float]:
+        """The calibration maximising `score` on validation, and that score (nothing to tune by default)."""
+        return Calibration(), score(Calibration())
 
     # ---------------------------------------------------------------- shared behaviour
     def submission_ids(self, root: Path) -> list[str]:
@@ -180,6 +230,17 @@ class Adapter(ABC):
             line = int(solution.index[bad][0]) + 2
             raise InputError(f"{path}: line {line}: Usage must be one of {USAGES}")
         return solution
+
+    def score_frame(self, frame: pd.DataFrame) -> float:
+        """The metric over rows holding the submission's columns plus the solution's `truth`."""
+        cells = [self.parse_cell(c) for c in frame[self.header[1]].fillna("")]
+        predictions = Predictions(
+            ids=frame[self.header[0]].tolist(),
+            labels=[c[0] for c in cells],
+            scores=[c[1] for c in cells],
+            neighbours=[c[2] for c in cells],
+        )
+        return self.score_predictions(predictions, [self.parse_truth(t) for t in frame["truth"].fillna("")])
 
     def score(self, submission: pd.DataFrame, solution: pd.DataFrame, source: str = "submission") -> dict:
         """Public and private scores, as the leaderboard shows them."""

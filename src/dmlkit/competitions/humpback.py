@@ -6,12 +6,15 @@ class. Submission `Image,Id` with 5 space-separated ids; metric MAP@5.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..metrics import map_at_5
-from .base import Adapter, check_table, image_path, read_csv_checked, split_cell
+from ..retrieval.voting import best_threshold, insert_unknown, threshold_grid
+from .base import Adapter, Calibration, Predictions, check_table, image_path, read_csv_checked, split_cell
 
 
 class Humpback(Adapter):
@@ -67,6 +70,39 @@ class Humpback(Adapter):
             return f"{len(parts)} ids, at most {self.max_predictions} allowed"
         return None
 
-    def score_frame(self, frame: pd.DataFrame) -> float:
-        predictions = [split_cell(c) for c in frame[self.header[1]].fillna("")]
-        return map_at_5(predictions, frame["truth"].tolist())
+    def parse_cell(self, cell: str) -> tuple[list[str], list[float], list[str]]:
+        return split_cell(cell), [], []
+
+    def parse_truth(self, cell: str) -> str:
+        return cell
+
+    def score_predictions(self, predictions: Predictions, truths: Sequence[str]) -> float:
+        return map_at_5(predictions.labels, truths)
+
+    def validation_truths(
+        self, query_labels: np.ndarray, query_known: np.ndarray, gallery_labels: np.ndarray
+    ) -> tuple[np.ndarray, list[str]]:
+        """Every query; unknown ones (unseen classes, new_whale) are answered by the unknown label."""
+        truths = [lab if kn else self.unknown_label for lab, kn in zip(query_labels, query_known, strict=True)]
+        return np.arange(len(query_labels)), truths
+
+    def predict(
+        self, ranked: Predictions, calibration: Calibration, confidence_offset: np.ndarray | None = None
+    ) -> Predictions:
+        """The voted labels with the unknown label before the first vote below the threshold."""
+        if calibration.threshold is None:
+            return Predictions(ids=ranked.ids, labels=[row[: self.max_predictions] for row in ranked.labels])
+        labels = insert_unknown(
+            ranked.labels, ranked.scores, self.unknown_label, calibration.threshold, self.max_predictions
+        )
+        return Predictions(ids=ranked.ids, labels=labels)
+
+    def calibrate(
+        self, score: Callable[[Calibration], float], scores: list[list[float]], fixed_threshold: float | None
+    ) -> tuple[Calibration, float]:
+        """The unknown threshold maximising MAP@5 (or the configured one)."""
+        if fixed_threshold is not None:
+            calibration = Calibration(threshold=float(fixed_threshold))
+            return calibration, score(calibration)
+        threshold, best = best_threshold(lambda t: score(Calibration(threshold=t)), threshold_grid(scores))
+        return Calibration(threshold=threshold), best

@@ -7,12 +7,15 @@ Submission `id,landmarks`, one cell `landmark_id score` or empty; metric GAP. Th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..metrics import global_average_precision
-from .base import Adapter, check_table, image_path, read_csv_checked, split_cell
+from ..retrieval.voting import CONFIDENCE_FORMS, landmark_confidence
+from .base import Adapter, Calibration, Predictions, check_table, image_path, read_csv_checked, split_cell
 
 
 class LandmarkRecognition(Adapter):
@@ -66,11 +69,41 @@ class LandmarkRecognition(Adapter):
             return f"score {parts[1]!r} is not finite"
         return None
 
-    def score_frame(self, frame: pd.DataFrame) -> float:
-        labels, scores = [], []
-        for cell in frame["landmarks"].fillna(""):
-            parts = split_cell(cell)
-            labels.append(parts[0] if parts else None)
-            scores.append(float(parts[1]) if parts else 0.0)
-        truths = [t if t.strip() else None for t in frame["truth"].fillna("")]
-        return global_average_precision(frame["id"].tolist(), labels, scores, truths)
+    def parse_cell(self, cell: str) -> tuple[list[str], list[float], list[str]]:
+        parts = split_cell(cell)
+        return (parts[:1], [float(parts[1])], []) if parts else ([], [], [])
+
+    def parse_truth(self, cell: str) -> str | None:
+        return cell if cell.strip() else None
+
+    def score_predictions(self, predictions: Predictions, truths: Sequence[str | None]) -> float:
+        return global_average_precision(
+            predictions.ids,
+            [row[0] if row else None for row in predictions.labels],
+            [row[0] if row else 0.0 for row in predictions.scores],
+            truths,
+        )
+
+    def validation_truths(
+        self, query_labels: np.ndarray, query_known: np.ndarray, gallery_labels: np.ndarray
+    ) -> tuple[np.ndarray, list[str | None]]:
+        """Every query; unknown ones are non-landmarks (every prediction on them is wrong)."""
+        truths = [lab if kn else None for lab, kn in zip(query_labels, query_known, strict=True)]
+        return np.arange(len(query_labels)), truths
+
+    def predict(
+        self, ranked: Predictions, calibration: Calibration, confidence_offset: np.ndarray | None = None
+    ) -> Predictions:
+        """The top voted label with its confidence (minus the query-side penalty, when given)."""
+        confidence = landmark_confidence(ranked.labels, ranked.scores, calibration.confidence or "vote")
+        if confidence_offset is not None:
+            confidence = confidence - confidence_offset
+        top_scores = [[float(c)] if row else [] for row, c in zip(ranked.labels, confidence, strict=True)]
+        return Predictions(ids=ranked.ids, labels=[row[:1] for row in ranked.labels], scores=top_scores)
+
+    def calibrate(
+        self, score: Callable[[Calibration], float], scores: list[list[float]], fixed_threshold: float | None
+    ) -> tuple[Calibration, float]:
+        """The confidence form that orders GAP best."""
+        best, form = max((score(Calibration(confidence=form)), form) for form in CONFIDENCE_FORMS)
+        return Calibration(confidence=form), best

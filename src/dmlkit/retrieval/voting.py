@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -61,6 +61,22 @@ def insert_unknown(
     return out
 
 
+def threshold_grid(scores: list[list[float]]) -> np.ndarray:
+    """Candidate unknown thresholds: 41 quantiles of the queries' top votes, plus 0 and +inf."""
+    top_scores = np.array([s[0] for s in scores if s] or [0.0])
+    return np.unique(np.concatenate([np.quantile(top_scores, np.linspace(0, 1, 41)), [0.0, np.inf]]))
+
+
+def best_threshold(evaluate: Callable[[float], float], grid: Sequence[float]) -> tuple[float, float]:
+    """The first threshold of the grid with the highest `evaluate(threshold)`, and that value."""
+    best = (float("-inf"), -1.0)
+    for threshold in grid:
+        score = evaluate(float(threshold))
+        if score > best[1] + 1e-12:
+            best = (float(threshold), score)
+    return best
+
+
 def tune_unknown_threshold(
     labels: list[list[str]],
     scores: list[list[float]],
@@ -69,15 +85,23 @@ def tune_unknown_threshold(
     grid: Sequence[float] | None = None,
 ) -> tuple[float, float]:
     """The threshold maximising MAP@5 on validation (truth `unknown` for unseen classes), and that score."""
-    if grid is None:
-        top_scores = np.array([s[0] for s in scores if s] or [0.0])
-        grid = np.unique(np.concatenate([np.quantile(top_scores, np.linspace(0, 1, 41)), [0.0, np.inf]]))
-    best = (float("-inf"), -1.0)
-    for threshold in grid:
-        score = map_at_5(insert_unknown(labels, scores, unknown, float(threshold)), truths)
-        if score > best[1] + 1e-12:
-            best = (float(threshold), score)
-    return best
+    return best_threshold(
+        lambda t: map_at_5(insert_unknown(labels, scores, unknown, t), truths),
+        threshold_grid(scores) if grid is None else grid,
+    )
+
+
+def head_label_scores(
+    member_heads: dict[str, tuple[np.ndarray, np.ndarray]], rows: np.ndarray
+) -> list[dict[str, float]]:
+    """Per row, each label's best head cosine over the members; `member_heads` maps a member to
+    (labels, cosines), each (N, k): its head's best classes for every row of the table."""
+    out: list[dict[str, float]] = [{} for _ in rows]
+    for labels, cos in member_heads.values():
+        for i, (row_labels, row_cos) in enumerate(zip(labels[rows], cos[rows], strict=True)):
+            for label, value in zip(row_labels, row_cos, strict=True):
+                out[i][label] = max(out[i].get(label, -1.0), float(value))
+    return out
 
 
 def landmark_confidence(labels: list[list[str]], scores: list[list[float]], form: str) -> np.ndarray:

@@ -9,10 +9,14 @@ unknown. Writes `table.csv` (every row of the competition) and
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
+
+from ..competitions import Adapter
+from ..config import FoldsConfig
 
 
 def assign_folds(train: pd.DataFrame, n_splits: int, seed: int) -> np.ndarray:
@@ -40,3 +44,25 @@ def fold_parts(folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFra
     val = folds[folds["fold"] == fold].copy()
     val["known"] = val["known"] & val["label"].isin(set(train["label"]))
     return train, val.reset_index(drop=True)
+
+
+def make_folds(adapter: Adapter, root: Path, cfg: FoldsConfig, work: Path) -> dict:
+    """The stage: read the competition into the common table, assign folds, write both CSVs."""
+    table = adapter.read(root)
+    train = table[table["role"] == "train"].reset_index(drop=True)
+    train["fold"] = assign_folds(train, cfg.n_splits, cfg.seed)
+    table.to_csv(work / "table.csv", index=False)
+    train.to_csv(work / "folds.csv", index=False)
+    return {
+        "rows": {role: int(n) for role, n in table["role"].value_counts().items()},
+        "classes": int(train.loc[train["known"], "label"].nunique()),
+    }
+
+
+def read_folds(table_csv: Path, folds_csv: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The stage's two CSVs back as (table, folds): ids and labels as strings, no label → None."""
+    read = {"dtype": {"id": str, "label": str}, "keep_default_na": False}
+    table = pd.read_csv(table_csv, **read)
+    folds = pd.read_csv(folds_csv, **read)
+    table["label"] = table["label"].replace("", None)
+    return table, folds

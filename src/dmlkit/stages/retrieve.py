@@ -7,19 +7,23 @@ folds) to report the score after each step and to tune the threshold, then on th
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..competitions import Adapter, Predictions
-from ..config import RetrieveConfig
-from ..inference import validation_scores
+from ..competitions import Adapter, Calibration, Predictions
+from ..config import MemberConfig, RetrieveConfig
+from ..evaluation import knn_validation_scores, validation_scores
 from ..retrieval.expansion import database_augmentation, query_expansion
 from ..retrieval.rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
 from ..retrieval.search import knn
-from ..retrieval.voting import fuse_head, insert_unknown, landmark_confidence, vote
+from ..retrieval.voting import fuse_head, head_label_scores, vote
+from .folds import fold_parts
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,147 @@ def run_chain(
     return result
 
 
+@dataclass
+class ValidationSplit:
+    """The validation fold's images (queries) against the other folds' known images (gallery), as
+    rows of the table; queries of classes the gallery lacks are unknown."""
+
+    query_rows: np.ndarray
+    query_labels: np.ndarray
+    query_known: np.ndarray
+    gallery_rows: np.ndarray
+    gallery_labels: np.ndarray
+
+
+def table_rows(table: pd.DataFrame, role: str, ids: pd.Series) -> np.ndarray:
+    """The table rows of `role` images with these ids."""
+    row_of = {i: n for n, (r, i) in enumerate(zip(table["role"], table["id"], strict=True)) if r == role}
+    return np.array([row_of[i] for i in ids], dtype=int)
+
+
+def validation_split(table: pd.DataFrame, folds: pd.DataFrame, val_fold: int) -> ValidationSplit:
+    train_part = folds[(folds["fold"] != val_fold) & folds["known"]]
+    val_part = folds[folds["fold"] == val_fold]
+    return ValidationSplit(
+        query_rows=table_rows(table, "train", val_part["id"]),
+        query_labels=val_part["label"].to_numpy(),
+        query_known=(val_part["known"] & val_part["label"].isin(set(train_part["label"]))).to_numpy(dtype=bool),
+        gallery_rows=table_rows(table, "train", train_part["id"]),
+        gallery_labels=train_part["label"].to_numpy(),
+    )
+
+
+def validation_report(
+    cfg: RetrieveConfig,
+    adapter: Adapter,
+    split: ValidationSplit,
+    embeddings: np.ndarray,
+    member_embeddings: dict[str, np.ndarray],
+    distractors: np.ndarray | None,
+    head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, Calibration]:
+    """The validation score after each step of the chain (members alone first, when several), then
+    with the calibration tuned on the last step, which the test predictions use."""
+    metric = adapter.metric
+    fixed = None if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold)
+    report: list[dict] = []
+
+    def record(step: str, out: dict) -> dict:
+        report.append({"step": step, metric: out["plain"], "recall@1": out["recall@1"]})
+        return out
+
+    def score(step: str, neighbours: Neighbours, heads: list[dict[str, float]] | None = None) -> dict:
+        out = validation_scores(
+            adapter,
+            neighbours.sims,
+            neighbours.ids,
+            split.query_labels,
+            split.query_known,
+            split.gallery_labels,
+            cfg.voting.k,
+            cfg.voting.power,
+            confidence_offset=neighbours.query_offset,
+            unknown_threshold=fixed,
+            head_scores=heads,
+            head_weight=cfg.voting.head_weight,
+        )
+        return record(step, out)
+
+    if len(member_embeddings) > 1:
+        for name, emb in member_embeddings.items():
+            queries, gallery = emb[split.query_rows], emb[split.gallery_rows]
+            out = knn_validation_scores(
+                adapter,
+                queries,
+                split.query_labels,
+                split.query_known,
+                gallery,
+                split.gallery_labels,
+                cfg.voting.k,
+                cfg.voting.power,
+            )
+            record(f"kNN, member {name} alone", out)
+    steps: list[tuple[str, Neighbours]] = []
+    final = run_chain(
+        cfg,
+        embeddings[split.query_rows],
+        embeddings[split.gallery_rows],
+        distractors,
+        lambda step, neighbours: steps.append((step, neighbours)),
+        progress,
+    )
+    last: dict = {}
+    for step, neighbours in steps:
+        last = score(step if step != "kNN" or len(member_embeddings) == 1 else "kNN, ensemble", neighbours)
+    if head_scores is not None and metric != "map@100":
+        last = score(f"+ head fusion (w={cfg.voting.head_weight})", final, head_scores(split.query_rows))
+    calibration = Calibration(threshold=last.get("threshold"), confidence=last.get("confidence"))
+    step = calibration.step_name(adapter.unknown_label)
+    if step:
+        report.append({"step": step, metric: last["score"], "recall@1": last["recall@1"]})
+    return pd.DataFrame(report), calibration
+
+
+def test_predictions(
+    cfg: RetrieveConfig,
+    formats: list[Adapter],
+    table: pd.DataFrame,
+    gallery_rows: np.ndarray,
+    gallery_labels: np.ndarray,
+    embeddings: np.ndarray,
+    calibration: Calibration,
+    head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
+    progress: bool = True,
+) -> dict[str, Predictions]:
+    """Each format's predictions for the test images: labels voted from the labelled gallery, or
+    (retrieval formats) the ranked index images."""
+    test_rows = np.flatnonzero((table["role"] == "test").to_numpy())
+    test_ids = table["id"].to_numpy()[test_rows].tolist()
+    index_rows = np.flatnonzero((table["role"] == "index").to_numpy())
+    if calibration.threshold is None:
+        default = 0.0 if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold)
+        calibration = Calibration(threshold=default, confidence=calibration.confidence)
+    predictions: dict[str, Predictions] = {}
+    for fmt in formats:
+        if fmt.gallery_role == "index":
+            if len(index_rows) == 0:
+                raise ValueError(f"{fmt.name}: the competition has no index images to retrieve from")
+            result = run_chain(cfg, embeddings[test_rows], embeddings[index_rows], progress=progress)
+            index_ids = table["id"].to_numpy()[index_rows]
+            neighbours = [[index_ids[j] for j in row if j >= 0] for row in result.ids]
+            predictions[fmt.name] = fmt.predict(Predictions(test_ids, neighbours=neighbours), calibration)
+            continue
+        distractors = embeddings[index_rows] if cfg.penalty.enabled else None
+        result = run_chain(cfg, embeddings[test_rows], embeddings[gallery_rows], distractors, progress=progress)
+        labels, scores = vote(result.sims, result.ids, gallery_labels, cfg.voting.k, cfg.voting.power)
+        if head_scores is not None:
+            labels, scores = fuse_head(labels, scores, head_scores(test_rows), cfg.voting.head_weight, cfg.voting.power)
+        ranked = Predictions(test_ids, labels=labels, scores=scores)
+        predictions[fmt.name] = fmt.predict(ranked, calibration, result.query_offset)
+    return predictions
+
+
 def retrieve(
     cfg: RetrieveConfig,
     adapter: Adapter,
@@ -130,129 +275,82 @@ def retrieve(
 
     `member_heads` maps a member to (labels, cosines), each (N, k): its head's best classes per row.
     """
-    fuse = cfg.voting.head_weight > 0 and bool(member_heads)
-
-    def head_scores(rows: np.ndarray) -> list[dict[str, float]]:
-        """Per row, each label's best head cosine over the members."""
-        out: list[dict[str, float]] = [{} for _ in rows]
-        for labels, cos in (member_heads or {}).values():
-            for i, (row_labels, row_cos) in enumerate(zip(labels[rows], cos[rows], strict=True)):
-                for label, value in zip(row_labels, row_cos, strict=True):
-                    out[i][label] = max(out[i].get(label, -1.0), float(value))
-        return out
-
-    row_of = {(r, i): n for n, (r, i) in enumerate(zip(table["role"], table["id"], strict=True))}
-    folds = folds.copy()
-    folds["row"] = [row_of[("train", i)] for i in folds["id"]]
-    train_part = folds[(folds["fold"] != val_fold) & folds["known"]]
-    val_part = folds[folds["fold"] == val_fold].copy()
-    val_part["known"] = val_part["known"] & val_part["label"].isin(set(train_part["label"]))
-    distractor_rows = np.flatnonzero((table["role"] == "index").to_numpy())
-    metric = adapter.metric
-    unknown = adapter.unknown_label
-    report: list[dict] = []
-    tuned: dict = {}
-
-    def score(
-        step: str, neighbours: Neighbours | None = None, source: np.ndarray | None = None, heads: bool = False
-    ) -> dict:
-        q_labels = val_part["label"].to_numpy()
-        g_labels = train_part["label"].to_numpy()
-        if neighbours is None:
-            q, g = source[val_part["row"].to_numpy()], source[train_part["row"].to_numpy()]
-            out = validation_scores(
-                metric, q, q_labels, val_part["known"].to_numpy(), g, g_labels, unknown, cfg.voting.k, cfg.voting.power
-            )
-        else:
-            out = validation_scores(
-                metric,
-                np.zeros((len(val_part), 1)),
-                q_labels,
-                val_part["known"].to_numpy(),
-                np.zeros((len(train_part), 1)),
-                g_labels,
-                unknown,
-                cfg.voting.k,
-                cfg.voting.power,
-                sims_ids=(neighbours.sims, neighbours.ids),
-                confidence_offset=neighbours.query_offset,
-                unknown_threshold=None if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold),
-                head_scores=head_scores(val_part["row"].to_numpy()) if heads else None,
-                head_weight=cfg.voting.head_weight,
-            )
-        report.append({"step": step, metric: out["plain"], "recall@1": out["recall@1"]})
-        return out
-
-    if val_part.empty:
+    head_scores = None
+    if cfg.voting.head_weight > 0 and member_heads:
+        head_scores = lambda rows: head_label_scores(member_heads, rows)  # noqa: E731
+    split = validation_split(table, folds, val_fold)
+    index_rows = np.flatnonzero((table["role"] == "index").to_numpy())
+    if len(split.query_rows) == 0:
         log.warning("retrieve: validation fold %d is empty; no report and default thresholds", val_fold)
+        report, calibration = pd.DataFrame(), Calibration()
     else:
-        if len(member_embeddings) > 1:
-            for name, emb in member_embeddings.items():
-                score(f"kNN, member {name} alone", source=emb)
-        last: dict = {}
-
-        def on_step(step: str, neighbours: Neighbours) -> None:
-            nonlocal last
-            last = score(step if step != "kNN" or len(member_embeddings) == 1 else "kNN, ensemble", neighbours)
-
-        final = run_chain(
-            cfg,
-            embeddings[val_part["row"].to_numpy()],
-            embeddings[train_part["row"].to_numpy()],
-            embeddings[distractor_rows] if cfg.penalty.enabled else None,
-            on_step,
-            progress,
+        distractors = embeddings[index_rows] if cfg.penalty.enabled else None
+        report, calibration = validation_report(
+            cfg, adapter, split, embeddings, member_embeddings, distractors, head_scores, progress
         )
-        if fuse and metric != "map@100":
-            last = score(f"+ head fusion (w={cfg.voting.head_weight})", final, heads=True)
-        if metric == "map@5":
-            tuned["threshold"] = last["threshold"] if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold)
-            report.append(
-                {
-                    "step": f"+ {unknown} threshold {tuned['threshold']:.4f}",
-                    metric: last["score"],
-                    "recall@1": last["recall@1"],
-                }
-            )
-        elif metric == "gap":
-            tuned["confidence"] = last["confidence"]
-            report.append(
-                {"step": f"+ confidence '{last['confidence']}'", metric: last["score"], "recall@1": last["recall@1"]}
-            )
-
-    predictions: dict[str, Predictions] = {}
-    test_rows = np.flatnonzero((table["role"] == "test").to_numpy())
-    test_ids = table["id"].to_numpy()[test_rows].tolist()
     known_train = folds[folds["known"]]
-    for fmt in formats:
-        if fmt.metric == "map@100":
-            gallery_rows = np.flatnonzero((table["role"] == "index").to_numpy())
-            if len(gallery_rows) == 0:
-                raise ValueError(f"{fmt.name}: the competition has no index images to retrieve from")
-            result = run_chain(cfg, embeddings[test_rows], embeddings[gallery_rows], progress=progress)
-            index_ids = table["id"].to_numpy()[gallery_rows]
-            neighbours = [[index_ids[j] for j in row if j >= 0][: fmt.max_predictions] for row in result.ids]
-            predictions[fmt.name] = Predictions(ids=test_ids, neighbours=neighbours)
-            continue
-        gallery_rows = known_train["row"].to_numpy()
-        result = run_chain(
-            cfg,
-            embeddings[test_rows],
-            embeddings[gallery_rows],
-            embeddings[distractor_rows] if cfg.penalty.enabled else None,
-            progress=progress,
+    predictions = test_predictions(
+        cfg,
+        formats,
+        table,
+        table_rows(table, "train", known_train["id"]),
+        known_train["label"].to_numpy(),
+        embeddings,
+        calibration,
+        head_scores,
+        progress,
+    )
+    return predictions, report, calibration.tuned()
+
+
+def warn_leaky_members(members: list[MemberConfig], val_fold: int) -> None:
+    leaky = [m.name for m in members if m.fold != val_fold]
+    if leaky:
+        log.warning(
+            "retrieve: members %s trained on validation fold %d's images: the ensemble's validation "
+            "scores (and tuned thresholds) are optimistic",
+            leaky,
+            val_fold,
         )
-        labels, scores = vote(result.sims, result.ids, known_train["label"].to_numpy(), cfg.voting.k, cfg.voting.power)
-        if fuse:
-            labels, scores = fuse_head(labels, scores, head_scores(test_rows), cfg.voting.head_weight, cfg.voting.power)
-        if fmt.metric == "gap":
-            conf = landmark_confidence(labels, scores, tuned.get("confidence", "vote"))
-            if result.query_offset is not None:
-                conf = conf - result.query_offset
-            top_scores = [[float(c)] if r else [] for r, c in zip(labels, conf, strict=True)]
-            predictions[fmt.name] = Predictions(ids=test_ids, labels=[r[:1] for r in labels], scores=top_scores)
-        else:
-            threshold = tuned.get("threshold", 0.0 if cfg.unknown_threshold == "tune" else cfg.unknown_threshold)
-            ranked = insert_unknown(labels, scores, fmt.unknown_label or "new", float(threshold))
-            predictions[fmt.name] = Predictions(ids=test_ids, labels=ranked)
-    return predictions, pd.DataFrame(report), tuned
+
+
+def save_retrieval_grid(
+    path: Path,
+    table: pd.DataFrame,
+    folds: pd.DataFrame,
+    embeddings: np.ndarray,
+    fold: int,
+    queries: int = 6,
+    k: int = 5,
+) -> Path | None:
+    """A PNG of a few validation queries and their top-k training neighbours (right ones green)."""
+    from ..data.images import read_image
+    from ..plots import plot_retrieval_grid
+
+    train, val = fold_parts(folds, fold)
+    val = val[val["known"]]
+    if val.empty or train.empty:
+        return None
+    chosen = val.iloc[np.random.default_rng(0).permutation(len(val))[:queries]]
+    _, ids = knn(
+        embeddings[table_rows(table, "train", chosen["id"])],
+        embeddings[table_rows(table, "train", train["id"])],
+        k=min(k, len(train)),
+        progress=False,
+    )
+    labels, paths = train["label"].to_numpy(), train["path"].to_numpy()
+    plot_retrieval_grid(
+        chosen["path"].tolist(),
+        [[paths[j] for j in row] for row in ids],
+        [[labels[j] == q for j in row] for row, q in zip(ids, chosen["label"], strict=True)],
+        path,
+        read_image,
+        f"validation fold {fold}: queries (left) and their {k} nearest training images",
+    )
+    return path
+
+
+def write_retrieval(work: Path, predictions: dict[str, Predictions], report: pd.DataFrame) -> None:
+    for name, pred in predictions.items():
+        (work / f"predictions-{name}.json").write_text(json.dumps(pred.__dict__))
+    report.to_csv(work / "report.csv", index=False)

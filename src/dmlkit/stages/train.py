@@ -1,4 +1,6 @@
-"""Training one member: backbone + GeM + neck, margin head, optional SEE, on one fold.
+"""Training one member on its fold: the loop, split by phase (data, networks, optimisation, epoch,
+validation, checkpoint). The objective (margin loss, SEE, Partial FC) is `models.objective`; the
+model and head builders `models.build`; the checkpoint files `models.checkpoint`.
 
 A checkpoint is written every epoch into the artifact's partial directory; a rerun after a crash
 resumes from it. Per-epoch data order and augmentation are seeded from (seed, epoch), so a
@@ -10,25 +12,30 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import Config, MemberConfig, TrainConfig
+from ..competitions import Adapter
+from ..config import Config, MemberConfig
 from ..data.dataset import ImageDataset, with_rotated_classes
 from ..data.transforms import make_pipeline
-from ..inference import autocast_dtype, embed_paths, validation_scores
+from ..evaluation import knn_validation_scores
+from ..inference import autocast_dtype, embed_paths
 from ..models.backbone import EmbeddingModel
-from ..models.heads import MarginHead, build_head, sample_classes
-from ..models.see import schedule_value, see_expand, select_confident
+from ..models.build import build_member_head, build_model
+from ..models.checkpoint import load_training_state, save_training_state, save_weights
+from ..models.heads import MarginHead
+from ..models.objective import MarginModel
+from ..models.optim import make_optimizer, make_scheduler
+from ..models.see import schedule_value
 from ..runtime import is_main_process, rank, world_size
 from .folds import fold_parts
 
@@ -39,106 +46,130 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def build_model(member: MemberConfig) -> EmbeddingModel:
-    return EmbeddingModel(
-        member.backbone,
-        member.embedding_size,
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class FoldData:
+    """A member's fold: training rows (with rotated copies), the head's classes and the targets."""
+
+    train_part: pd.DataFrame
+    val_part: pd.DataFrame
+    train_rows: pd.DataFrame
+    head_classes: list[str]  # the original classes first, then rotated ones
+    classes: list[str]  # what the saved head keeps
+    counts: np.ndarray
+    targets: np.ndarray
+
+
+def fold_data(member: MemberConfig, folds: pd.DataFrame) -> FoldData:
+    train_part, val_part = fold_parts(folds, member.fold)
+    train_rows, head_classes = with_rotated_classes(train_part, member.train.class_rotations)
+    class_index = {c: i for i, c in enumerate(head_classes)}
+    return FoldData(
+        train_part,
+        val_part,
+        train_rows,
+        head_classes,
+        head_classes[: train_part["label"].nunique()],
+        train_rows["label"].value_counts().reindex(head_classes).to_numpy(),
+        train_rows["label"].map(class_index).to_numpy(),
+    )
+
+
+def training_dataset(member: MemberConfig, data: FoldData) -> ImageDataset:
+    t = member.train
+    return ImageDataset(
+        data.train_rows["path"].tolist(),
+        data.targets.tolist(),
+        make_pipeline(member.image_size, augment=t.augment),
         member.in_chans,
-        member.pretrained_file,
-        member.gem_p,
-        member.gem_learnable,
+        member.image_size,
+        skip_unreadable=not t.strict_images,
+        quarter_turns=data.train_rows["quarter_turns"].tolist(),
     )
 
 
-def build_member_head(member: MemberConfig, class_counts: np.ndarray) -> MarginHead:
-    h = member.head
-    return build_head(
-        h.type,
-        member.embedding_size,
-        class_counts,
-        h.scale,
-        h.subcenters,
-        h.dynamic,
-        h.dynamic_a,
-        h.dynamic_b,
-        h.dynamic_lambda,
-        h.margin,
+# -------------------------------------------------------------------------------------- networks
+def build_networks(
+    member: MemberConfig, data: FoldData, device: torch.device, init_state: dict | None
+) -> tuple[EmbeddingModel, MarginHead]:
+    """The member's model and head, started from `init_from`'s weights when given."""
+    model = build_model(member).to(device)
+    head = build_member_head(member, data.counts).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state["model"])
+        if init_state.get("classes") == data.head_classes:
+            head.load_state_dict(init_state["head"])
+            log.info("%s: initialised model and head from %s", member.name, member.init_from)
+        else:
+            log.info(
+                "%s: initialised backbone from %s; head re-initialised (class set differs)",
+                member.name,
+                member.init_from,
+            )
+    if member.train.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if member.train.sync_bn and world_size() > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.warning("%s: train.sync_bn needs GPUs (torch's SyncBatchNorm is CUDA-only); ignored", member.name)
+    return model, head
+
+
+# ---------------------------------------------------------------------------------- optimisation
+@dataclass
+class TrainingRun:
+    """What changes while a member trains, and the loop's counters."""
+
+    model: EmbeddingModel
+    head: MarginHead
+    train_model: nn.Module  # the objective, wrapped in DDP under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: torch.optim.swa_utils.AveragedModel | None
+    dtype: torch.dtype | None
+    per_rank_batch: int
+    drop_last: bool
+    skipped_images: set[str] = field(default_factory=set)
+    nonfinite_steps: int = 0
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+def training_run(
+    member: MemberConfig, model: EmbeddingModel, head: MarginHead, dataset: ImageDataset, device: torch.device
+) -> TrainingRun:
+    t = member.train
+    train_model: nn.Module = MarginModel(model, head, member)
+    if world_size() > 1:
+        head.persistent_grad = False  # DDP reduces the weight's gradient from its own autograd hook
+        train_model = nn.parallel.DistributedDataParallel(train_model)
+    optimizer = make_optimizer(t, list(model.parameters()), list(head.parameters()), device)
+    per_rank_batch = max(2, t.batch_size // world_size())
+    steps_per_epoch = max(1, (len(dataset) // world_size()) // per_rank_batch // t.grad_accum)
+    scheduler = make_scheduler(optimizer, steps_per_epoch * t.epochs, int(t.warmup_epochs * steps_per_epoch))
+    dtype = autocast_dtype(device, t.amp)
+    ema = None
+    if t.ema:
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema))
+    return TrainingRun(
+        model,
+        head,
+        train_model,
+        optimizer,
+        scheduler,
+        torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        ema,
+        dtype,
+        per_rank_batch,
+        drop_last=len(dataset) // world_size() > per_rank_batch,
     )
 
 
-def make_optimizer(t: TrainConfig, backbone: list, head: list, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW or Nesterov SGD; the head's LR is `head_lr_mult` × the backbone's. Fused kernels where
-    torch has them for the device: one pass over the (possibly 100M-parameter) head per step."""
-    groups = [{"params": [p for p in backbone if p.requires_grad], "lr": t.lr}]
-    if head:
-        groups.append({"params": head, "lr": t.lr * t.head_lr_mult})
-    if t.optimizer == "adamw":
-        try:
-            return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=True)
-        except (RuntimeError, TypeError):
-            return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
-    return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 1% of the peak."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-class MarginModel(nn.Module):
-    """Embedding model and head in one module, so one DDP wrapper synchronises both."""
-
-    def __init__(self, model: EmbeddingModel, head: MarginHead, member: MemberConfig):
-        super().__init__()
-        self.model = model
-        self.head = head
-        self.see = member.see
-        self.matmul = member.head.matmul
-        self.sample_rate = member.head.sample_rate
-
-    def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, see_value: float, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, int]:
-        """Cross-entropy on the margin logits, plus λ·CE on SEE's synthetic embeddings; (loss, #expanded)."""
-        embeddings = self.model(images)
-        head = self.head
-        device_type = embeddings.device.type
-        matmul_dtype = None
-        if self.matmul == "amp" and torch.is_autocast_enabled(device_type):
-            matmul_dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type=device_type, enabled=False):
-            # Partial FC: only the sampled classes' centers (the batch's among them) enter the softmax.
-            classes, columns = None, labels
-            if self.sample_rate < 1.0:
-                classes, columns = sample_classes(labels, head.num_classes, self.sample_rate, generator)
-            margins = head.margins[labels]
-            # The sub-center norms are computed once per step and shared by the real and synthetic rows;
-            # the real rows' cosines also pick each sample's closest sub-center for SEE.
-            factors = head.center_factors(matmul_dtype, classes)
-            subcenter_cos = head.subcenter_cosines(embeddings, factors)
-            loss = F.cross_entropy(head.margin_logits(subcenter_cos, columns, margins), columns)
-            expanded = 0
-            if self.see.enabled and self.see.weight > 0:
-                centers = head.closest_centers(embeddings, labels, subcenter_cos.detach(), columns)
-                cos_to_center = (embeddings.float().detach() * centers).sum(dim=1)
-                mask = select_confident(cos_to_center, self.see.schedule, see_value)
-                expanded = int(mask.sum())
-                if expanded:
-                    n = self.see.n_expansion
-                    synthetic = see_expand(embeddings[mask], centers[mask], n, generator)
-                    synthetic = synthetic.reshape(-1, embeddings.shape[1])
-                    synthetic_columns = columns[mask].repeat_interleave(n)
-                    synthetic_cos = head.subcenter_cosines(synthetic, factors)
-                    synthetic_logits = head.margin_logits(
-                        synthetic_cos, synthetic_columns, margins[mask].repeat_interleave(n)
-                    )
-                    loss = loss + self.see.weight * F.cross_entropy(synthetic_logits, synthetic_columns)
-        return loss, expanded
-
-
+# ----------------------------------------------------------------------------------------- epoch
 def _seed_worker(transform, base: int, worker_id: int) -> None:
     transform.set_random_seed(base + worker_id)
 
@@ -153,239 +184,129 @@ def _set_epoch_seed(seed: int, epoch: int, transform) -> torch.Generator:
     return generator
 
 
-def train_member(
+def epoch_loader(cfg: Config, member: MemberConfig, run: TrainingRun, dataset: ImageDataset, epoch: int) -> DataLoader:
+    # One sampler for one or many processes: the union of the ranks' batch j is the
+    # single-process batch j, so N processes train on the same global batches as one.
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=cfg.seed, drop_last=world_size() > 1
+    )
+    sampler.set_epoch(epoch)
+    worker_seed = cfg.seed * 1000 + epoch * 97 + rank() * 7919
+    return DataLoader(
+        dataset,
+        batch_size=run.per_rank_batch,
+        sampler=sampler,
+        drop_last=run.drop_last,
+        num_workers=member.train.num_workers,
+        worker_init_fn=functools.partial(_seed_worker, dataset.transform, worker_seed),
+    )
+
+
+def _set_train_mode(member: MemberConfig, run: TrainingRun) -> None:
+    run.model.train()
+    run.head.train()
+    if member.train.freeze_bn:
+        for module in run.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def _optimizer_step(member: MemberConfig, run: TrainingRun) -> None:
+    t = member.train
+    if t.clip_grad:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_([*run.model.parameters(), *run.head.parameters()], t.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+
+
+def train_epoch(
     cfg: Config,
     member: MemberConfig,
-    folds: pd.DataFrame,
-    metric: str,
-    unknown_label: str | None,
-    work: Path,
+    run: TrainingRun,
+    dataset: ImageDataset,
+    epoch: int,
     device: torch.device,
-    init_state: dict | None = None,
-    progress: bool = True,
+    checkpoint_path: Path,
+    progress: bool,
 ) -> dict:
-    """Train `member` on its fold; writes best.pt, metrics.csv and curves.png into `work`."""
+    """One pass over the member's training images; the epoch's row of metrics.csv (without validation)."""
     from tqdm import tqdm
 
-    from ..plots import plot_training_curves
-
     t = member.train
-    train_part, val_part = fold_parts(folds, member.fold)
-    # With class rotations the head trains on more classes than it is saved with (the originals first).
-    train_rows, head_classes = with_rotated_classes(train_part, t.class_rotations)
-    classes = head_classes[: train_part["label"].nunique()]
-    class_index = {c: i for i, c in enumerate(head_classes)}
-    counts = train_rows["label"].value_counts().reindex(head_classes).to_numpy()
-    targets = train_rows["label"].map(class_index).to_numpy()
-
-    model = build_model(member).to(device)
-    head = build_member_head(member, counts).to(device)
-    if init_state is not None:
-        model.load_state_dict(init_state["model"])
-        if init_state.get("classes") == head_classes:
-            head.load_state_dict(init_state["head"])
-            log.info("%s: initialised model and head from %s", member.name, member.init_from)
-        else:
-            log.info(
-                "%s: initialised backbone from %s; head re-initialised (class set differs)",
-                member.name,
-                member.init_from,
-            )
-    if t.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if t.sync_bn and world_size() > 1:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            log.warning("%s: train.sync_bn needs GPUs (torch's SyncBatchNorm is CUDA-only); ignored", member.name)
-    transform = make_pipeline(member.image_size, augment=t.augment)
-    dataset = ImageDataset(
-        train_rows["path"].tolist(),
-        targets.tolist(),
-        transform,
-        member.in_chans,
-        member.image_size,
-        skip_unreadable=not t.strict_images,
-        quarter_turns=train_rows["quarter_turns"].tolist(),
+    generator = _set_epoch_seed(cfg.seed, epoch, dataset.transform)
+    loader = epoch_loader(cfg, member, run, dataset, epoch)
+    see_value = schedule_value(member.see.start, member.see.end, epoch / max(1, t.epochs - 1))
+    _set_train_mode(member, run)
+    running, n_batches, n_expanded = 0.0, 0, 0
+    bar = tqdm(
+        loader,
+        desc=f"{member.name} epoch {epoch + 1}/{t.epochs}",
+        unit="batch",
+        leave=False,
+        disable=not progress or not is_main_process(),
     )
-    distributed = world_size() > 1
-    train_model: nn.Module = MarginModel(model, head, member)
-    if distributed:
-        head.persistent_grad = False  # DDP reduces the weight's gradient from its own autograd hook
-        train_model = nn.parallel.DistributedDataParallel(train_model)
-    optimizer = make_optimizer(t, list(model.parameters()), list(head.parameters()), device)
-    per_rank_batch = max(2, t.batch_size // world_size())
-    drop_last = len(dataset) // world_size() > per_rank_batch
-    steps_per_epoch = max(1, (len(dataset) // world_size()) // per_rank_batch // t.grad_accum)
-    total_steps = steps_per_epoch * t.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, int(t.warmup_epochs * steps_per_epoch))
-    )
-    dtype = autocast_dtype(device, t.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = (
-        torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema))
-        if t.ema
-        else None
-    )
-
-    checkpoint_path = work / "last.pt"
-    start_epoch, history, best = 0, [], {"score": -math.inf, "epoch": -1}
-    if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
-        log.info("%s: resuming after epoch %d from %s", member.name, state["epoch"], checkpoint_path)
-
-    skipped_images: set[str] = set()
-    nonfinite_steps = 0
-    started = time.time()
-    for epoch in range(start_epoch, t.epochs):
-        generator = _set_epoch_seed(cfg.seed, epoch, transform)
-        # One sampler for one or many processes: the union of the ranks' batch j is the
-        # single-process batch j, so N processes train on the same global batches as one.
-        sampler = DistributedSampler(
-            dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=cfg.seed, drop_last=distributed
-        )
-        sampler.set_epoch(epoch)
-        worker_seed = cfg.seed * 1000 + epoch * 97 + rank() * 7919
-        loader = DataLoader(
-            dataset,
-            batch_size=per_rank_batch,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=t.num_workers,
-            worker_init_fn=functools.partial(_seed_worker, transform, worker_seed),
-        )
-        see_value = schedule_value(member.see.start, member.see.end, epoch / max(1, t.epochs - 1))
-        model.train()
-        head.train()
-        if t.freeze_bn:
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-        running, n_batches, n_expanded = 0.0, 0, 0
-        bar = tqdm(
-            loader,
-            desc=f"{member.name} epoch {epoch + 1}/{t.epochs}",
-            unit="batch",
-            leave=False,
-            disable=not progress or not is_main_process(),
-        )
-        optimizer.zero_grad(set_to_none=True)
-        for batch_index, (images, labels, rows, ok) in enumerate(bar):
-            if not ok.all():
-                skipped_images.update(dataset.paths[int(r)] for r in rows[~ok])
-                images, labels = images[ok], labels[ok]
-                if len(images) < 2:
-                    continue
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if t.channels_last and device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss, expanded = train_model(images, labels, see_value, generator)
-            if not torch.isfinite(loss):
-                nonfinite_steps += 1
-                message = (
-                    f"{member.name}: non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {batch_index}; "
-                    f"the last good checkpoint is {checkpoint_path if checkpoint_path.exists() else 'none'}"
-                )
-                if t.nan_policy == "stop":
-                    raise NonFiniteLossError(message + " (train.nan_policy=skip skips such steps)")
-                log.warning("%s; skipped", message)
-                optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=True)
+    for batch_index, (images, labels, rows, ok) in enumerate(bar):
+        if not ok.all():
+            run.skipped_images.update(dataset.paths[int(r)] for r in rows[~ok])
+            images, labels = images[ok], labels[ok]
+            if len(images) < 2:
                 continue
-            scaler.scale(loss / t.grad_accum).backward()
-            if (batch_index + 1) % t.grad_accum == 0:
-                if t.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_([*model.parameters(), *head.parameters()], t.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-            running += float(loss.detach())
-            n_batches += 1
-            n_expanded += expanded
-            bar.set_postfix(loss=f"{running / n_batches:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        row = {
-            "epoch": epoch + 1,
-            "loss": running / max(1, n_batches),
-            "lr": scheduler.get_last_lr()[0],
-            "see_expanded": n_expanded,
-            "elapsed_s": round(time.time() - started, 1),
-        }
-        eval_model = ema.module if ema is not None else model
-        if (epoch + 1) % t.validate_every == 0 or epoch + 1 == t.epochs:
-            row.update(validate(member, eval_model, train_part, val_part, metric, unknown_label, device, progress))
-        history.append(row)
-        log.info(
-            "%s: %s",
-            member.name,
-            " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-        )
-        if is_main_process():
-            if "val_score" in row and row["val_score"] > best["score"]:
-                best = {"score": row["val_score"], "epoch": epoch + 1}
-                _save_weights(work / "best.pt", eval_model, head, classes, member)
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "head": head.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "epoch": epoch,
-                    "history": history,
-                    "best": best,
-                },
-                str(checkpoint_path) + ".tmp",
-            )
-            os.replace(str(checkpoint_path) + ".tmp", checkpoint_path)
-    if skipped_images:
-        log.warning(
-            "%s: skipped %d unreadable training image(s): %s",
-            member.name,
-            len(skipped_images),
-            sorted(skipped_images)[:10],
-        )
-    if is_main_process():
-        _save_weights(work / "final.pt", ema.module if ema is not None else model, head, classes, member)
-        if not (work / "best.pt").exists():
-            _save_weights(work / "best.pt", ema.module if ema is not None else model, head, classes, member)
-        pd.DataFrame(history).to_csv(work / "metrics.csv", index=False)
-        plot_training_curves(pd.DataFrame(history), work / "curves.png", title=member.name)
-        checkpoint_path.unlink(missing_ok=True)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if t.channels_last and device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        dtype = run.dtype
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, expanded = run.train_model(images, labels, see_value, generator)
+        if not torch.isfinite(loss):
+            _non_finite(member, run, loss, epoch, batch_index, checkpoint_path)
+            continue
+        run.scaler.scale(loss / t.grad_accum).backward()
+        if (batch_index + 1) % t.grad_accum == 0:
+            _optimizer_step(member, run)
+        running += float(loss.detach())
+        n_batches += 1
+        n_expanded += expanded
+        bar.set_postfix(loss=f"{running / n_batches:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
     return {
-        "best": best,
-        "classes": len(classes),
-        "trained_classes": len(head_classes),
-        "train_images": len(dataset),
-        "skipped_images": sorted(skipped_images),
-        "nonfinite_steps": nonfinite_steps,
-        "final_val_score": history[-1].get("val_score") if history else None,
+        "epoch": epoch + 1,
+        "loss": running / max(1, n_batches),
+        "lr": run.scheduler.get_last_lr()[0],
+        "see_expanded": n_expanded,
     }
 
 
+def _non_finite(
+    member: MemberConfig, run: TrainingRun, loss: torch.Tensor, epoch: int, batch_index: int, checkpoint_path: Path
+) -> None:
+    """Stop with the step's coordinates, or (nan_policy=skip) drop the step's gradient and go on."""
+    run.nonfinite_steps += 1
+    message = (
+        f"{member.name}: non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {batch_index}; "
+        f"the last good checkpoint is {checkpoint_path if checkpoint_path.exists() else 'none'}"
+    )
+    if member.train.nan_policy == "stop":
+        raise NonFiniteLossError(message + " (train.nan_policy=skip skips such steps)")
+    log.warning("%s; skipped", message)
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------ validation
 def validate(
     member: MemberConfig,
     model: EmbeddingModel,
     train_part: pd.DataFrame,
     val_part: pd.DataFrame,
-    metric: str,
-    unknown_label: str | None,
+    adapter: Adapter,
     device: torch.device,
     progress: bool,
 ) -> dict:
+    """The competition's metric on the fold: validation images against the training images."""
     if val_part.empty:
         return {}
 
@@ -408,44 +329,116 @@ def validate(
 
     gallery, train_part = embed(train_part, "val gallery")
     queries, val_part = embed(val_part, "val queries")
-    scores = validation_scores(
-        metric,
+    scores = knn_validation_scores(
+        adapter,
         queries,
         val_part["label"].to_numpy(),
         val_part["known"].to_numpy(),
         gallery,
         train_part["label"].to_numpy(),
-        unknown_label,
     )
     return {f"val_{k}": v for k, v in scores.items() if isinstance(v, float)}
 
 
-def _save_weights(path: Path, model: nn.Module, head: MarginHead, classes: list[str], member: MemberConfig) -> None:
-    """Model, and the head's rows for `classes` (the first ones: rotated classes are dropped)."""
-    head_state = head.state_dict()
-    if len(classes) < head.num_classes:
-        head_state = {
-            "weight": head_state["weight"][: len(classes) * head.subcenters].clone(),
-            "margins": head_state["margins"][: len(classes)].clone(),
-        }
-    tmp = str(path) + ".tmp"
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "head": head_state,
-            "classes": classes,
-            "member": member.model_dump(mode="json"),
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+# ------------------------------------------------------------------------------------ checkpoint
+def resume(run: TrainingRun, path: Path, device: torch.device, name: str) -> tuple[int, list[dict], dict]:
+    """(first epoch to train, history, best) from the last epoch's checkpoint, if a crashed run left one."""
+    state = load_training_state(path, device)
+    if state is None:
+        return 0, [], {"score": -math.inf, "epoch": -1}
+    run.model.load_state_dict(state["model"])
+    run.head.load_state_dict(state["head"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.load_state_dict(state["ema"])
+    log.info("%s: resuming after epoch %d from %s", name, state["epoch"], path)
+    return state["epoch"] + 1, state["history"], state["best"]
 
 
-def load_member(path: Path, member: MemberConfig, device: torch.device) -> tuple[EmbeddingModel, MarginHead, list]:
-    """The trained model and head (margins are irrelevant for inference) with the head's classes."""
-    state = torch.load(path, map_location=device, weights_only=False)
-    model = build_model(member).to(device)
-    model.load_state_dict(state["model"])
-    head = build_member_head(member, np.ones(len(state["classes"]))).to(device)
-    head.load_state_dict(state["head"])
-    return model.eval(), head.eval(), list(state["classes"])
+def end_of_epoch(
+    run: TrainingRun, member: MemberConfig, data: FoldData, work: Path, epoch: int, history: list[dict], best: dict
+) -> dict:
+    """Save best.pt when the validation score improved, and the resumable state; returns the best."""
+    row = history[-1]
+    if "val_score" in row and row["val_score"] > best["score"]:
+        best = {"score": row["val_score"], "epoch": epoch + 1}
+        save_weights(work / "best.pt", run.eval_model, run.head, data.classes, member)
+    state = {
+        "model": run.model.state_dict(),
+        "head": run.head.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "epoch": epoch,
+        "history": history,
+        "best": best,
+    }
+    save_training_state(work / "last.pt", state)
+    return best
+
+
+def finish(run: TrainingRun, member: MemberConfig, data: FoldData, work: Path, history: list[dict]) -> None:
+    """final.pt (best.pt too when nothing was validated), metrics.csv, curves.png; drop last.pt."""
+    from ..plots import plot_training_curves
+
+    save_weights(work / "final.pt", run.eval_model, run.head, data.classes, member)
+    if not (work / "best.pt").exists():
+        save_weights(work / "best.pt", run.eval_model, run.head, data.classes, member)
+    pd.DataFrame(history).to_csv(work / "metrics.csv", index=False)
+    plot_training_curves(pd.DataFrame(history), work / "curves.png", title=member.name)
+    (work / "last.pt").unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------ loop
+def train_member(
+    cfg: Config,
+    member: MemberConfig,
+    folds: pd.DataFrame,
+    adapter: Adapter,
+    work: Path,
+    device: torch.device,
+    init_state: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train `member` on its fold; writes best.pt, final.pt, metrics.csv and curves.png into `work`."""
+    t = member.train
+    data = fold_data(member, folds)
+    model, head = build_networks(member, data, device, init_state)
+    dataset = training_dataset(member, data)
+    run = training_run(member, model, head, dataset, device)
+    start_epoch, history, best = resume(run, work / "last.pt", device, member.name)
+    started = time.time()
+    for epoch in range(start_epoch, t.epochs):
+        row = train_epoch(cfg, member, run, dataset, epoch, device, work / "last.pt", progress)
+        row["elapsed_s"] = round(time.time() - started, 1)
+        if (epoch + 1) % t.validate_every == 0 or epoch + 1 == t.epochs:
+            row.update(validate(member, run.eval_model, data.train_part, data.val_part, adapter, device, progress))
+        history.append(row)
+        log.info(
+            "%s: %s",
+            member.name,
+            " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+        )
+        if is_main_process():
+            best = end_of_epoch(run, member, data, work, epoch, history, best)
+    if run.skipped_images:
+        log.warning(
+            "%s: skipped %d unreadable training image(s): %s",
+            member.name,
+            len(run.skipped_images),
+            sorted(run.skipped_images)[:10],
+        )
+    if is_main_process():
+        finish(run, member, data, work, history)
+    return {
+        "best": best,
+        "classes": len(data.classes),
+        "trained_classes": len(data.head_classes),
+        "train_images": len(dataset),
+        "skipped_images": sorted(run.skipped_images),
+        "nonfinite_steps": run.nonfinite_steps,
+        "final_val_score": history[-1].get("val_score") if history else None,
+    }
