@@ -17,7 +17,7 @@ import numpy as np
 from common import peak_rss, report
 
 from dmlkit.retrieval.expansion import database_augmentation, query_expansion
-from dmlkit.retrieval.rerank import k_reciprocal_rerank
+from dmlkit.retrieval.rerank import gallery_candidates, k_reciprocal_rerank
 from dmlkit.retrieval.search import knn
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         t_graph = time.perf_counter() - start
         with peak_rss() as mem:
             start = time.perf_counter()
-            k_reciprocal_rerank(x[:n_q], x[n_q:], graph, k1, k2, 0.3, candidates=candidates, progress=False)
+            cand = gallery_candidates(graph, n_q, candidates)
+            k_reciprocal_rerank(x[:n_q], x[n_q:], graph, k1, k2, 0.3, cand, progress=False)
             t_rerank = time.perf_counter() - start
         # QE/DBA from the same graph: DBA over the gallery (its own rows of the graph), QE of the queries.
         gallery_rows = graph[n_q:, : k_qe + 1] - n_q
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     _, graph = knn(x, x, k=k1 + candidates, use_gpu="no", progress=False)
     with peak_rss() as mem_sparse:
         start = time.perf_counter()
-        k_reciprocal_rerank(x[: dense_n // 10], x[dense_n // 10 :], graph, k1, k2, 0.3, candidates, progress=False)
+        cand = gallery_candidates(graph, dense_n // 10, candidates)
+        k_reciprocal_rerank(x[: dense_n // 10], x[dense_n // 10 :], graph, k1, k2, 0.3, cand, progress=False)
         t_sparse = time.perf_counter() - start
     report(
         "rerank",

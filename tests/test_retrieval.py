@@ -122,13 +122,46 @@ def test_sparse_k_reciprocal_equals_dense_reference(k1, k2):
     x = clustered(rng, 90, 12, 6)
     n_queries = 15
     dense = dense_k_reciprocal(x, n_queries, k1, k2, 0.3)
-    graph = np.argsort(-(x @ x.T), axis=1, kind="stable")[:, :40]
-    dist, ids = k_reciprocal_rerank(x[:n_queries], x[n_queries:], graph, k1, k2, 0.3, candidates=25, progress=False)
+    graph = np.argsort(-(x @ x.T), axis=1, kind="stable")[:, : k1 + 1]
+    candidates = np.argsort(-(x[:n_queries] @ x[n_queries:].T), axis=1, kind="stable")[:, :25]
+    dist, ids = k_reciprocal_rerank(x[:n_queries], x[n_queries:], graph, k1, k2, 0.3, candidates, progress=False)
+    assert sorted(ids[0]) == sorted(candidates[0])
     expected = np.take_along_axis(dense, ids, axis=1)
     assert np.allclose(dist, expected, atol=1e-5)
     assert (np.diff(dist, axis=1) >= -1e-12).all()  # best first
     # the dense reference ranks the same candidates in the same order
     assert (np.argsort(expected, axis=1, kind="stable") == np.arange(ids.shape[1])).all()
+
+
+def test_k_reciprocal_keeps_every_query_candidates_among_near_duplicate_queries():
+    """30 near-duplicate queries fill each other's rows of a K=26 joint graph: the queries still get
+    their own nearest gallery images, re-scored as the dense reference scores them."""
+    rng = np.random.default_rng(5)
+    gallery = clustered(rng, 200, 16, 8)
+    anchor = unit(rng, 1, 16)
+    duplicates = anchor + 0.01 * rng.normal(size=(30, 16)).astype(np.float32)
+    queries = np.concatenate(
+        [duplicates / np.linalg.norm(duplicates, axis=1, keepdims=True), clustered(rng, 30, 16, 8)]
+    )
+    x = np.concatenate([queries, gallery])
+    graph = np.argsort(-(x @ x.T), axis=1, kind="stable")[:, :26]
+    assert (graph[:30] < 60).all()  # the duplicates' graph rows hold no gallery image at all
+    candidates = np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :20]
+    dist, ids = k_reciprocal_rerank(queries, gallery, graph, 20, 6, 0.3, candidates, progress=False)
+    assert ids.shape == (60, 20) and (ids >= 0).all() and np.isfinite(dist).all()
+    assert all(set(ids[i]) == set(candidates[i]) for i in range(60))
+    dense = dense_k_reciprocal(x, 60, 20, 6, 0.3)
+    assert np.allclose(dist, np.take_along_axis(dense, ids, axis=1), atol=1e-5)
+
+
+def test_k_reciprocal_pads_missing_candidates_last():
+    rng = np.random.default_rng(6)
+    x = clustered(rng, 40, 8, 4)
+    graph = np.argsort(-(x @ x.T), axis=1, kind="stable")[:, :8]
+    candidates = np.array([[3, -1, 5], [-1, -1, 0]])
+    dist, ids = k_reciprocal_rerank(x[:2], x[2:], graph, 6, 2, 0.3, candidates, progress=False)
+    assert sorted(ids[0][:2]) == [3, 5] and ids[0][2] == -1 and np.isinf(dist[0][2])
+    assert ids[1].tolist() == [0, -1, -1] and np.isinf(dist[1][1:]).all()
 
 
 def test_k_reciprocal_needs_enough_neighbours():

@@ -4,7 +4,7 @@ k-reciprocal re-ranking as in the reference code, with d = 2 − 2·cos (squared
 vectors, not column-normalised), but built from the top-K graph of all N = queries + gallery
 points: every matrix is sparse with O(k1²) entries per row, so memory grows with N·k, not N².
 Distances the graph lacks (expansion members beyond a point's own top-K) come from the vectors.
-Only each query's top-K gallery candidates are re-scored.
+Only each query's own top gallery candidates (from the query→gallery search) are re-scored.
 """
 
 from __future__ import annotations
@@ -108,28 +108,41 @@ def k_reciprocal_rerank(
     k1: int = 20,
     k2: int = 6,
     lam: float = 0.3,
-    candidates: int = 100,
+    candidates: np.ndarray | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Re-ranked (distances, gallery indices), each (Q, ≤candidates), best first.
+    """Re-ranked (distances, gallery indices), each (Q, C), best first; -1 (distance inf) pads.
 
-    `graph` is the (N, K) kNN index graph of all points [queries; gallery] against themselves,
-    each row starting with the point itself.
+    `graph` is the (N, K ≥ k1+1) kNN graph of all points [queries; gallery] against themselves,
+    each row starting with the point itself: it shapes the k-reciprocal encoding only. The re-scored
+    gallery images are `candidates` (Q, C), each query's own nearest gallery images from the
+    query→gallery search (-1 padded) — not the gallery points of its graph row, which near-duplicate
+    queries can fill with each other. Default: each query's gallery points among its graph row.
     """
     n_queries = len(queries)
     vectors = np.concatenate([queries, gallery]).astype(np.float32)
     v = k_reciprocal_encoding(vectors, graph, k1, k2, progress)
-    # each query's gallery candidates, in their original order
-    is_gallery = graph[:n_queries] >= n_queries
-    width = min(candidates, int(is_gallery.sum(axis=1).min())) if n_queries else 0
-    order = np.argsort(~is_gallery, axis=1, kind="stable")[:, :width]
-    cand = np.take_along_axis(graph[:n_queries], order, axis=1)
-    rows = np.repeat(np.arange(n_queries), width)
-    jaccard = jaccard_distance(v, rows, cand.ravel()).reshape(n_queries, width)
-    original = 2.0 - 2.0 * _row_dots(vectors, np.arange(n_queries), cand)
-    final = (1.0 - lam) * jaccard + lam * original
+    if candidates is None:
+        candidates = gallery_candidates(graph, n_queries, graph.shape[1])
+    candidates = np.asarray(candidates)
+    valid = candidates >= 0
+    columns = np.where(valid, candidates + n_queries, 0)
+    rows = np.repeat(np.arange(n_queries), candidates.shape[1])
+    jaccard = jaccard_distance(v, rows, columns.ravel()).reshape(candidates.shape)
+    original = 2.0 - 2.0 * _row_dots(vectors, np.arange(n_queries), columns)
+    final = np.where(valid, (1.0 - lam) * jaccard + lam * original, np.inf)
     best = np.argsort(final, axis=1, kind="stable")
-    return np.take_along_axis(final, best, axis=1), np.take_along_axis(cand, best, axis=1) - n_queries
+    ids = np.where(np.take_along_axis(valid, best, axis=1), np.take_along_axis(candidates, best, axis=1), -1)
+    return np.take_along_axis(final, best, axis=1), ids
+
+
+def gallery_candidates(graph: np.ndarray, n_queries: int, width: int) -> np.ndarray:
+    """(Q, width) gallery indices among each query's graph row, in graph order, -1 padded."""
+    rows = graph[:n_queries]
+    is_gallery = rows >= n_queries
+    order = np.argsort(~is_gallery, axis=1, kind="stable")[:, :width]
+    picked = np.take_along_axis(rows, order, axis=1)
+    return np.where(np.take_along_axis(is_gallery, order, axis=1), picked - n_queries, -1)
 
 
 def distractor_penalty(gallery_to_distractors: np.ndarray, k: int) -> np.ndarray:
@@ -144,4 +157,4 @@ def penalised_similarity(
     out = np.clip(sims, 0.0, 1.0) - gallery_penalty[np.clip(ids, 0, None)]
     if query_penalty is not None:
         out = out - query_penalty[:, None]
-    return out
+    return np.where(ids >= 0, out, -np.inf)  # padding (-1) stays last

@@ -89,10 +89,12 @@ def run_chain(
             on_step("+ QE/DBA", result)
     if cfg.rerank.enabled:
         both = np.concatenate([queries, gallery])
-        graph_k = min(len(both), max(cfg.rerank.k1 + 1, k + cfg.rerank.k1))
+        # the joint graph only shapes the encoding; the re-scored candidates are each query's own
+        # nearest gallery images (near-duplicate queries would fill each other's graph rows)
+        graph_k = min(len(both), max(cfg.rerank.k1 + 1, cfg.rerank.k2))
         graph = _search(cfg, both, both, graph_k, progress).ids
         dist, ids = k_reciprocal_rerank(
-            queries, gallery, graph, cfg.rerank.k1, cfg.rerank.k2, cfg.rerank.lambda_, candidates=k, progress=progress
+            queries, gallery, graph, cfg.rerank.k1, cfg.rerank.k2, cfg.rerank.lambda_, result.ids, progress
         )
         result = Neighbours((1.0 - dist).astype(np.float32), ids)
         if on_step:
