@@ -186,8 +186,20 @@ def test_vote_sums_powered_similarities_per_label():
     ranked, scores = vote(sims, ids, labels, k=3, power=2.0)
     assert ranked == [["b", "a"]]
     assert scores[0] == pytest.approx([0.8**2 + 0.7**2, 0.81])
-    ranked, _ = vote(sims, ids, labels, k=1, power=2.0)
-    assert ranked == [["a"]]
+    assert vote(sims, ids, labels, k=1, power=2.0)[0] == [["a"]]
+    ranked, scores = vote(sims, ids, labels, k=1, power=2.0, fill=True)
+    assert ranked == [["a", "b"]]  # the vote of one neighbour, then the next neighbours' labels
+    assert scores[0] == pytest.approx([0.81, 0.64])
+
+
+def test_vote_fills_five_distinct_labels_from_the_neighbours_beyond_k():
+    sims = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]])
+    ids = np.array([[0, 1, 2, 3, 4, 5, 6, 7], [0, 0, 0, -1, -1, -1, -1, -1]])
+    labels = np.array(["a", "a", "b", "a", "c", "c", "d", "e"])
+    ranked, scores = vote(sims, ids, labels, k=3, power=1.0, fill=True)
+    assert ranked[0] == ["a", "b", "c", "d", "e"]  # c from neighbour 4, d 6, e 7: distinct, nearest first
+    assert scores[0] == pytest.approx([1.7, 0.7, 0.5, 0.3, 0.2])
+    assert ranked[1] == ["a"]  # the gallery offers no other label
 
 
 def test_insert_unknown_and_tune_threshold():

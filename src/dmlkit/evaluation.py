@@ -36,7 +36,7 @@ def validation_scores(
     `score` the calibrated one (with `unknown_threshold` when given, else the tuned threshold), and
     the calibration's fields (`threshold` or `confidence`).
     """
-    labels, scores = vote(sims, ids, gallery_labels, k, power)
+    labels, scores = vote(sims, ids, gallery_labels, k, power, fill=adapter.max_predictions > 1)
     if head_scores is not None and head_weight > 0:
         labels, scores = fuse_head(labels, scores, head_scores, head_weight, power)
     known = np.asarray(query_known, dtype=bool)

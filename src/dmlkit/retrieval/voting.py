@@ -10,20 +10,35 @@ from ..metrics import map_at_5
 
 
 def vote(
-    sims: np.ndarray, ids: np.ndarray, gallery_labels: np.ndarray, k: int, power: float, top: int = 5
+    sims: np.ndarray,
+    ids: np.ndarray,
+    gallery_labels: np.ndarray,
+    k: int,
+    power: float,
+    top: int = 5,
+    fill: bool = False,
 ) -> tuple[list[list[str]], list[list[float]]]:
-    """Per query, labels ranked by Σ over its top-k neighbours with that label of max(sim,0)^power."""
-    sims, ids = sims[:, :k], ids[:, :k]
-    labels_out: list[list[str]] = []
-    scores_out: list[list[float]] = []
+    """Per query, up to `top` labels ranked by Σ over its top-k neighbours with that label of
+    max(sim,0)^power. With `fill`, while a row has fewer than `top`, the labels of the neighbours
+    beyond k follow, nearest first, each scored by its neighbour's own max(sim,0)^power (never above
+    a voted label's score: neighbours are sorted) — an empty MAP@5 slot can only lose."""
     weights = np.clip(sims, 0, None) ** power
     neighbour_labels = np.where(ids >= 0, gallery_labels[np.clip(ids, 0, None)], None)
+    labels_out: list[list[str]] = []
+    scores_out: list[list[float]] = []
     for row_labels, row_weights in zip(neighbour_labels, weights, strict=True):
         totals: dict[str, float] = {}
-        for label, weight in zip(row_labels, row_weights, strict=True):
+        for label, weight in zip(row_labels[:k], row_weights[:k], strict=True):
             if label is not None:
                 totals[label] = totals.get(label, 0.0) + float(weight)
         ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:top]
+        beyond = zip(row_labels[k:], row_weights[k:], strict=True) if fill else ()
+        for label, weight in beyond:
+            if len(ranked) >= top:
+                break
+            if label is not None and label not in totals:
+                totals[label] = float(weight)
+                ranked.append((label, float(weight)))
         labels_out.append([label for label, _ in ranked])
         scores_out.append([score for _, score in ranked])
     return labels_out, scores_out

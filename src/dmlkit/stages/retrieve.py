@@ -253,7 +253,8 @@ def test_predictions(
             continue
         distractors = embeddings[index_rows] if cfg.penalty.enabled else None
         result = run_chain(cfg, embeddings[test_rows], embeddings[gallery_rows], distractors, progress=progress)
-        labels, scores = vote(result.sims, result.ids, gallery_labels, cfg.voting.k, cfg.voting.power)
+        fill = fmt.max_predictions > 1  # every MAP@5 row carries 5 labels
+        labels, scores = vote(result.sims, result.ids, gallery_labels, cfg.voting.k, cfg.voting.power, fill=fill)
         if head_scores is not None:
             labels, scores = fuse_head(labels, scores, head_scores(test_rows), cfg.voting.head_weight, cfg.voting.power)
         ranked = Predictions(test_ids, labels=labels, scores=scores)
