@@ -223,3 +223,27 @@ def test_rotated_classes_and_partial_fc_train_and_save_the_original_classes(tmp_
     assert result["classes"] == len(classes) and result["trained_classes"] == 4 * len(classes)
     assert saved["head"]["weight"].shape[0] == len(classes) * 2  # two sub-centers per original class
     assert saved["head"]["margins"].shape[0] == len(classes)
+
+
+def test_ema_model_averages_batchnorm_statistics(tmp_path):
+    """Under train.ema the averaged model (what validates and is saved) carries BatchNorm statistics
+    averaged like its weights: they follow training (not the initial mean 0) and are not a copy of the
+    raw model's last statistics (what torch's AveragedModel keeps without use_buffers)."""
+    from dmlkit.pipeline import load_table, run_folds
+    from dmlkit.stages import train as stage
+
+    cfg = _prepare(tmp_path)
+    overrides = ["members.0.train.ema=0.5", "members.0.train.batch_size=8"]  # several updates in an epoch
+    ctx = Context(load_config(cfg, overrides), artifacts=tmp_path / "a", progress=False)
+    member = ctx.cfg.members[0]
+    data = stage.fold_data(member, load_table(run_folds(ctx))[1])
+    model, head = stage.build_networks(member, data, ctx.device, None)
+    dataset = stage.training_dataset(member, data)
+    run = stage.training_run(member, model, head, dataset, ctx.device)
+    stage.train_epoch(ctx.cfg, member, run, dataset, 0, ctx.device, tmp_path / "last.pt", False)
+    averaged, raw = run.eval_model.state_dict(), run.model.state_dict()
+    keys = [k for k in raw if k.endswith("running_mean")]
+    assert keys and run.eval_model is not run.model
+    for key in keys:
+        assert averaged[key].abs().max() > 1e-3, key  # moved from the statistics it was built with
+        assert (averaged[key] - raw[key]).abs().max() > 1e-4, key  # averaged, not copied

@@ -153,8 +153,9 @@ def training_run(
     scheduler = make_scheduler(optimizer, steps_per_epoch * t.epochs, int(t.warmup_epochs * steps_per_epoch))
     dtype = autocast_dtype(device, t.amp)
     ema = None
-    if t.ema:
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema))
+    if t.ema:  # buffers too: BatchNorm's running statistics follow training like the weights
+        ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema)
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
     return TrainingRun(
         model,
         head,
