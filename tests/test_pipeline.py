@@ -153,3 +153,27 @@ def test_interrupted_stage_is_redone(tmp_path, stage):
     (partial / "manifest.json").unlink()  # what a run killed before its commit leaves
     again = run_folds(Context(cfg, artifacts=tmp_path / "a", progress=False))
     assert not again.reused and (again.path / "manifest.json").is_file() and not partial.exists()
+
+
+def test_logs_name_final_paths_once_and_draw_no_bars_into_a_file(tmp_path):
+    """Run as CI or nohup would (stderr is not a terminal): no carriage-return progress frames, the
+    training curves named once per trained member, the retrieval grid under its final path."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cfg = write_tiny_config(tmp_path, "whale")
+    run = subprocess.run(
+        [sys.executable, "-m", "dmlkit", "all", "-c", str(cfg), "--artifacts", str(tmp_path / "art")],
+        capture_output=True,  # bytes: text mode would turn tqdm's carriage returns into newlines
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    stderr = run.stderr.decode()
+    assert run.returncode == 0, stderr[-2000:]
+    assert "\r" not in stderr
+    assert stderr.count("training curves:") == 1
+    (grid,) = re.findall(r"neighbours: (\S+)", stderr)
+    assert ".partial" not in grid and Path(tmp_path, grid).is_file()

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .data.dataset import ImageDataset
 from .data.transforms import make_pipeline
 from .models.backbone import EmbeddingModel
+from .runtime import progress_bar
 
 
 def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
@@ -53,8 +53,8 @@ def embed_paths(
         dataset = ImageDataset(paths, None, pipeline, model.in_chans, size, skip_unreadable=skip_unreadable)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         chunks = []
-        for images, _, _, ok in tqdm(
-            loader, desc=f"{desc} {size}px{' flip' if flipped else ''}", unit="batch", leave=False, disable=not progress
+        for images, _, _, ok in progress_bar(
+            loader, f"{desc} {size}px{' flip' if flipped else ''}", progress, unit="batch"
         ):
             images = images.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -67,11 +67,13 @@ def _run(
     compute: Callable[[Path], dict | None],
     resumable: bool = False,
     all_ranks: bool = False,
+    on_computed: Callable[[cache.Artifact], None] | None = None,
 ) -> cache.Artifact:
     """Reuse the complete artifact with this key, or compute it into a partial dir and rename it.
 
     Under torchrun, rank 0 alone writes; `all_ranks` stages (training) compute in lockstep on
-    every rank, the others run on rank 0 while the other ranks wait.
+    every rank, the others run on rank 0 while the other ranks wait. `on_computed(artifact)` runs
+    once, on rank 0, after a computed artifact is in place (to log its final paths).
     """
     label = f"{stage}/{name}" if name else stage
     if label in ctx.done:
@@ -101,6 +103,8 @@ def _run(
             art = cache.Artifact(stage, key, final, reused=False)
         barrier()
         log.info("[%s] done in %.1fs → %s", label, art.manifest.get("wall_time_s", 0.0), final)
+        if on_computed is not None and is_main_process():
+            on_computed(art)
     ctx.done[label] = art
     return art
 
@@ -144,10 +148,12 @@ def run_train(ctx: Context, member_name: str) -> cache.Artifact:
         init_state = load_weights(init_art.file("final.pt")) if init_art else None
         return train_member(ctx.cfg, member, folds, ctx.adapter, work, ctx.device, init_state, ctx.progress)
 
-    art = _run(ctx, "train", member.name, part, upstream, {}, compute, resumable=True, all_ranks=True)
-    if not art.reused and is_main_process():
+    def log_curves(art: cache.Artifact) -> None:
         log.info("[train/%s] training curves: %s", member.name, art.file("curves.png"))
-    return art
+
+    return _run(
+        ctx, "train", member.name, part, upstream, {}, compute, resumable=True, all_ranks=True, on_computed=log_curves
+    )
 
 
 def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
@@ -233,12 +239,15 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
             heads,
         )
         write_retrieval(work, predictions, report)
-        grid = save_retrieval_grid(work / "retrievals.png", table, folds, embeddings, val_fold)
-        if grid:
-            log.info("[retrieve] validation queries and their neighbours: %s", grid)
+        save_retrieval_grid(work / "retrievals.png", table, folds, embeddings, val_fold)
         return {"tuned": tuned, "report": report.to_dict(orient="records")}
 
-    art = _run(ctx, "retrieve", "", part, {"ensemble": ensemble_art.key, "folds": folds_art.key}, {}, compute)
+    def log_grid(art: cache.Artifact) -> None:
+        if art.file("retrievals.png").is_file():
+            log.info("[retrieve] validation queries and their neighbours: %s", art.file("retrievals.png"))
+
+    upstream = {"ensemble": ensemble_art.key, "folds": folds_art.key}
+    art = _run(ctx, "retrieve", "", part, upstream, {}, compute, on_computed=log_grid)
     try:
         report = pd.read_csv(art.file("report.csv"))
     except pd.errors.EmptyDataError:  # no validation fold

@@ -15,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
+from ..runtime import progress_bar
 from .photo import blur_and_noise, finish, lighting, occlude, random_homography, warp, write_jpeg
 
 CANVAS = 128
@@ -154,7 +154,7 @@ def generate(root: Path, params: LandmarkDemoParams) -> dict:
 
     scenes = {}
     records = []
-    for role, image_id, cls, _ in tqdm(jobs, desc="landmark-demo", unit="img", leave=False):
+    for role, image_id, cls, _ in progress_bar(jobs, "landmark-demo", unit="img"):
         photo_rng = np.random.default_rng([params.seed, int(image_id, 16) % (2**32)])
         if cls is None:
             scene = render_scene(int(photo_rng.integers(2**31, 2**32)))  # a place of no class

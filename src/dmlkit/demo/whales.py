@@ -15,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
+from ..runtime import progress_bar
 from .photo import blur_and_noise, finish, lighting, occlude, random_homography, warp, write_jpeg
 
 CANVAS = 128
@@ -174,7 +174,7 @@ def generate(root: Path, params: WhaleDemoParams) -> dict:
 
     flukes: dict[int, np.ndarray] = {}
     records = []
-    for n, (role, ind_seed, label) in enumerate(tqdm(jobs, desc="whale-demo", unit="img", leave=False)):
+    for n, (role, ind_seed, label) in enumerate(progress_bar(jobs, "whale-demo", unit="img")):
         if ind_seed not in flukes:
             flukes[ind_seed] = render_fluke(individual(ind_seed))
         image_id = _image_id(params.seed, n)

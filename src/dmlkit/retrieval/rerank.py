@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from tqdm import tqdm
+
+from ..runtime import progress_bar
 
 
 def _reciprocal(neighbours: np.ndarray) -> np.ndarray:
@@ -50,7 +51,7 @@ def k_reciprocal_encoding(
     width = (k1 + 1) * (half + 2)
     chunk = max(1, min(8192, (1 << 26) // (width * max(vectors.shape[1], k1 + 1))))
     counts_out, cols_out, vals_out = [], [], []
-    for start in tqdm(range(0, n, chunk), desc="k-reciprocal", unit="chunk", disable=not progress, leave=False):
+    for start in progress_bar(range(0, n, chunk), "k-reciprocal", progress, unit="chunk"):
         stop = min(n, start + chunk)
         r = recip[start:stop]  # (b, k1+1)
         valid_j = r >= 0

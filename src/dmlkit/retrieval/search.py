@@ -14,7 +14,8 @@ import sys
 
 import faiss
 import numpy as np
-from tqdm import tqdm
+
+from ..runtime import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def knn(
     sims = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
     starts = range(0, len(queries), batch)
-    for start in tqdm(starts, desc="knn", unit="batch", disable=not progress or len(starts) < 4, leave=False):
+    for start in progress_bar(starts, "knn", progress and len(starts) >= 4, unit="batch"):
         s, i = index.search(queries[start : start + batch], k)
         sims[start : start + batch], ids[start : start + batch] = s, i
     return sims, ids

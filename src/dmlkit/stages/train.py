@@ -36,7 +36,7 @@ from ..models.heads import MarginHead
 from ..models.objective import MarginModel
 from ..models.optim import make_optimizer, make_scheduler
 from ..models.see import schedule_value
-from ..runtime import is_main_process, rank, world_size
+from ..runtime import is_main_process, progress_bar, rank, world_size
 from .folds import fold_parts
 
 log = logging.getLogger(__name__)
@@ -236,20 +236,14 @@ def train_epoch(
     progress: bool,
 ) -> dict:
     """One pass over the member's training images; the epoch's row of metrics.csv (without validation)."""
-    from tqdm import tqdm
-
     t = member.train
     generator = _set_epoch_seed(cfg.seed, epoch, dataset.transform)
     loader = epoch_loader(cfg, member, run, dataset, epoch)
     see_value = schedule_value(member.see.start, member.see.end, epoch / max(1, t.epochs - 1))
     _set_train_mode(member, run)
     running, n_batches, n_expanded = 0.0, 0, 0
-    bar = tqdm(
-        loader,
-        desc=f"{member.name} epoch {epoch + 1}/{t.epochs}",
-        unit="batch",
-        leave=False,
-        disable=not progress or not is_main_process(),
+    bar = progress_bar(
+        loader, f"{member.name} epoch {epoch + 1}/{t.epochs}", progress and is_main_process(), unit="batch"
     )
     run.optimizer.zero_grad(set_to_none=True)
     for batch_index, (images, labels, rows, ok) in enumerate(bar):
