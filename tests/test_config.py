@@ -93,6 +93,40 @@ def test_semantic_errors(configs):
         load_config(configs / "exp.yaml", ["members.1.name=a"])
     with pytest.raises(ConfigError, match="init_from unknown member"):
         load_config(configs / "exp.yaml", ["members.1.init_from=zz"])
+    with pytest.raises(ConfigError, match=r"init_from 'a' needs the same backbone \(resnet34 vs resnet18\)"):
+        load_config(configs / "exp.yaml", ["members.1.init_from=a"])  # refused before member a trains
+
+
+@pytest.mark.parametrize(
+    ("overrides", "competition", "message"),
+    [
+        (["member_defaults.head.margin=0.4"], "humpback-2019", "members.0.head.margin: no effect while head.dynamic"),
+        (["member_defaults.head.dynamic_lambda=-0.3"], "humpback-2019", "members.0.head.dynamic_lambda: only"),
+        (["ensemble.pca_dim=64"], "humpback-2019", "ensemble.pca_dim: no effect while ensemble.pca_whiten"),
+        (["retrieve.nprobe=8"], "humpback-2019", "retrieve.nprobe: only retrieve.index 'ivf'"),
+        (["retrieve.unknown_threshold=0.3"], "landmark-recognition-2020", "retrieve.unknown_threshold: only MAP@5"),
+        (["retrieve.voting.head_weight=0.5"], "landmark-retrieval", "retrieve.voting.head_weight"),
+        (["retrieve.penalty.enabled=true"], "landmark-retrieval", "retrieve.penalty.enabled"),
+        (["member_defaults.embedding_size=16", "member_defaults.see.enabled=true"], "humpback-2019", "see.n_expansion"),
+    ],
+)
+def test_values_without_effect_are_refused_before_anything_runs(configs, overrides, competition, message):
+    from dmlkit.pipeline import Context
+
+    cfg = load_config(configs / "exp.yaml", [f"competition.name={competition}", *overrides])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        Context(cfg)
+
+
+def test_values_with_effect_pass_and_cpu_fp16_is_a_warning(configs, caplog):
+    from dmlkit.pipeline import Context
+
+    fixed = ["member_defaults.head.dynamic=none", "member_defaults.head.margin=0.4", "retrieve.unknown_threshold=0.3"]
+    Context(load_config(configs / "exp.yaml", fixed))
+    Context(load_config(configs / "exp.yaml", ["retrieve.index=ivf", "retrieve.nprobe=8"]))
+    with caplog.at_level("WARNING"):
+        Context(load_config(configs / "exp.yaml", ["members.1.train.amp=fp16"]))
+    assert "members.1.train.amp: fp16 runs as bf16 on the CPU" in caplog.text
 
 
 def test_file_errors(tmp_path):
@@ -114,5 +148,8 @@ SHIPPED = sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_load(name):
+    from dmlkit.pipeline import Context
+
     cfg = load_config(Path(__file__).parents[1] / "configs" / name)
     assert cfg.members
+    Context(cfg)  # no value without effect

@@ -203,6 +203,14 @@ class Config(Strict):
                 raise ValueError(f"members: member '{member.name}' init_from unknown member '{member.init_from}'")
             if member.init_from == member.name:
                 raise ValueError(f"members: member '{member.name}' cannot init_from itself")
+            if member.init_from is not None:
+                source = next(m for m in self.members if m.name == member.init_from)
+                for key in ("backbone", "in_chans", "embedding_size"):
+                    if getattr(source, key) != getattr(member, key):
+                        raise ValueError(
+                            f"members: member '{member.name}' init_from '{source.name}' needs the same {key} "
+                            f"({getattr(member, key)} vs {getattr(source, key)}): its weights would not load"
+                        )
         for key in self.ensemble.weights:
             if key not in names:
                 raise ValueError(f"ensemble.weights: unknown member '{key}' (members: {names})")
@@ -356,3 +364,45 @@ def config_slice(model: BaseModel | list | dict | Any) -> Any:
     if isinstance(model, list):
         return [config_slice(m) for m in model]
     return model
+
+
+# --------------------------------------------------------------------------- values without effect
+def ineffective_values(cfg: Config, metric: str) -> list[str]:
+    """Keys whose value the loaded config sets but nothing would use, each with the reason; checked
+    before anything runs, so a misread setting costs no training. `metric` is the competition's."""
+    problems = []
+    for i, member in enumerate(cfg.members):
+        head, key = member.head, f"members.{i}"
+        if "margin" in head.model_fields_set and (head.dynamic != "none" or head.type == "none"):
+            why = "head.type is 'none'" if head.type == "none" else f"head.dynamic is '{head.dynamic}'"
+            problems.append(f"{key}.head.margin: no effect while {why} (a fixed margin needs head.dynamic: none)")
+        if "dynamic_lambda" in head.model_fields_set and head.dynamic != "power":
+            problems.append(f"{key}.head.dynamic_lambda: only head.dynamic 'power' uses it (got '{head.dynamic}')")
+        if member.see.enabled and member.embedding_size < member.see.n_expansion + 2:
+            problems.append(
+                f"{key}.see.n_expansion: SEE needs embedding_size ≥ n_expansion + 2 "
+                f"({member.see.n_expansion + 2}), got {member.embedding_size}"
+            )
+    if "pca_dim" in cfg.ensemble.model_fields_set and cfg.ensemble.pca_dim and not cfg.ensemble.pca_whiten:
+        problems.append("ensemble.pca_dim: no effect while ensemble.pca_whiten is false")
+    r = cfg.retrieve
+    for name, index in (("nlist", "ivf"), ("nprobe", "ivf"), ("hnsw_m", "hnsw")):
+        if name in r.model_fields_set and r.index != index:
+            problems.append(f"retrieve.{name}: only retrieve.index '{index}' uses it (got '{r.index}')")
+    if r.unknown_threshold != "tune" and metric != "map@5":
+        problems.append(f"retrieve.unknown_threshold: only MAP@5 competitions answer 'unknown' (metric: {metric})")
+    if r.voting.head_weight > 0 and metric == "map@100":
+        problems.append("retrieve.voting.head_weight: retrieval ranks index images; no labels are voted")
+    if r.penalty.enabled and metric == "map@100":
+        problems.append("retrieve.penalty.enabled: the distractor penalty applies to label votes, not to retrieval")
+    return problems
+
+
+def device_notes(cfg: Config, device_type: str) -> list[str]:
+    """Settings this device runs differently from what they say (one warning line each)."""
+    notes = []
+    if device_type == "cpu":
+        for i, member in enumerate(cfg.members):
+            if member.train.amp == "fp16":
+                notes.append(f"members.{i}.train.amp: fp16 runs as bf16 on the CPU (no fp16 autocast here)")
+    return notes

@@ -20,7 +20,7 @@ import pandas as pd
 
 from . import cache
 from .competitions import Adapter, get_adapter
-from .config import Config, config_slice
+from .config import Config, ConfigError, config_slice, device_notes, ineffective_values
 from .runtime import barrier, default_device, is_main_process
 
 log = logging.getLogger("dmlkit")
@@ -37,6 +37,16 @@ class Context:
     force: set[str] = field(default_factory=set)
     progress: bool = True
     done: dict[str, cache.Artifact] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Refuse values that would have no effect, before anything runs; note device differences."""
+        problems = ineffective_values(self.cfg, self.adapter.metric)
+        if problems:
+            where = self.cfg.source or "config"
+            raise ConfigError(f"{where}: value(s) without effect in this config:\n  " + "\n  ".join(problems))
+        if is_main_process():
+            for note in device_notes(self.cfg, self.device.type):
+                log.warning("%s", note)
 
     @cached_property
     def adapter(self) -> Adapter:
