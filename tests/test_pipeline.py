@@ -177,3 +177,60 @@ def test_logs_name_final_paths_once_and_draw_no_bars_into_a_file(tmp_path):
     assert stderr.count("training curves:") == 1
     (grid,) = re.findall(r"neighbours: (\S+)", stderr)
     assert ".partial" not in grid and Path(tmp_path, grid).is_file()
+
+
+def test_replaced_images_and_weights_recompute_what_reads_them(tmp_path):
+    """Under unchanged CSVs: a replaced test image re-embeds without retraining; a replaced training
+    image retrains; a replaced pretrained_file (same path) retrains."""
+    import os
+
+    import timm
+    import torch
+
+    weights = tmp_path / "weights.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
+    cfg = write_tiny_config(tmp_path, "whale")
+    first = run_all(cfg, tmp_path, [f"members.0.pretrained_file={weights}", "members.0.train.epochs=1"])
+
+    def rerun() -> Context:
+        return run_all(cfg, tmp_path, [f"members.0.pretrained_file={weights}", "members.0.train.epochs=1"])
+
+    def touch(path: Path) -> None:
+        path.write_bytes(path.read_bytes())
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+
+    assert all(reused(rerun()).values())
+    touch(sorted((tmp_path / "input-whale" / "test").glob("*.jpg"))[0])
+    flags = reused(rerun())
+    assert not flags["folds"] and flags["train/m0"] and not flags["embed/m0"] and not flags["submit"]
+    touch(sorted((tmp_path / "input-whale" / "train").glob("*.jpg"))[0])
+    assert not reused(rerun())["train/m0"]
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)  # new random weights
+    again = rerun()
+    assert not reused(again)["train/m0"] and again.done["train/m0"].key != first.done["train/m0"].key
+
+
+def test_penalty_needs_a_pool_and_takes_one_from_a_folder_or_csv(tmp_path):
+    import cv2
+
+    cfg = write_tiny_config(tmp_path, "whale")
+    ctx = Context(load_config(cfg, ["retrieve.penalty.enabled=true"]), artifacts=tmp_path / "a", progress=False)
+    ensure_demo_data(ctx)
+    with pytest.raises(Exception, match=r"retrieve\.penalty\.enabled needs non-landmark images.*penalty\.pool"):
+        run_folds(ctx)  # the first stage: nothing has trained
+    pool = tmp_path / "pool"
+    (pool / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        cv2.imwrite(str(pool / "a" / f"{i}.jpg"), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    (pool / "list.csv").write_text("path\na/0.jpg\na/2.jpg\n")
+    for source, expected in (
+        (pool, ["a/0.jpg", "a/1.jpg", "a/2.jpg", "a/3.jpg"]),
+        (pool / "list.csv", ["a/0.jpg", "a/2.jpg"]),
+    ):
+        overrides = ["retrieve.penalty.enabled=true", f"retrieve.penalty.pool={source}"]
+        ctx = run_all(cfg, tmp_path, overrides)
+        table, _ = load_table(ctx.done["folds"])
+        assert sorted(table.loc[table.role == "distractor", "id"]) == expected
+        report = pd.read_csv(ctx.done["retrieve"].file("report.csv"))
+        assert "+ distractor penalty" in report.step.tolist()

@@ -18,10 +18,10 @@ from conftest import ROOT, write_tiny_config
 from dmlkit import cache, cli
 from dmlkit.config import load_config
 from dmlkit.data.dataset import ImageDataset
-from dmlkit.data.images import UnreadableImageError, read_image
+from dmlkit.data.images import UnreadableImageError, image_problem, read_image
 from dmlkit.data.transforms import make_pipeline
 from dmlkit.models.objective import MarginModel
-from dmlkit.pipeline import Context, ensure_demo_data, run_embed, run_folds, run_train
+from dmlkit.pipeline import Context, ensure_demo_data, load_table, run_embed, run_folds, run_train
 from dmlkit.stages import train as train_stage
 from dmlkit.stages.retrieve import check_finite
 
@@ -75,36 +75,67 @@ def test_image_smaller_than_the_crop_is_resized(tmp_path):
     assert tuple(tensor.shape) == (3, 32, 32)
 
 
-def test_training_skips_and_names_unreadable_images_or_fails_in_strict_mode(tmp_path, caplog):
+def test_image_check_agrees_with_the_decoder(tmp_path):
+    """The folds stage's cheap check (1/8-scale decode) refuses exactly what read_image refuses."""
+    good = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))[1].tobytes()
+    files = {"empty.jpg": b"", "text.jpg": b"not an image", "head.jpg": good[:600]}
+    files.update({f"cut{n}.jpg": good[: len(good) * n // 10] for n in (3, 9)})
+    files["good.jpg"] = good
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    _png(tmp_path / "deep.png", np.full((5, 5, 3), 65535, np.uint16))
+    _png(tmp_path / "gray.png", np.full((5, 6), 9, np.uint8))
+    for path in [*sorted(tmp_path.iterdir()), tmp_path / "missing.jpg"]:
+        try:
+            read_image(path)
+            expected = None
+        except UnreadableImageError as exc:
+            expected = str(exc)
+        assert image_problem(path) == expected, path.name
+
+
+def _corrupt_demo(tmp_path: Path, role_folder: str, *overrides: str) -> tuple[Context, Path]:
     cfg_path = write_tiny_config(tmp_path, "whale")
-    ctx = Context(load_config(cfg_path, ["members.0.train.epochs=1"]), artifacts=tmp_path / "a", progress=False)
-    ensure_demo_data(ctx)
-    broken = sorted((tmp_path / "input-whale" / "train").glob("*.jpg"))[:2]
-    broken[0].write_bytes(b"")
-    broken[1].unlink()
-    with caplog.at_level("WARNING"):
-        art = run_train(ctx, "m0")
-    assert sorted(Path(p).name for p in art.manifest["result"]["skipped_images"]) == sorted(p.name for p in broken)
-    assert "skipped 2 unreadable training image(s)" in caplog.text
-    strict = Context(
-        load_config(cfg_path, ["members.0.train.epochs=1", "members.0.train.strict_images=true"]),
-        artifacts=tmp_path / "a",
-        progress=False,
+    ctx = Context(
+        load_config(cfg_path, ["members.0.train.epochs=1", *overrides]), artifacts=tmp_path / "a", progress=False
     )
-    with pytest.raises(UnreadableImageError):
-        run_train(strict, "m0")
-    assert not list((tmp_path / "a").glob("*/train/m0/*/manifest.json"))[1:]  # no second complete artifact
-
-
-def test_unreadable_test_image_fails_embedding_naming_it(tmp_path):
-    cfg_path = write_tiny_config(tmp_path, "whale")
-    ctx = Context(load_config(cfg_path, ["members.0.train.epochs=1"]), artifacts=tmp_path / "a", progress=False)
     ensure_demo_data(ctx)
-    victim = sorted((tmp_path / "input-whale" / "test").glob("*.jpg"))[0]
-    victim.write_text("garbage")
-    with pytest.raises(UnreadableImageError, match=victim.name):
+    victim = sorted((tmp_path / "input-whale" / role_folder).glob("*.jpg"))[3]
+    victim.write_bytes(victim.read_bytes()[:300])  # truncated
+    return ctx, victim
+
+
+def test_unreadable_training_image_is_dropped_early_and_the_run_ends_with_its_submission(tmp_path, caplog):
+    from dmlkit.pipeline import STAGES, run_stage
+
+    ctx, victim = _corrupt_demo(tmp_path, "train")
+    with caplog.at_level("WARNING"):
+        for stage in STAGES:
+            run_stage(ctx, stage)
+    folds = ctx.done["folds"]
+    assert folds.manifest["result"]["unreadable_train"] == 1
+    assert folds.manifest["result"]["unreadable_train_first"] == [str(victim)]
+    assert "dropped from training and the gallery: 1 training image(s) cannot be read" in caplog.text
+    assert victim.name in caplog.text
+    table, train_rows = load_table(folds)
+    assert victim.name not in set(table["id"]) and victim.name not in set(train_rows["id"])
+    assert ctx.done["train/m0"].manifest["result"]["skipped_images"] == []  # never reached the loader
+    assert (ctx.submissions / "tiny-whale.csv").is_file()
+
+
+def test_strict_images_stops_before_training_naming_the_file(tmp_path):
+    ctx, victim = _corrupt_demo(tmp_path, "train", "members.0.train.strict_images=true")
+    with pytest.raises(UnreadableImageError, match=f"(?s)strict_images.*{victim.name}"):
+        run_train(ctx, "m0")
+    assert not list((tmp_path / "a").glob("*/train"))
+
+
+def test_unreadable_test_image_stops_the_run_before_training_naming_it(tmp_path):
+    ctx, victim = _corrupt_demo(tmp_path, "test")
+    with pytest.raises(UnreadableImageError, match=f"(?s)1 test/index image.*{victim.name}"):
         run_embed(ctx, "m0")
-    assert not list((tmp_path / "a").glob("*/embed/m0/*/manifest.json"))
+    assert not list((tmp_path / "a").glob("*/train"))  # refused before anything trained
+    assert not list((tmp_path / "a").glob("*/folds/*/manifest.json"))
 
 
 def test_nan_loss_stops_with_step_or_is_skipped(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -70,6 +70,21 @@ def file_fingerprint(path: str | Path, content: bool = True) -> str:
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()[:KEY_LENGTH]
+
+
+def files_fingerprint(paths: Iterable[str]) -> str:
+    """Cheap fingerprint of many files (images): each path's size and mtime, in the given order.
+
+    A replaced or touched file changes it; its content is not read (2.3 µs per file here, README).
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            st = os.stat(path)
+            digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\tmissing\n".encode())
     return digest.hexdigest()[:KEY_LENGTH]
 
 

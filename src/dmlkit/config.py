@@ -147,6 +147,11 @@ class RerankConfig(Strict):
 
 class PenaltyConfig(Strict):
     enabled: bool = False
+    pool: str | None = Field(
+        None,
+        description="folder, .zip or .csv (column `path`) of non-landmark images; default: the competition's "
+        "index/ images where it has them",
+    )
     k_gallery: int = Field(5, ge=1)
     k_query: int = Field(10, ge=1)
     query_side: bool = False
@@ -393,6 +398,8 @@ def ineffective_values(cfg: Config, metric: str) -> list[str]:
         problems.append(f"retrieve.unknown_threshold: only MAP@5 competitions answer 'unknown' (metric: {metric})")
     if r.voting.head_weight > 0 and metric == "map@100":
         problems.append("retrieve.voting.head_weight: retrieval ranks index images; no labels are voted")
+    if r.penalty.pool and not r.penalty.enabled:
+        problems.append("retrieve.penalty.pool: no effect while retrieve.penalty.enabled is false")
     if r.penalty.enabled and metric == "map@100":
         problems.append("retrieve.penalty.enabled: the distractor penalty applies to label votes, not to retrieval")
     return problems

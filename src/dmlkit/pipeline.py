@@ -9,6 +9,7 @@ and everything downstream recompute, nothing upstream.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,12 +22,13 @@ import pandas as pd
 from . import cache
 from .competitions import Adapter, get_adapter
 from .config import Config, ConfigError, config_slice, device_notes, ineffective_values
+from .data.images import UnreadableImageError
 from .runtime import barrier, default_device, is_main_process
 
 log = logging.getLogger("dmlkit")
 
 STAGES = ("folds", "train", "embed", "ensemble", "retrieve", "submit")
-VERSIONS = {"folds": 1, "train": 2, "embed": 2, "ensemble": 1, "retrieve": 3, "submit": 1}
+VERSIONS = {"folds": 2, "train": 2, "embed": 2, "ensemble": 1, "retrieve": 3, "submit": 1}
 
 
 @dataclass
@@ -59,6 +61,23 @@ class Context:
     @property
     def root(self) -> Path:
         return Path(self.cfg.competition.root)
+
+    @cached_property
+    def source_table(self) -> pd.DataFrame:
+        """The competition's common table, with the distractor pool's rows when one is configured."""
+        from .competitions.base import check_table
+        from .competitions.distractors import read_pool
+
+        table = self.adapter.read(self.root)
+        penalty = self.cfg.retrieve.penalty
+        if penalty.pool:
+            table = check_table(pd.concat([table, read_pool(penalty.pool)], ignore_index=True), penalty.pool)
+        if penalty.enabled and not table["role"].isin(["index", "distractor"]).any():
+            raise ConfigError(
+                f"{self.cfg.source}: retrieve.penalty.enabled needs non-landmark images: {self.root} has no "
+                "index/ images and retrieve.penalty.pool is not set (a folder, .zip or .csv of them)"
+            )
+        return table
 
     @cached_property
     def device(self):
@@ -110,8 +129,9 @@ def _run(
             barrier()
             if all_ranks:
                 compute(writer.partial)
-            art = cache.Artifact(stage, key, final, reused=False)
         barrier()
+        if not is_main_process():  # rank 0 has committed: every rank reads the same manifest
+            art = cache.Artifact(stage, key, final, reused=False, manifest=cache.read_manifest(final))
         log.info("[%s] done in %.1fs → %s", label, art.manifest.get("wall_time_s", 0.0), final)
         if on_computed is not None and is_main_process():
             on_computed(art)
@@ -123,15 +143,39 @@ def _run(
 def run_folds(ctx: Context) -> cache.Artifact:
     from .stages.folds import make_folds
 
+    if "folds" in ctx.done:
+        return ctx.done["folds"]
+    table = ctx.source_table
     fingerprints = ctx.adapter.fingerprints(ctx.root)
     if (ctx.root / "demo_params.json").exists():  # a regenerated demo can keep identical CSVs
         fingerprints["demo_params"] = cache.file_fingerprint(ctx.root / "demo_params.json")
+    fingerprints["images"] = cache.files_fingerprint(table["path"])  # a replaced image redoes the check
     part = {
         "competition": {"name": ctx.cfg.competition.name, "root": ctx.cfg.competition.root},
         "folds": config_slice(ctx.cfg.folds),
+        "distractor_pool": ctx.cfg.retrieve.penalty.pool,
     }
-    compute = lambda work: make_folds(ctx.adapter, ctx.root, ctx.cfg.folds, work)  # noqa: E731
-    return _run(ctx, "folds", "", part, {}, fingerprints, compute)
+    threads = ctx.cfg.threads or len(os.sched_getaffinity(0))
+    compute = lambda work: make_folds(table, ctx.cfg.folds, work, threads, ctx.progress)  # noqa: E731
+    art = _run(ctx, "folds", "", part, {}, fingerprints, compute)
+    _report_unreadable(ctx, art)
+    return art
+
+
+def _report_unreadable(ctx: Context, art: cache.Artifact) -> None:
+    """Name the dropped training images (once per run); under train.strict_images stop instead."""
+    result = art.manifest.get("result", {})
+    if not result.get("unreadable_train"):
+        return
+    message = (
+        f"{result['unreadable_train']} training image(s) cannot be read (all in {art.file('unreadable.csv')}): "
+        f"{result['unreadable_train_first'][:10]}"
+    )
+    strict = [m.name for m in ctx.cfg.members if m.train.strict_images]
+    if strict:
+        raise UnreadableImageError(f"train.strict_images (members {strict}): {message}")
+    if is_main_process():
+        log.warning("[folds] dropped from training and the gallery: %s", message)
 
 
 def load_table(folds_art: cache.Artifact) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -146,12 +190,13 @@ def run_train(ctx: Context, member_name: str) -> cache.Artifact:
 
     member = ctx.cfg.member(member_name)
     folds_art = run_folds(ctx)
-    upstream = {"folds": folds_art.key}
+    upstream = {"train_data": folds_art.manifest["result"]["train_data"]}  # folds.csv and its images
     init_art = None
     if member.init_from:
         init_art = run_train(ctx, member.init_from)
         upstream["init"] = init_art.key
     part = {"member": config_slice(member), "seed": ctx.cfg.seed}
+    weights = {"pretrained_file": cache.file_fingerprint(member.pretrained_file)} if member.pretrained_file else {}
 
     def compute(work: Path) -> dict:
         _, folds = load_table(folds_art)
@@ -162,7 +207,16 @@ def run_train(ctx: Context, member_name: str) -> cache.Artifact:
         log.info("[train/%s] training curves: %s", member.name, art.file("curves.png"))
 
     return _run(
-        ctx, "train", member.name, part, upstream, {}, compute, resumable=True, all_ranks=True, on_computed=log_curves
+        ctx,
+        "train",
+        member.name,
+        part,
+        upstream,
+        weights,
+        compute,
+        resumable=True,
+        all_ranks=True,
+        on_computed=log_curves,
     )
 
 

@@ -1,9 +1,9 @@
 """What every competition adapter shares: the common table, CSV checks, submission validation.
 
 An adapter turns a competition's files into one table with the columns
-``id, path, label, role, known`` (role: train/test/index; known: the label is a real class, not
-``new_whale``) and turns predictions into its exact submission format. Scoring reads the
-solution file with the same adapter.
+``id, path, label, role, known`` (role: train/test/index, or distractor for a penalty pool;
+known: the label is a real class, not ``new_whale``) and turns predictions into its exact
+submission format. Scoring reads the solution file with the same adapter.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def check_table(table: pd.DataFrame, source: str) -> pd.DataFrame:
     missing = [c for c in TABLE_COLUMNS if c not in table.columns]
     if missing:
         raise InputError(f"{source}: adapter produced a table without {missing}")
-    bad_roles = set(table["role"]) - {"train", "test", "index"}
+    bad_roles = set(table["role"]) - {"train", "test", "index", "distractor"}
     if bad_roles:
         raise InputError(f"{source}: unknown role(s) {sorted(bad_roles)}")
     for role, part in table.groupby("role"):

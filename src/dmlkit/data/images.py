@@ -12,9 +12,10 @@ class UnreadableImageError(OSError):
     """An image file that is missing, empty, truncated or not an image."""
 
 
-def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
-    """Decode to uint8 HxWx3 RGB (channels=3) or HxWx1 gray (channels=1), or raise naming the file."""
-    path = Path(path)
+_UNDECODABLE = "not a decodable image (truncated or another format)"
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -23,10 +24,34 @@ def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
         raise UnreadableImageError(f"{path}: cannot read: {exc}") from None
     if not data:
         raise UnreadableImageError(f"{path}: image file is empty (0 bytes)")
-    buffer = np.frombuffer(data, np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    return data
+
+
+def image_problem(path: str | Path) -> str | None:
+    """None when the image decodes, else what is wrong with it (the message `read_image` raises).
+
+    JPEGs decode at 1/8 scale, gray (libjpeg's scaled decoding skips most of the inverse DCT): on a
+    3 MP JPEG 6.6 ms against 10.5 ms for the full decode; OpenCV refuses a truncated JPEG either way.
+    Other formats decode in full (OpenCV would decode, then resize them).
+    """
+    path = Path(path)
+    try:
+        data = _read_bytes(path)
+    except UnreadableImageError as exc:
+        return str(exc)
+    flag = cv2.IMREAD_REDUCED_GRAYSCALE_8 if data[:3] == b"\xff\xd8\xff" else cv2.IMREAD_UNCHANGED
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if image is None or image.size == 0:
-        raise UnreadableImageError(f"{path}: not a decodable image (truncated or another format)")
+        return f"{path}: {_UNDECODABLE}"
+    return None
+
+
+def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
+    """Decode to uint8 HxWx3 RGB (channels=3) or HxWx1 gray (channels=1), or raise naming the file."""
+    path = Path(path)
+    image = cv2.imdecode(np.frombuffer(_read_bytes(path), np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise UnreadableImageError(f"{path}: {_UNDECODABLE}")
     if image.dtype != np.uint8:  # 16-bit or float images: scale to 8 bits
         image = image.astype(np.float32)
         top = 65535.0 if image.max() > 255 else 255.0

@@ -2,21 +2,25 @@
 
 Classes with one image always stay in training (fold −1); unknown rows (new_whale) never
 become a training class: they are spread over the folds as validation queries whose answer is
-unknown. Writes `table.csv` (every row of the competition) and
-`folds.csv` (the training rows with their fold).
+unknown. Every image is checked first: unreadable training (and distractor) images are dropped
+and listed, an unreadable test or index image stops the run. Writes `table.csv` (every readable
+row of the competition), `folds.csv` (the training rows with their fold) and `unreadable.csv`.
 """
 
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
-from ..competitions import Adapter
+from ..cache import file_fingerprint, files_fingerprint, stage_key
 from ..config import FoldsConfig
+from ..data.images import UnreadableImageError, image_problem
+from ..runtime import progress_bar
 
 
 def assign_folds(train: pd.DataFrame, n_splits: int, seed: int) -> np.ndarray:
@@ -46,16 +50,56 @@ def fold_parts(folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFra
     return train, val.reset_index(drop=True)
 
 
-def make_folds(adapter: Adapter, root: Path, cfg: FoldsConfig, work: Path) -> dict:
-    """The stage: read the competition into the common table, assign folds, write both CSVs."""
-    table = adapter.read(root)
+def find_unreadable(table: pd.DataFrame, threads: int, progress: bool = True) -> pd.DataFrame:
+    """The rows whose image is missing, empty or does not decode: `id, role, path, problem`."""
+    paths = table["path"].tolist()
+    problems: list[str | None] = []
+    chunk = 4096
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # OpenCV decodes without the GIL
+        for start in progress_bar(range(0, len(paths), chunk), "checking images", progress, unit="chunk"):
+            problems.extend(pool.map(image_problem, paths[start : start + chunk]))
+    bad = [i for i, problem in enumerate(problems) if problem]
+    return table.iloc[bad][["id", "role", "path"]].assign(problem=[problems[i] for i in bad])
+
+
+def refuse_unreadable(unreadable: pd.DataFrame) -> None:
+    """Test and index images are submission rows: a missing one stops the run before training."""
+    refused = unreadable[unreadable["role"].isin(["test", "index"])]
+    if len(refused):
+        shown = refused["problem"].tolist()[:20]
+        more = f"\n  … and {len(refused) - 20} more" if len(refused) > 20 else ""
+        raise UnreadableImageError(
+            f"{len(refused)} test/index image(s) cannot be read; replace them (nothing was trained):\n  "
+            + "\n  ".join(shown)
+            + more
+        )
+
+
+def make_folds(table: pd.DataFrame, cfg: FoldsConfig, work: Path, threads: int = 1, progress: bool = True) -> dict:
+    """The stage: check every image of the common table, drop unreadable training (and distractor)
+    images, assign folds, write table.csv, folds.csv and unreadable.csv. `train_data` keys what
+    training reads: folds.csv and its images (a changed test image does not retrain)."""
+    unreadable = find_unreadable(table, threads, progress)
+    refuse_unreadable(unreadable)
+    unreadable.to_csv(work / "unreadable.csv", index=False)
+    table = table.drop(index=unreadable.index).reset_index(drop=True)
     train = table[table["role"] == "train"].reset_index(drop=True)
     train["fold"] = assign_folds(train, cfg.n_splits, cfg.seed)
     table.to_csv(work / "table.csv", index=False)
     train.to_csv(work / "folds.csv", index=False)
+    dropped = unreadable.loc[unreadable["role"] == "train", "path"].tolist()
     return {
         "rows": {role: int(n) for role, n in table["role"].value_counts().items()},
         "classes": int(train.loc[train["known"], "label"].nunique()),
+        "unreadable_train": len(dropped),
+        "unreadable_train_first": dropped[:100],
+        "unreadable_other": int((unreadable["role"] != "train").sum()),
+        "train_data": stage_key(
+            "train-data",
+            {},
+            {},
+            {"folds.csv": file_fingerprint(work / "folds.csv"), "images": files_fingerprint(train["path"])},
+        ),
     }
 
 

@@ -138,6 +138,12 @@ def table_rows(table: pd.DataFrame, role: str, ids: pd.Series) -> np.ndarray:
     return np.array([row_of[i] for i in ids], dtype=int)
 
 
+def distractor_rows(table: pd.DataFrame) -> np.ndarray:
+    """The penalty's non-landmark images: the configured pool, else the competition's index images."""
+    pool = (table["role"] == "distractor").to_numpy()
+    return np.flatnonzero(pool if pool.any() else (table["role"] == "index").to_numpy())
+
+
 def validation_split(table: pd.DataFrame, folds: pd.DataFrame, val_fold: int) -> ValidationSplit:
     train_part = folds[(folds["fold"] != val_fold) & folds["known"]]
     val_part = folds[folds["fold"] == val_fold]
@@ -251,7 +257,7 @@ def test_predictions(
             neighbours = [[index_ids[j] for j in row if j >= 0] for row in result.ids]
             predictions[fmt.name] = fmt.predict(Predictions(test_ids, neighbours=neighbours), calibration)
             continue
-        distractors = embeddings[index_rows] if cfg.penalty.enabled else None
+        distractors = embeddings[distractor_rows(table)] if cfg.penalty.enabled else None
         result = run_chain(cfg, embeddings[test_rows], embeddings[gallery_rows], distractors, progress=progress)
         fill = fmt.max_predictions > 1  # every MAP@5 row carries 5 labels
         labels, scores = vote(result.sims, result.ids, gallery_labels, cfg.voting.k, cfg.voting.power, fill=fill)
@@ -282,12 +288,11 @@ def retrieve(
     if cfg.voting.head_weight > 0 and member_heads:
         head_scores = lambda rows: head_label_scores(member_heads, rows)  # noqa: E731
     split = validation_split(table, folds, val_fold)
-    index_rows = np.flatnonzero((table["role"] == "index").to_numpy())
     if len(split.query_rows) == 0:
         log.warning("retrieve: validation fold %d is empty; no report and default thresholds", val_fold)
         report, calibration = pd.DataFrame(), Calibration()
     else:
-        distractors = embeddings[index_rows] if cfg.penalty.enabled else None
+        distractors = embeddings[distractor_rows(table)] if cfg.penalty.enabled else None
         report, calibration = validation_report(
             cfg, adapter, split, embeddings, member_embeddings, distractors, head_scores, progress
         )
