@@ -17,9 +17,10 @@ TINY_LANDMARK = {"n_classes": 12, "head_size": 10, "index_distractors": 10, "ima
 TINY_WHALE = {"n_individuals": 20, "new_whale_train": 6, "image_size": 48}
 
 
-def write_tiny_config(tmp: Path, kind: str = "whale", extra: str = "") -> Path:
+def write_tiny_config(tmp: Path, kind: str = "whale", extra: str = "", demo_params: dict | None = None) -> Path:
     """A config over a tiny generated demo with a 0.4M-parameter backbone: seconds per stage."""
     name, params = ("humpback-2019", TINY_WHALE) if kind == "whale" else ("landmark-recognition-2020", TINY_LANDMARK)
+    params = {**params, **(demo_params or {})}
     extra_formats = "[landmark-retrieval]" if kind == "landmark" else "[]"
     text = textwrap.dedent(f"""
         experiment: tiny-{kind}

@@ -5,7 +5,14 @@ from dmlkit.retrieval import search
 from dmlkit.retrieval.ensemble import concatenate, pca_whiten
 from dmlkit.retrieval.expansion import database_augmentation, query_expansion, weighted_neighbour_mean
 from dmlkit.retrieval.rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
-from dmlkit.retrieval.voting import insert_unknown, landmark_confidence, tune_unknown_threshold, vote
+from dmlkit.retrieval.voting import (
+    fuse_head,
+    head_label_scores,
+    insert_unknown,
+    landmark_confidence,
+    tune_unknown_threshold,
+    vote,
+)
 
 
 def unit(rng, n, d):
@@ -230,3 +237,22 @@ def test_ensemble_concatenation_and_whitening():
         concatenate([a, b[:5]], [1, 1])
     white = pca_whiten(clustered(rng, 50, 8, 3), np.arange(50) < 40, dim=4)
     assert white.shape == (50, 4) and np.allclose(np.linalg.norm(white, axis=1), 1, atol=1e-5)
+
+
+def test_head_fusion_hand_computed():
+    """(1−w)·vote + w·max(cos,0)^p over the union of voted and head labels; w=0.4, p=2."""
+    labels, scores = fuse_head([["a", "b"]], [[0.5, 0.2]], [{"b": 0.9, "c": 0.5, "d": -0.3}], 0.4, 2.0)
+    # a: 0.6·0.5 = 0.3; b: 0.6·0.2 + 0.4·0.81 = 0.444; c: 0.4·0.25 = 0.1; d: 0.4·0 = 0
+    assert labels == [["b", "a", "c", "d"]]
+    assert scores[0] == pytest.approx([0.444, 0.3, 0.1, 0.0])
+
+
+def test_head_label_scores_take_each_label_best_over_members():
+    heads = {
+        "m1": (np.array([["a", "b"], ["c", "a"]], dtype=object), np.array([[0.9, 0.2], [0.5, 0.4]])),
+        "m2": (np.array([["b", "a"], ["a", "d"]], dtype=object), np.array([[0.7, 0.3], [0.6, 0.1]])),
+    }
+    assert head_label_scores(heads, np.array([1, 0])) == [
+        {"c": 0.5, "a": 0.6, "d": 0.1},
+        {"a": 0.9, "b": 0.7},
+    ]

@@ -247,3 +247,57 @@ def test_ema_model_averages_batchnorm_statistics(tmp_path):
     for key in keys:
         assert averaged[key].abs().max() > 1e-3, key  # moved from the statistics it was built with
         assert (averaged[key] - raw[key]).abs().max() > 1e-4, key  # averaged, not copied
+
+
+def _final_state(tmp_path: Path, cfg: Path, *overrides: str, member: str = "m0") -> dict:
+    from dmlkit.pipeline import run_train
+
+    ctx = Context(load_config(cfg, list(overrides)), artifacts=tmp_path / "art", progress=False)
+    return torch.load(run_train(ctx, member).file("final.pt"), map_location="cpu", weights_only=False)
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    for part in ("model", "head"):
+        for key, value in a[part].items():
+            assert torch.allclose(value.float(), b[part][key].float(), atol=atol), f"{part}.{key}"
+
+
+def test_initial_weights_do_not_depend_on_what_the_process_trained_before(tmp_path):
+    cfg = _prepare(tmp_path)
+    first = _final_state(tmp_path / "one", cfg, "members.0.train.epochs=1")
+    _final_state(tmp_path / "two", cfg, "members.0.train.epochs=2")  # consumes random numbers
+    _assert_same_weights(first, _final_state(tmp_path / "two", cfg, "members.0.train.epochs=1"), atol=0)
+
+
+def test_grad_accum_two_half_batches_equal_one_full_batch(tmp_path):
+    """grad_accum=2 at batch 8 takes the same steps as batch 16 (BatchNorm frozen: no batch statistics)."""
+    cfg = _prepare(tmp_path)
+    same = ("members.0.train.freeze_bn=true", "members.0.train.augment=[]", "members.0.train.optimizer=sgd")
+    full = _final_state(tmp_path, cfg, *same, "members.0.train.batch_size=16")
+    accumulated = _final_state(tmp_path, cfg, *same, "members.0.train.batch_size=8", "members.0.train.grad_accum=2")
+    moved = max((full["model"][k].float() - v.float()).abs().max() for k, v in _initial_model(cfg).items())
+    assert moved > 1e-3  # the runs did train
+    _assert_same_weights(full, accumulated, atol=1e-5)
+
+
+def _initial_model(cfg: Path) -> dict:
+    from dmlkit.models.build import build_model
+
+    return build_model(load_config(cfg).members[0]).state_dict()  # another random draw
+
+
+def test_init_from_starts_from_the_other_members_weights(tmp_path):
+    """Member b (same fold and classes), trained at a vanishing LR with frozen BatchNorm, ends where a ended:
+    it started from a's weights, head included."""
+    extra = """
+members:
+  - {name: a, backbone: test_resnet, fold: 0}
+  - {name: b, backbone: test_resnet, fold: 0, init_from: a, train: {lr: 1.0e-12, freeze_bn: true, warmup_epochs: 0}}
+"""
+    cfg = _prepare(tmp_path, extra)
+    cfg.write_text(cfg.read_text().replace("members:\n  - {name: m0, backbone: test_resnet, fold: 0}\n", "", 1))
+    a = _final_state(tmp_path, cfg, member="a")
+    b = _final_state(tmp_path, cfg, member="b")
+    _assert_same_weights(a, b, atol=1e-6)
+    fresh = _initial_model(cfg)
+    assert max((a["model"][k].float() - v.float()).abs().max() for k, v in fresh.items()) > 1e-3

@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from ..models.heads import MarginHead
 from ..models.objective import MarginModel
 from ..models.optim import make_optimizer, make_scheduler
 from ..models.see import schedule_value
-from ..runtime import is_main_process, progress_bar, rank, world_size
+from ..runtime import is_main_process, progress_bar, rank, seed_everything, world_size
 from .folds import fold_parts
 
 log = logging.getLogger(__name__)
@@ -400,6 +401,9 @@ def train_member(
 ) -> dict:
     """Train `member` on its fold; writes best.pt, final.pt, metrics.csv and curves.png into `work`."""
     t = member.train
+    # The initial weights depend on the seed and the member only, not on what this process did before
+    # (a member trained after a cached one would otherwise start elsewhere than in a fresh run).
+    seed_everything(zlib.crc32(f"{cfg.seed}:{member.name}".encode()))
     data = fold_data(member, folds)
     model, head = build_networks(member, data, device, init_state)
     dataset = training_dataset(member, data)
