@@ -39,6 +39,14 @@ class CompetitionConfig(Strict):
 class FoldsConfig(Strict):
     n_splits: int = Field(5, ge=2)
     seed: int = 42
+    unknown_classes: float | None = Field(
+        None,
+        ge=0.0,
+        le=0.5,
+        description="share of the classes each fold holds out entirely (validation queries of unseen "
+        "classes, to calibrate 'new'); default 0.2 for MAP@5 competitions whose training has no unknown "
+        "rows, else 0",
+    )
 
 
 class HeadConfig(Strict):
@@ -178,6 +186,18 @@ class RetrieveConfig(Strict):
     penalty: PenaltyConfig = PenaltyConfig()
     voting: VotingConfig = VotingConfig()
     unknown_threshold: float | Literal["tune"] = "tune"
+    unknown_score: Literal["auto", "vote", "cosine"] = Field(
+        "auto",
+        description="what the unknown threshold compares: a label's vote, or its best neighbour's cosine; "
+        "auto: whichever scores higher on validation",
+    )
+    unknown_share: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="instead of the tuned threshold, answer unknown first on this share of the test "
+        "(Happywhale 1st: 0.165)",
+    )
 
 
 class Config(Strict):
@@ -394,8 +414,14 @@ def ineffective_values(cfg: Config, metric: str) -> list[str]:
     for name, index in (("nlist", "ivf"), ("nprobe", "ivf"), ("hnsw_m", "hnsw")):
         if name in r.model_fields_set and r.index != index:
             problems.append(f"retrieve.{name}: only retrieve.index '{index}' uses it (got '{r.index}')")
-    if r.unknown_threshold != "tune" and metric != "map@5":
-        problems.append(f"retrieve.unknown_threshold: only MAP@5 competitions answer 'unknown' (metric: {metric})")
+    if metric != "map@5":
+        for key, unset in (("unknown_threshold", "tune"), ("unknown_score", "auto"), ("unknown_share", None)):
+            if getattr(r, key) != unset:
+                problems.append(f"retrieve.{key}: only MAP@5 competitions answer 'unknown' (metric: {metric})")
+    if r.unknown_share is not None and r.unknown_threshold != "tune":
+        problems.append("retrieve.unknown_threshold: no effect while retrieve.unknown_share sets the threshold")
+    if cfg.folds.unknown_classes and metric == "map@100":
+        problems.append("folds.unknown_classes: retrieval validation scores known queries only")
     if r.voting.head_weight > 0 and metric == "map@100":
         problems.append("retrieve.voting.head_weight: retrieval ranks index images; no labels are voted")
     if r.penalty.pool and not r.penalty.enabled:

@@ -2,17 +2,107 @@
 
 The predictions and the score come from the adapter (`predict`, `score_predictions`), the same
 code that writes and scores submissions, so validation, `score` and the local leaderboard share
-one scoring path. Calibration (the unknown threshold, the GAP confidence form) is tuned here.
+one scoring path. Calibration (the unknown threshold and the score it applies to, the GAP
+confidence form) is tuned here, on one fold or on several folds' queries pooled.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from .competitions import Adapter, Calibration, Predictions
 from .metrics import recall_at_k
 from .retrieval.search import knn
-from .retrieval.voting import fuse_head, vote
+from .retrieval.voting import fuse_head, label_similarities, vote
+
+
+@dataclass
+class RankedQueries:
+    """Validation queries ready to be calibrated and scored: their ranked labels (votes and best
+    cosines) or neighbours, their truths as the adapter scores them, and Recall@1."""
+
+    ranked: Predictions
+    truths: list
+    offset: np.ndarray | None
+    recall_at_1: float
+    known: int
+
+    @staticmethod
+    def pool(parts: list[RankedQueries]) -> RankedQueries:
+        """Several folds' queries as one set (ids renumbered; Recall@1 weighted by known queries)."""
+        known = sum(p.known for p in parts)
+        offsets = [p.offset if p.offset is not None else np.zeros(len(p.truths)) for p in parts]
+        joined = Predictions(
+            ids=[str(i) for i in range(sum(len(p.truths) for p in parts))],
+            labels=[row for p in parts for row in p.ranked.labels],
+            scores=[row for p in parts for row in p.ranked.scores],
+            neighbours=[row for p in parts for row in p.ranked.neighbours],
+            similarities=[row for p in parts for row in p.ranked.similarities],
+        )
+        return RankedQueries(
+            joined,
+            [t for p in parts for t in p.truths],
+            np.concatenate(offsets) if any(p.offset is not None for p in parts) else None,
+            sum(p.recall_at_1 * p.known for p in parts) / max(1, known),
+            known,
+        )
+
+
+def rank_queries(
+    adapter: Adapter,
+    sims: np.ndarray,
+    ids: np.ndarray,
+    query_labels: np.ndarray,
+    query_known: np.ndarray,
+    gallery_labels: np.ndarray,
+    k: int = 5,
+    power: float = 3.0,
+    confidence_offset: np.ndarray | None = None,
+    head_scores: list[dict[str, float]] | None = None,
+    head_weight: float = 0.0,
+) -> RankedQueries:
+    """Votes of each query's kNN result `(sims, ids)` (best first), restricted to the queries the
+    adapter scores, with their truths."""
+    labels, scores = vote(sims, ids, gallery_labels, k, power, fill=adapter.max_predictions > 1)
+    if head_scores is not None and head_weight > 0:
+        labels, scores = fuse_head(labels, scores, head_scores, head_weight, power)
+    known = np.asarray(query_known, dtype=bool)
+    recall = recall_at_k(gallery_labels[ids[known, :1]], query_labels[known], 1) if known.any() else 0.0
+    rows, truths = adapter.validation_truths(query_labels, known, gallery_labels)
+    similarities = label_similarities(labels, sims, ids, gallery_labels)
+    ranked = Predictions(
+        ids=[str(i) for i in rows],
+        labels=[labels[i] for i in rows],
+        scores=[scores[i] for i in rows],
+        neighbours=[[str(j) for j in ids[i] if j >= 0] for i in rows],
+        similarities=[similarities[i] for i in rows],
+    )
+    offset = None if confidence_offset is None else confidence_offset[rows]
+    return RankedQueries(ranked, truths, offset, recall, int(known.sum()))
+
+
+def plain_score(adapter: Adapter, queries: RankedQueries) -> float:
+    """The score before calibration: no unknown label, the raw vote as GAP confidence."""
+    return adapter.score_predictions(adapter.predict(queries.ranked, Calibration(), queries.offset), queries.truths)
+
+
+def score_queries(adapter: Adapter, queries: RankedQueries, fixed: Calibration | None = None) -> dict:
+    """Recall@1, the calibrated `score` with the calibration's fields, `plain` (no unknown label,
+    the raw vote as GAP confidence), and for identification the unknown-detection figures."""
+
+    def score(calibration: Calibration) -> float:
+        predictions = adapter.predict(queries.ranked, calibration, queries.offset)
+        return adapter.score_predictions(predictions, queries.truths)
+
+    calibration, calibrated = adapter.calibrate(score, queries.ranked, fixed or Calibration())
+    out: dict = {"recall@1": queries.recall_at_1, "score": calibrated}
+    out.update(calibration.tuned())
+    out["plain"] = plain_score(adapter, queries)
+    final = adapter.predict(queries.ranked, calibration, queries.offset)
+    out.update(adapter.unknown_report(final, queries.truths))
+    return out
 
 
 def validation_scores(
@@ -25,41 +115,26 @@ def validation_scores(
     k: int = 5,
     power: float = 3.0,
     confidence_offset: np.ndarray | None = None,
-    unknown_threshold: float | None = None,
+    fixed: Calibration | None = None,
     head_scores: list[dict[str, float]] | None = None,
     head_weight: float = 0.0,
 ) -> dict:
-    """The competition's metric on a validation split from its kNN result `(sims, ids)` (best first),
-    plus Recall@1 on the known queries.
-
-    `plain` is the score before calibration (no unknown label; the raw vote as GAP confidence),
-    `score` the calibrated one (with `unknown_threshold` when given, else the tuned threshold), and
-    the calibration's fields (`threshold` or `confidence`).
-    """
-    labels, scores = vote(sims, ids, gallery_labels, k, power, fill=adapter.max_predictions > 1)
-    if head_scores is not None and head_weight > 0:
-        labels, scores = fuse_head(labels, scores, head_scores, head_weight, power)
-    known = np.asarray(query_known, dtype=bool)
-    out: dict = {
-        "recall@1": recall_at_k(gallery_labels[ids[known, :1]], query_labels[known], 1) if known.any() else 0.0
-    }
-    rows, truths = adapter.validation_truths(query_labels, known, gallery_labels)
-    ranked = Predictions(
-        ids=[str(i) for i in rows],
-        labels=[labels[i] for i in rows],
-        scores=[scores[i] for i in rows],
-        neighbours=[[str(j) for j in ids[i] if j >= 0] for i in rows],
+    """The competition's metric on one validation split from its kNN result (see `score_queries`);
+    `fixed` holds the calibration settings the config fixes (a threshold, the score kind)."""
+    queries = rank_queries(
+        adapter,
+        sims,
+        ids,
+        query_labels,
+        query_known,
+        gallery_labels,
+        k,
+        power,
+        confidence_offset,
+        head_scores,
+        head_weight,
     )
-    offset = None if confidence_offset is None else confidence_offset[rows]
-
-    def score(calibration: Calibration) -> float:
-        return adapter.score_predictions(adapter.predict(ranked, calibration, offset), truths)
-
-    calibration, calibrated = adapter.calibrate(score, ranked.scores, unknown_threshold)
-    out["score"] = calibrated
-    out.update(calibration.tuned())
-    out["plain"] = score(Calibration())
-    return out
+    return score_queries(adapter, queries, fixed)
 
 
 def knn_validation_scores(

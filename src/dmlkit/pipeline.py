@@ -28,7 +28,7 @@ from .runtime import barrier, default_device, is_main_process
 log = logging.getLogger("dmlkit")
 
 STAGES = ("folds", "train", "embed", "ensemble", "retrieve", "submit")
-VERSIONS = {"folds": 2, "train": 2, "embed": 2, "ensemble": 1, "retrieve": 3, "submit": 1}
+VERSIONS = {"folds": 3, "train": 2, "embed": 2, "ensemble": 1, "retrieve": 3, "submit": 1}
 
 
 @dataclass
@@ -61,6 +61,15 @@ class Context:
     @property
     def root(self) -> Path:
         return Path(self.cfg.competition.root)
+
+    @cached_property
+    def unknown_classes(self) -> float:
+        """The share of classes each fold holds out: as configured, else 0.2 where the metric answers
+        'new' and training has no unknown rows to calibrate it on (Happywhale, generic CSV, folders)."""
+        if self.cfg.folds.unknown_classes is not None:
+            return self.cfg.folds.unknown_classes
+        train = self.source_table[self.source_table["role"] == "train"]
+        return 0.2 if self.adapter.metric == "map@5" and train["known"].all() else 0.0
 
     @cached_property
     def source_table(self) -> pd.DataFrame:
@@ -150,13 +159,15 @@ def run_folds(ctx: Context) -> cache.Artifact:
     if (ctx.root / "demo_params.json").exists():  # a regenerated demo can keep identical CSVs
         fingerprints["demo_params"] = cache.file_fingerprint(ctx.root / "demo_params.json")
     fingerprints["images"] = cache.files_fingerprint(table["path"])  # a replaced image redoes the check
+    share = ctx.unknown_classes
     part = {
         "competition": {"name": ctx.cfg.competition.name, "root": ctx.cfg.competition.root},
         "folds": config_slice(ctx.cfg.folds),
+        "unknown_classes": share,
         "distractor_pool": ctx.cfg.retrieve.penalty.pool,
     }
     threads = ctx.cfg.threads or len(os.sched_getaffinity(0))
-    compute = lambda work: make_folds(table, ctx.cfg.folds, work, threads, ctx.progress)  # noqa: E731
+    compute = lambda work: make_folds(table, ctx.cfg.folds, work, threads, ctx.progress, share)  # noqa: E731
     art = _run(ctx, "folds", "", part, {}, fingerprints, compute)
     _report_unreadable(ctx, art)
     return art
@@ -267,6 +278,17 @@ def embeddings_of(art: cache.Artifact) -> np.ndarray:
     return np.load(art.file("embeddings.npy"))
 
 
+def fold_ensembles(cfg: Config, members: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+    """Per fold the members cover, the ensemble of the members trained without it."""
+    from .retrieval.ensemble import concatenate
+
+    out = {}
+    for fold in sorted({m.fold for m in cfg.members}):
+        names = [m.name for m in cfg.members if m.fold == fold]
+        out[fold] = concatenate([members[n] for n in names], [cfg.ensemble.weights.get(n, 1.0) for n in names])
+    return out
+
+
 def _val_fold(ctx: Context) -> int:
     return ctx.cfg.retrieve.val_fold if ctx.cfg.retrieve.val_fold is not None else ctx.cfg.members[0].fold
 
@@ -290,6 +312,7 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
         warn_leaky_members(ctx.cfg.members, val_fold)
         embeddings = embeddings_of(ensemble_art)
         heads = member_heads(ctx) if ctx.cfg.retrieve.voting.head_weight > 0 else None
+        members = member_embeddings(ctx)
         predictions, report, tuned = retrieve(
             ctx.cfg.retrieve,
             ctx.adapter,
@@ -297,10 +320,11 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
             table,
             folds,
             embeddings,
-            member_embeddings(ctx),
+            members,
             val_fold,
             ctx.progress,
             heads,
+            fold_ensembles(ctx.cfg, members),
         )
         write_retrieval(work, predictions, report)
         save_retrieval_grid(work / "retrievals.png", table, folds, embeddings, val_fold)

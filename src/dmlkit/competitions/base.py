@@ -27,20 +27,24 @@ class InputError(ValueError):
 
 @dataclass
 class Predictions:
-    """Ranked predictions per query: labels with scores, and (for retrieval) gallery ids."""
+    """Ranked predictions per query: labels with scores (votes), each label's best neighbour cosine
+    (`similarities`, for the unknown threshold), and (for retrieval) gallery ids."""
 
     ids: list[str]
     labels: list[list[str]] = field(default_factory=list)
     scores: list[list[float]] = field(default_factory=list)
     neighbours: list[list[str]] = field(default_factory=list)
+    similarities: list[list[float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Calibration:
     """What validation tunes for a competition's predictions: the score below which the unknown
-    label is inserted (identification) or the confidence form that orders GAP (recognition)."""
+    label is inserted (identification) and which score that is (`vote`: the label's vote; `cosine`:
+    its best neighbour's cosine), or the confidence form that orders GAP (recognition)."""
 
     threshold: float | None = None
+    unknown_score: str | None = None
     confidence: str | None = None
 
     def tuned(self) -> dict[str, Any]:
@@ -49,7 +53,7 @@ class Calibration:
     def step_name(self, unknown_label: str | None) -> str | None:
         """The validation report's row for this calibration (None: nothing was calibrated)."""
         if self.threshold is not None:
-            return f"+ {unknown_label} threshold {self.threshold:.4f}"
+            return f"+ {unknown_label} threshold {self.threshold:.4f} on the {self.unknown_score or 'vote'}"
         if self.confidence is not None:
             return f"+ confidence '{self.confidence}'"
         return None
@@ -170,10 +174,15 @@ class Adapter(ABC):
         ranked gallery ids (`neighbours`); `confidence_offset` is subtracted from GAP confidences."""
 
     def calibrate(
-        self, score: Callable[[Calibration], float], scores: list[list[float]], fixed_threshold: float | None
+        self, score: Callable[[Calibration], float], ranked: Predictions, fixed: Calibration
     ) -> tuple[Calibration, float]:
-        """The calibration maximising `score` on validation, and that score (nothing to tune by default)."""
+        """The calibration maximising `score` on validation queries `ranked` (the settings in `fixed`
+        kept as the config fixes them), and that score. Nothing to tune by default."""
         return Calibration(), score(Calibration())
+
+    def unknown_report(self, predictions: Predictions, truths: Sequence[Any]) -> dict[str, float]:
+        """How well the unknown answer is placed (identification competitions); nothing by default."""
+        return {}
 
     # ---------------------------------------------------------------- shared behaviour
     def submission_ids(self, root: Path) -> list[str]:

@@ -89,20 +89,48 @@ class Humpback(Adapter):
     def predict(
         self, ranked: Predictions, calibration: Calibration, confidence_offset: np.ndarray | None = None
     ) -> Predictions:
-        """The voted labels with the unknown label before the first vote below the threshold."""
+        """The voted labels with the unknown label before the first label whose score (vote or best
+        cosine, as calibrated) is below the threshold."""
         if calibration.threshold is None:
             return Predictions(ids=ranked.ids, labels=[row[: self.max_predictions] for row in ranked.labels])
-        labels = insert_unknown(
-            ranked.labels, ranked.scores, self.unknown_label, calibration.threshold, self.max_predictions
-        )
+        scores = ranked.similarities if calibration.unknown_score == "cosine" else ranked.scores
+        labels = insert_unknown(ranked.labels, scores, self.unknown_label, calibration.threshold, self.max_predictions)
         return Predictions(ids=ranked.ids, labels=labels)
 
     def calibrate(
-        self, score: Callable[[Calibration], float], scores: list[list[float]], fixed_threshold: float | None
+        self, score: Callable[[Calibration], float], ranked: Predictions, fixed: Calibration
     ) -> tuple[Calibration, float]:
-        """The unknown threshold maximising MAP@5 (or the configured one)."""
-        if fixed_threshold is not None:
-            calibration = Calibration(threshold=float(fixed_threshold))
-            return calibration, score(calibration)
-        threshold, best = best_threshold(lambda t: score(Calibration(threshold=t)), threshold_grid(scores))
-        return Calibration(threshold=threshold), best
+        """The unknown threshold maximising MAP@5, on the vote or on the best cosine (whichever scores
+        higher; the vote on a tie), or the threshold / score kind the config fixes."""
+        best: tuple[Calibration, float] | None = None
+        for kind in [fixed.unknown_score] if fixed.unknown_score else ["vote", "cosine"]:
+            if fixed.threshold is not None:
+                candidate = Calibration(threshold=fixed.threshold, unknown_score=kind)
+                value = score(candidate)
+            else:
+                row_scores = ranked.similarities if kind == "cosine" else ranked.scores
+                evaluate = lambda t, kind=kind: score(Calibration(threshold=t, unknown_score=kind))  # noqa: E731
+                threshold, value = best_threshold(evaluate, threshold_grid(row_scores))
+                candidate = Calibration(threshold=threshold, unknown_score=kind)
+            if best is None or value > best[1] + 1e-12:
+                best = (candidate, value)
+        return best
+
+    def unknown_report(self, predictions: Predictions, truths: Sequence[str]) -> dict[str, float]:
+        """'unknown first': precision, recall and share of the queries; MAP@5 of known and unknown
+        queries apart."""
+        first = np.array([row[:1] == [self.unknown_label] for row in predictions.labels], dtype=bool)
+        unknown = np.array([t == self.unknown_label for t in truths], dtype=bool)
+
+        def subset(mask: np.ndarray) -> float:
+            rows = np.flatnonzero(mask)
+            return map_at_5([predictions.labels[i] for i in rows], [truths[i] for i in rows]) if len(rows) else 0.0
+
+        return {
+            "unknown_share": float(first.mean()) if len(first) else 0.0,
+            "unknown_precision": float((first & unknown).sum() / max(1, first.sum())),
+            "unknown_recall": float((first & unknown).sum() / max(1, unknown.sum())),
+            "score_known": subset(~unknown),
+            "score_unknown": subset(unknown),
+            "queries_unknown": float(unknown.sum()),
+        }

@@ -102,7 +102,7 @@ class LandmarkRecognition(Adapter):
         return Predictions(ids=ranked.ids, labels=[row[:1] for row in ranked.labels], scores=top_scores)
 
     def calibrate(
-        self, score: Callable[[Calibration], float], scores: list[list[float]], fixed_threshold: float | None
+        self, score: Callable[[Calibration], float], ranked: Predictions, fixed: Calibration
     ) -> tuple[Calibration, float]:
         """The confidence form that orders GAP best."""
         best, form = max((score(Calibration(confidence=form)), form) for form in CONFIDENCE_FORMS)

@@ -42,10 +42,32 @@ def assign_folds(train: pd.DataFrame, n_splits: int, seed: int) -> np.ndarray:
     return folds
 
 
+def held_out_classes(train: pd.DataFrame, share: float, n_splits: int, seed: int) -> np.ndarray:
+    """Per row, the fold whose members never see its class (−1: none): for each fold about `share`
+    of the known classes, disjoint between folds, stratified by class size (classes sorted by size,
+    each run of round(1/share) consecutive classes spread over the folds in a random order). With
+    n_splits > round(1/share) the later folds get none."""
+    out = np.full(len(train), -1, dtype=int)
+    if share <= 0:
+        return out
+    known = train["known"].to_numpy(dtype=bool)
+    sizes = train.loc[known, "label"].value_counts()
+    rng = np.random.default_rng(seed + 7)
+    ordered = sizes.index.to_numpy()[np.lexsort((rng.random(len(sizes)), sizes.to_numpy()))]
+    stride = max(2, round(1 / share))
+    slots = np.concatenate([rng.permutation(stride) for _ in range(len(ordered) // stride + 1)])[: len(ordered)]
+    class_fold = {label: int(slot) if slot < n_splits else -1 for label, slot in zip(ordered, slots, strict=True)}
+    out[known] = train.loc[known, "label"].map(class_fold).to_numpy()
+    return out
+
+
 def fold_parts(folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(training part, validation part) of a fold; validation rows of unseen classes get known=False."""
-    train = folds[(folds["fold"] != fold) & folds["known"]].reset_index(drop=True)
-    val = folds[folds["fold"] == fold].copy()
+    """(training part, validation part) of a fold; validation rows of unseen classes get known=False.
+
+    Classes held out for this fold (`unknown_fold`) are all validation queries, none trains."""
+    held_out = folds["unknown_fold"] == fold if "unknown_fold" in folds else pd.Series(False, index=folds.index)
+    train = folds[(folds["fold"] != fold) & folds["known"] & ~held_out].reset_index(drop=True)
+    val = folds[(folds["fold"] == fold) | held_out].copy()
     val["known"] = val["known"] & val["label"].isin(set(train["label"]))
     return train, val.reset_index(drop=True)
 
@@ -75,7 +97,14 @@ def refuse_unreadable(unreadable: pd.DataFrame) -> None:
         )
 
 
-def make_folds(table: pd.DataFrame, cfg: FoldsConfig, work: Path, threads: int = 1, progress: bool = True) -> dict:
+def make_folds(
+    table: pd.DataFrame,
+    cfg: FoldsConfig,
+    work: Path,
+    threads: int = 1,
+    progress: bool = True,
+    unknown_classes: float = 0.0,
+) -> dict:
     """The stage: check every image of the common table, drop unreadable training (and distractor)
     images, assign folds, write table.csv, folds.csv and unreadable.csv. `train_data` keys what
     training reads: folds.csv and its images (a changed test image does not retrain)."""
@@ -85,12 +114,16 @@ def make_folds(table: pd.DataFrame, cfg: FoldsConfig, work: Path, threads: int =
     table = table.drop(index=unreadable.index).reset_index(drop=True)
     train = table[table["role"] == "train"].reset_index(drop=True)
     train["fold"] = assign_folds(train, cfg.n_splits, cfg.seed)
+    train["unknown_fold"] = held_out_classes(train, unknown_classes, cfg.n_splits, cfg.seed)
     table.to_csv(work / "table.csv", index=False)
     train.to_csv(work / "folds.csv", index=False)
     dropped = unreadable.loc[unreadable["role"] == "train", "path"].tolist()
     return {
         "rows": {role: int(n) for role, n in table["role"].value_counts().items()},
         "classes": int(train.loc[train["known"], "label"].nunique()),
+        "held_out_classes": {
+            int(f): int(n) for f, n in train.drop_duplicates("label")["unknown_fold"].value_counts().items() if f >= 0
+        },
         "unreadable_train": len(dropped),
         "unreadable_train_first": dropped[:100],
         "unreadable_other": int((unreadable["role"] != "train").sum()),

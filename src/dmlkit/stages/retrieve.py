@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +18,11 @@ import pandas as pd
 
 from ..competitions import Adapter, Calibration, Predictions
 from ..config import MemberConfig, RetrieveConfig
-from ..evaluation import knn_validation_scores, validation_scores
+from ..evaluation import RankedQueries, knn_validation_scores, plain_score, rank_queries, score_queries
 from ..retrieval.expansion import database_augmentation, query_expansion
 from ..retrieval.rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
 from ..retrieval.search import knn
-from ..retrieval.voting import fuse_head, head_label_scores, vote
+from ..retrieval.voting import fuse_head, head_label_scores, label_similarities, threshold_for_share, vote
 from .folds import fold_parts
 
 log = logging.getLogger(__name__)
@@ -145,14 +145,39 @@ def distractor_rows(table: pd.DataFrame) -> np.ndarray:
 
 
 def validation_split(table: pd.DataFrame, folds: pd.DataFrame, val_fold: int) -> ValidationSplit:
-    train_part = folds[(folds["fold"] != val_fold) & folds["known"]]
-    val_part = folds[folds["fold"] == val_fold]
+    train_part, val_part = fold_parts(folds, val_fold)
     return ValidationSplit(
         query_rows=table_rows(table, "train", val_part["id"]),
         query_labels=val_part["label"].to_numpy(),
-        query_known=(val_part["known"] & val_part["label"].isin(set(train_part["label"]))).to_numpy(dtype=bool),
+        query_known=val_part["known"].to_numpy(dtype=bool),
         gallery_rows=table_rows(table, "train", train_part["id"]),
         gallery_labels=train_part["label"].to_numpy(),
+    )
+
+
+def fixed_calibration(cfg: RetrieveConfig) -> Calibration:
+    """The calibration settings the config fixes instead of tuning."""
+    return Calibration(
+        threshold=None if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold),
+        unknown_score=None if cfg.unknown_score == "auto" else cfg.unknown_score,
+    )
+
+
+def _rank(
+    cfg: RetrieveConfig, adapter: Adapter, split: ValidationSplit, neighbours: Neighbours, heads=None
+) -> RankedQueries:
+    return rank_queries(
+        adapter,
+        neighbours.sims,
+        neighbours.ids,
+        split.query_labels,
+        split.query_known,
+        split.gallery_labels,
+        cfg.voting.k,
+        cfg.voting.power,
+        neighbours.query_offset,
+        heads,
+        cfg.voting.head_weight,
     )
 
 
@@ -165,48 +190,24 @@ def validation_report(
     distractors: np.ndarray | None,
     head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
     progress: bool = True,
-) -> tuple[pd.DataFrame, Calibration]:
-    """The validation score after each step of the chain (members alone first, when several), then
-    with the calibration tuned on the last step, which the test predictions use."""
+) -> tuple[list[dict], RankedQueries]:
+    """The validation score after each step of the chain (members alone first, when several), and
+    the last step's ranked queries, which calibration is tuned on."""
     metric = adapter.metric
-    fixed = None if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold)
     report: list[dict] = []
-
-    def record(step: str, out: dict) -> dict:
-        report.append({"step": step, metric: out["plain"], "recall@1": out["recall@1"]})
-        return out
-
-    def score(step: str, neighbours: Neighbours, heads: list[dict[str, float]] | None = None) -> dict:
-        out = validation_scores(
-            adapter,
-            neighbours.sims,
-            neighbours.ids,
-            split.query_labels,
-            split.query_known,
-            split.gallery_labels,
-            cfg.voting.k,
-            cfg.voting.power,
-            confidence_offset=neighbours.query_offset,
-            unknown_threshold=fixed,
-            head_scores=heads,
-            head_weight=cfg.voting.head_weight,
-        )
-        return record(step, out)
-
     if len(member_embeddings) > 1:
         for name, emb in member_embeddings.items():
-            queries, gallery = emb[split.query_rows], emb[split.gallery_rows]
             out = knn_validation_scores(
                 adapter,
-                queries,
+                emb[split.query_rows],
                 split.query_labels,
                 split.query_known,
-                gallery,
+                emb[split.gallery_rows],
                 split.gallery_labels,
                 cfg.voting.k,
                 cfg.voting.power,
             )
-            record(f"kNN, member {name} alone", out)
+            report.append({"step": f"kNN, member {name} alone", metric: out["plain"], "recall@1": out["recall@1"]})
     steps: list[tuple[str, Neighbours]] = []
     final = run_chain(
         cfg,
@@ -216,16 +217,66 @@ def validation_report(
         lambda step, neighbours: steps.append((step, neighbours)),
         progress,
     )
-    last: dict = {}
-    for step, neighbours in steps:
-        last = score(step if step != "kNN" or len(member_embeddings) == 1 else "kNN, ensemble", neighbours)
     if head_scores is not None and metric != "map@100":
-        last = score(f"+ head fusion (w={cfg.voting.head_weight})", final, head_scores(split.query_rows))
-    calibration = Calibration(threshold=last.get("threshold"), confidence=last.get("confidence"))
+        steps.append((f"+ head fusion (w={cfg.voting.head_weight})", final))
+    last = None
+    for step, neighbours in steps:
+        heads = head_scores(split.query_rows) if step.startswith("+ head fusion") else None
+        last = _rank(cfg, adapter, split, neighbours, heads)
+        name = step if step != "kNN" or len(member_embeddings) == 1 else "kNN, ensemble"
+        report.append({"step": name, metric: plain_score(adapter, last), "recall@1": last.recall_at_1})
+    return report, last
+
+
+def out_of_fold_queries(
+    cfg: RetrieveConfig,
+    adapter: Adapter,
+    table: pd.DataFrame,
+    folds: pd.DataFrame,
+    fold_embeddings: dict[int, np.ndarray],
+    distractors: Callable[[np.ndarray], np.ndarray | None],
+    head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
+    progress: bool = True,
+) -> RankedQueries:
+    """Every covered fold's validation queries through the whole chain, each against the gallery
+    without its fold and embedded by the members that never trained on it; pooled for calibration."""
+    parts = []
+    for fold, embeddings in fold_embeddings.items():
+        split = validation_split(table, folds, fold)
+        if len(split.query_rows) == 0:
+            continue
+        result = run_chain(
+            cfg, embeddings[split.query_rows], embeddings[split.gallery_rows], distractors(embeddings), None, progress
+        )
+        heads = head_scores(split.query_rows) if head_scores is not None and adapter.metric != "map@100" else None
+        parts.append(_rank(cfg, adapter, split, result, heads))
+    return RankedQueries.pool(parts)
+
+
+def calibrate(
+    cfg: RetrieveConfig, adapter: Adapter, queries: RankedQueries, where: str
+) -> tuple[Calibration, list[dict], dict]:
+    """The calibration tuned on these validation queries, the report rows it adds and its figures."""
+    metric = adapter.metric
+    out = score_queries(adapter, queries, fixed_calibration(cfg))
+    calibration = Calibration(
+        threshold=out.get("threshold"), unknown_score=out.get("unknown_score"), confidence=out.get("confidence")
+    )
+    rows = []
     step = calibration.step_name(adapter.unknown_label)
     if step:
-        report.append({"step": step, metric: last["score"], "recall@1": last["recall@1"]})
-    return pd.DataFrame(report), calibration
+        rows.append({"step": f"{step}{where}", metric: out["score"], "recall@1": out["recall@1"]})
+    if "score_known" in out:
+        rows.append({"step": "  · known queries", metric: out["score_known"], "recall@1": out["recall@1"]})
+        rows.append({"step": f"  · unseen queries ({int(out['queries_unknown'])})", metric: out["score_unknown"]})
+        log.info(
+            "validation: '%s' answered first on %.1f%% of the queries: precision %.3f, recall %.3f of the unseen",
+            adapter.unknown_label,
+            100 * out["unknown_share"],
+            out["unknown_precision"],
+            out["unknown_recall"],
+        )
+    return calibration, rows, out
 
 
 def test_predictions(
@@ -246,7 +297,7 @@ def test_predictions(
     index_rows = np.flatnonzero((table["role"] == "index").to_numpy())
     if calibration.threshold is None:
         default = 0.0 if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold)
-        calibration = Calibration(threshold=default, confidence=calibration.confidence)
+        calibration = replace(calibration, threshold=default)
     predictions: dict[str, Predictions] = {}
     for fmt in formats:
         if fmt.gallery_role == "index":
@@ -263,8 +314,33 @@ def test_predictions(
         labels, scores = vote(result.sims, result.ids, gallery_labels, cfg.voting.k, cfg.voting.power, fill=fill)
         if head_scores is not None:
             labels, scores = fuse_head(labels, scores, head_scores(test_rows), cfg.voting.head_weight, cfg.voting.power)
-        ranked = Predictions(test_ids, labels=labels, scores=scores)
-        predictions[fmt.name] = fmt.predict(ranked, calibration, result.query_offset)
+        similarities = label_similarities(labels, result.sims, result.ids, gallery_labels)
+        ranked = Predictions(test_ids, labels=labels, scores=scores, similarities=similarities)
+        predictions[fmt.name] = _unknown_first(cfg, fmt, ranked, calibration, result.query_offset)
+    return predictions
+
+
+def _unknown_first(
+    cfg: RetrieveConfig, fmt: Adapter, ranked: Predictions, calibration: Calibration, offset: np.ndarray | None
+) -> Predictions:
+    """`fmt`'s predictions; with `unknown_share`, the threshold that answers unknown first on that
+    share of the test. Logs the share the threshold gives on the test."""
+    if fmt.unknown_label and cfg.unknown_share is not None:
+        row_scores = ranked.similarities if calibration.unknown_score == "cosine" else ranked.scores
+        threshold = threshold_for_share(np.array([row[0] if row else 0.0 for row in row_scores]), cfg.unknown_share)
+        calibration = replace(calibration, threshold=threshold)
+    predictions = fmt.predict(ranked, calibration, offset)
+    if fmt.unknown_label and predictions.labels:
+        share = np.mean([row[:1] == [fmt.unknown_label] for row in predictions.labels])
+        log.info(
+            "test: '%s' answered first on %.1f%% of the %d queries (threshold %.4f on the %s%s)",
+            fmt.unknown_label,
+            100 * share,
+            len(predictions.labels),
+            calibration.threshold,
+            calibration.unknown_score or "vote",
+            ", retrieve.unknown_share" if cfg.unknown_share is not None else "",
+        )
     return predictions
 
 
@@ -279,23 +355,36 @@ def retrieve(
     val_fold: int,
     progress: bool = True,
     member_heads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    fold_embeddings: dict[int, np.ndarray] | None = None,
 ) -> tuple[dict[str, Predictions], pd.DataFrame, dict]:
     """Validation report, tuned settings and test predictions for every submission format.
 
     `member_heads` maps a member to (labels, cosines), each (N, k): its head's best classes per row.
+    `fold_embeddings` (fold → the embeddings of the members trained without it), when the members
+    cover several folds: calibration is tuned on all those folds' queries pooled.
     """
     head_scores = None
     if cfg.voting.head_weight > 0 and member_heads:
         head_scores = lambda rows: head_label_scores(member_heads, rows)  # noqa: E731
+    pool = distractor_rows(table)
+    distractors = lambda emb: emb[pool] if cfg.penalty.enabled else None  # noqa: E731
     split = validation_split(table, folds, val_fold)
+    report: list[dict] = []
+    calibration, tuned_on = Calibration(), {}
     if len(split.query_rows) == 0:
         log.warning("retrieve: validation fold %d is empty; no report and default thresholds", val_fold)
-        report, calibration = pd.DataFrame(), Calibration()
     else:
-        distractors = embeddings[distractor_rows(table)] if cfg.penalty.enabled else None
-        report, calibration = validation_report(
-            cfg, adapter, split, embeddings, member_embeddings, distractors, head_scores, progress
+        report, queries = validation_report(
+            cfg, adapter, split, embeddings, member_embeddings, distractors(embeddings), head_scores, progress
         )
+        where = ""
+        if fold_embeddings and len(fold_embeddings) > 1:
+            queries = out_of_fold_queries(
+                cfg, adapter, table, folds, fold_embeddings, distractors, head_scores, progress
+            )
+            where = f" (out-of-fold: folds {sorted(fold_embeddings)}, {len(queries.truths)} queries)"
+        calibration, rows, tuned_on = calibrate(cfg, adapter, queries, where)
+        report += rows
     known_train = folds[folds["known"]]
     predictions = test_predictions(
         cfg,
@@ -308,7 +397,9 @@ def retrieve(
         head_scores,
         progress,
     )
-    return predictions, report, calibration.tuned()
+    tuned = calibration.tuned()
+    tuned.update({f"validation_{k}": v for k, v in tuned_on.items() if k.startswith(("unknown_", "score_"))})
+    return predictions, pd.DataFrame(report), tuned
 
 
 def warn_leaky_members(members: list[MemberConfig], val_fold: int) -> None:
