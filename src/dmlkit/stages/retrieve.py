@@ -398,7 +398,8 @@ def retrieve(
         progress,
     )
     tuned = calibration.tuned()
-    tuned.update({f"validation_{k}": v for k, v in tuned_on.items() if k.startswith(("unknown_", "score_"))})
+    figures = ("unknown_share", "unknown_precision", "unknown_recall", "score_known", "score_unknown")
+    tuned.update({f"validation_{k}": tuned_on[k] for k in figures if k in tuned_on})
     return predictions, pd.DataFrame(report), tuned
 
 
