@@ -29,13 +29,18 @@ def test_held_out_classes_are_disjoint_whole_classes_stratified_by_size():
     class_fold = train.drop_duplicates("label").set_index("label")["unknown_fold"]
     assert class_fold.value_counts().to_dict() == {f: 20 for f in range(5)}
     size_of = dict(zip([f"c{i}" for i in range(100)], sizes, strict=True))
+    train.loc[train["label"].map(size_of) == 1, "fold"] = -1  # singletons always train, as assign_folds does
     for fold in range(5):  # each fold holds out 5 classes of each size
         held = class_fold[class_fold == fold].index
         assert sorted(size_of[c] for c in held) == sorted(np.repeat([1, 2, 4, 8], 5))
         part_train, part_val = fold_parts(train, fold)
         assert not set(held) & set(part_train["label"])
-        assert set(part_val.loc[part_val["label"].isin(held), "label"]) == set(held)
-        assert not part_val.loc[part_val["label"].isin(held), "known"].any()
+        unseen = part_val[part_val["label"].isin(held)]
+        assert not unseen["known"].any()
+        # the held-out classes' images of this fold, and held-out singletons, are the unseen queries
+        expected = train[train["label"].isin(held) & ((train["fold"] == fold) | (train["fold"] == -1))]
+        assert len(unseen) == len(expected)
+        assert {size_of[c] for c in unseen["label"]} >= {1}
     assert (held_out_classes(train, 0.2, 3, seed=1) < 3).all()  # folds 3, 4 of the stride: none
     assert (held_out_classes(train, 0.0, 5, seed=1) == -1).all()
 

@@ -301,3 +301,46 @@ members:
     _assert_same_weights(a, b, atol=1e-6)
     fresh = _initial_model(cfg)
     assert max((a["model"][k].float() - v.float()).abs().max() for k, v in fresh.items()) > 1e-3
+
+
+def test_proxy_anchor_objective_is_pml_loss_plus_see_rows_through_it():
+    """head.type proxy_anchor: pytorch-metric-learning's ProxyAnchorLoss on the batch, plus λ × the same
+    loss on SEE's synthetic rows expanded around each sample's class proxy, computed step by step."""
+    import numpy as np
+    from pytorch_metric_learning.losses import ProxyAnchorLoss
+
+    from dmlkit.config import MemberConfig
+    from dmlkit.models.build import build_member_head
+    from dmlkit.models.objective import MarginModel
+    from dmlkit.models.see import see_expand
+
+    member = MemberConfig.model_validate(
+        {
+            "name": "m",
+            "backbone": "resnet18",
+            "fold": 0,
+            "image_size": 32,
+            "embedding_size": 24,
+            "head": {"type": "proxy_anchor", "subcenters": 1, "proxy_margin": 0.1, "proxy_alpha": 32.0},
+            "see": {"enabled": True, "n_expansion": 4, "weight": 0.2, "schedule": "top_fraction"},
+        }
+    )
+    torch.manual_seed(0)
+    embed = torch.nn.Linear(10, 24)
+    head = build_member_head(member, np.ones(7))
+    model = MarginModel(lambda x: torch.nn.functional.normalize(embed(x), dim=1), head, member)
+    x, labels = torch.randn(12, 10), torch.randint(0, 7, (12,))
+    loss, expanded = model(x, labels, 0.5, torch.Generator().manual_seed(3))
+
+    reference = ProxyAnchorLoss(7, 24, margin=0.1, alpha=32.0)
+    reference.proxies.data.copy_(head.loss.proxies.data)
+    z = torch.nn.functional.normalize(embed(x), dim=1)
+    proxies = torch.nn.functional.normalize(reference.proxies.detach()[labels], dim=1)
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[(z.detach() * proxies).sum(dim=1).argsort(descending=True)[:6]] = True
+    synthetic = see_expand(z[mask], proxies[mask], 4, torch.Generator().manual_seed(3)).reshape(-1, 24)
+    expected = reference(z, labels) + 0.2 * reference(synthetic, labels[mask].repeat_interleave(4))
+    assert expanded == 6
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert head.loss.proxies.grad is not None and embed.weight.grad is not None

@@ -26,11 +26,14 @@ usage: ./run.sh [COMMAND] ...
                                         run one stage (and whatever it needs that is not cached yet)
                                         stages: {", ".join(STAGES)}, all
   ./run.sh data [-c CONFIG ...]         build the demo competitions (default: both) and print their statistics
+  ./run.sh export -c CONFIG [--member NAME ...] [--out FILE]
+                                        the trained members as one TorchScript (+ ONNX) embedding module,
+                                        uint8 images in, L2-normalised embeddings out (default submissions/)
   ./run.sh score SUBMISSION SOLUTION [--json]
                                         score a submission like the leaderboard (public / private)
   ./run.sh bench [--quick]              every hot-path benchmark (benchmarks/), a table each
   ./run.sh bench NAME [ARGS]            one benchmark: train_step see head_memory knn rerank loader
-                                        end_to_end ablation omniglot
+                                        end_to_end ablation omniglot recipe
 
 options for stages:
   -c, --config FILE     YAML config (may name a `base`); overrides as dotted.key=value
@@ -50,6 +53,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data.images import UnreadableImageError
     from .data.transforms import TransformConfigError
+    from .models.backbone import PretrainedWeightsError
     from .stages.train import NonFiniteLossError
 
     return (
@@ -60,6 +64,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         CacheLockedError,
         TransformConfigError,
         NonFiniteLossError,
+        PretrainedWeightsError,
         FileNotFoundError,
         FileExistsError,
         KeyError,
@@ -96,7 +101,7 @@ def _context(cfg, args):
 
 
 def cmd_stage(args) -> int:
-    from .pipeline import ensure_demo_data, local_scores, run_stage
+    from .pipeline import ensure_demo_data, local_scores, run_export, run_stage
     from .stages.score import format_scores
 
     cfg = _setup(args.config, args.overrides)
@@ -107,6 +112,8 @@ def cmd_stage(args) -> int:
     ensure_demo_data(ctx)
     for stage in stages:
         run_stage(ctx, stage)
+    if args.stage == "all" and cfg.export.enabled:
+        run_export(ctx)
     if "submit" in stages:
         for result in local_scores(ctx):
             print(f"local leaderboard  {format_scores(result)}")
@@ -158,6 +165,18 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .pipeline import ensure_demo_data, run_export
+
+    cfg = _setup(args.config, args.overrides)
+    _check_backbones(cfg)
+    args.force_stages = []
+    ctx = _context(cfg, args)
+    ensure_demo_data(ctx)
+    run_export(ctx, args.member or None, Path(args.out) if args.out else None)
+    return 0
+
+
 def cmd_score(args) -> int:
     from .stages.score import format_scores, score_files
 
@@ -188,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", dest="configs", action="append")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_data)
+    p = sub.add_parser("export", add_help=False)
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--member", action="append")
+    p.add_argument("--out")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("score", add_help=False)
     p.add_argument("submission")
     p.add_argument("solution")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -50,7 +50,11 @@ class FoldsConfig(Strict):
 
 
 class HeadConfig(Strict):
-    type: Literal["arcface", "cosface", "none"] = "arcface"
+    type: Literal["arcface", "cosface", "none", "proxy_anchor"] = Field(
+        "arcface", description="margin softmax (arcface, cosface, none) or pytorch-metric-learning's Proxy-Anchor"
+    )
+    proxy_margin: float = Field(0.1, description="Proxy-Anchor's margin δ")
+    proxy_alpha: float = Field(32.0, gt=0, description="Proxy-Anchor's scale α")
     subcenters: int = Field(3, ge=1)
     scale: float | Literal["adacos"] = 30.0
     margin: float = Field(0.3, ge=0.0, description="fixed margin, used when dynamic is 'none'")
@@ -90,6 +94,12 @@ class TrainConfig(Strict):
     weight_decay: float = 1e-4
     warmup_epochs: float = Field(1.0, ge=0)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads an unquoted `off` as false
+
     grad_accum: int = Field(1, ge=1)
     clip_grad: float | None = 5.0
     ema: float | None = Field(None, description="EMA decay of the weights, e.g. 0.999")
@@ -100,6 +110,12 @@ class TrainConfig(Strict):
     nan_policy: Literal["stop", "skip"] = "stop"
     strict_images: bool = Field(False, description="fail on an unreadable training image instead of skipping")
     validate_every: int = Field(1, ge=1)
+    freeze_backbone_epochs: int = Field(
+        0, ge=0, description="head-first: the first N epochs train neck and head with the backbone frozen (BN too)"
+    )
+    layer_decay: float | None = Field(
+        None, gt=0.0, le=1.0, description="layer-wise LR decay (timm's layer groups), e.g. 0.75 for ViTs"
+    )
     class_rotations: list[Literal[90, 180, 270]] = Field(
         default_factory=list,
         description="each training class rotated by these angles becomes a class of its own (Omniglot "
@@ -116,7 +132,17 @@ class MemberConfig(Strict):
     fold: int = Field(ge=0)
     image_size: int = Field(ge=16)
     in_chans: int = 3
-    pretrained_file: str | None = Field(None, description="local timm weights; nothing is downloaded")
+    backbone_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="more timm.create_model arguments, e.g. {drop_path_rate: 0.1}"
+    )
+    pretrained: bool = Field(False, description="timm's hub weights (downloaded once into the hub cache)")
+    pretrained_tag: str | None = Field(None, description="which of timm's weights, e.g. augreg_in21k_ft_in1k")
+    pretrained_file: str | None = Field(None, description="local timm weights (.safetensors/.pth)")
+    pool: Literal["auto", "gem", "model"] = Field(
+        "auto",
+        description="GeM over the feature map (tokens laid on their grid), or the model's own pooling "
+        "(class token / token average); auto: the model's own for token models, GeM for maps",
+    )
     embedding_size: int = Field(512, ge=8)
     gem_p: float = 3.0
     gem_learnable: bool = True
@@ -200,6 +226,14 @@ class RetrieveConfig(Strict):
     )
 
 
+class ExportConfig(Strict):
+    enabled: bool = Field(
+        False, description="`all` ends by exporting the members as one embedding module (code competitions)"
+    )
+    members: list[str] = Field(default_factory=list, description="the members to export (default: all)")
+    onnx: bool = Field(True, description="an ONNX file too, where the model exports")
+
+
 class Config(Strict):
     experiment: str
     seed: int = 42
@@ -210,6 +244,7 @@ class Config(Strict):
     embed: EmbedConfig = EmbedConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     retrieve: RetrieveConfig = RetrieveConfig()
+    export: ExportConfig = ExportConfig()
     source: str = Field("", description="the file this config was loaded from (set by the loader)")
 
     @model_validator(mode="after")
@@ -239,6 +274,9 @@ class Config(Strict):
         for key in self.ensemble.weights:
             if key not in names:
                 raise ValueError(f"ensemble.weights: unknown member '{key}' (members: {names})")
+        for key in self.export.members:
+            if key not in names:
+                raise ValueError(f"export.members: unknown member '{key}' (members: {names})")
         return self
 
     def member(self, name: str) -> MemberConfig:
@@ -398,6 +436,22 @@ def ineffective_values(cfg: Config, metric: str) -> list[str]:
     problems = []
     for i, member in enumerate(cfg.members):
         head, key = member.head, f"members.{i}"
+        if head.type == "proxy_anchor":
+            for name, unset in (("subcenters", 1), ("sample_rate", 1.0), ("margin", None)):
+                if name in head.model_fields_set and getattr(head, name) != unset:
+                    problems.append(
+                        f"{key}.head.{name}: Proxy-Anchor has one proxy per class, no softmax margin or Partial FC"
+                    )
+        elif {"proxy_margin", "proxy_alpha"} & head.model_fields_set:
+            problems.append(f"{key}.head.proxy_margin/proxy_alpha: only head.type 'proxy_anchor' uses them")
+        if member.pretrained and member.pretrained_file:
+            problems.append(f"{key}.pretrained: no effect next to pretrained_file (the local file is loaded)")
+        if member.pretrained_tag and not member.pretrained:
+            problems.append(f"{key}.pretrained_tag: no effect while pretrained is false")
+        if member.train.freeze_backbone_epochs >= member.train.epochs:
+            problems.append(
+                f"{key}.train.freeze_backbone_epochs: the backbone would never train (epochs {member.train.epochs})"
+            )
         if "margin" in head.model_fields_set and (head.dynamic != "none" or head.type == "none"):
             why = "head.type is 'none'" if head.type == "none" else f"head.dynamic is '{head.dynamic}'"
             problems.append(f"{key}.head.margin: no effect while {why} (a fixed margin needs head.dynamic: none)")

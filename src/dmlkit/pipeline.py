@@ -21,14 +21,14 @@ import pandas as pd
 
 from . import cache
 from .competitions import Adapter, get_adapter
-from .config import Config, ConfigError, config_slice, device_notes, ineffective_values
+from .config import Config, ConfigError, MemberConfig, config_slice, device_notes, ineffective_values
 from .data.images import UnreadableImageError
 from .runtime import barrier, default_device, is_main_process
 
 log = logging.getLogger("dmlkit")
 
 STAGES = ("folds", "train", "embed", "ensemble", "retrieve", "submit")
-VERSIONS = {"folds": 3, "train": 2, "embed": 2, "ensemble": 1, "retrieve": 3, "submit": 1}
+VERSIONS = {"folds": 3, "train": 3, "embed": 2, "ensemble": 1, "retrieve": 3, "submit": 1}
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Context:
     force: set[str] = field(default_factory=set)
     progress: bool = True
     done: dict[str, cache.Artifact] = field(default_factory=dict)
+    pretrained_checked: bool = False
 
     def __post_init__(self) -> None:
         """Refuse values that would have no effect, before anything runs; note device differences."""
@@ -95,6 +96,12 @@ class Context:
         return torch.device(default_device())
 
 
+def _artifact_path(ctx: Context, stage: str, name: str, key: str) -> Path:
+    """artifacts/<experiment>/<stage>/[<name>/]<key>"""
+    final = cache.artifact_dir(ctx.artifacts, ctx.cfg.experiment, stage, key)
+    return final.parent / name / key if name else final
+
+
 def _run(
     ctx: Context,
     stage: str,
@@ -117,9 +124,7 @@ def _run(
     if label in ctx.done:
         return ctx.done[label]
     key = cache.stage_key(stage, config_part, upstream, fingerprints, VERSIONS[stage])
-    final = cache.artifact_dir(ctx.artifacts, ctx.cfg.experiment, stage, key)
-    if name:
-        final = final.parent / name / key
+    final = _artifact_path(ctx, stage, name, key)
     forced = stage in ctx.force
     if cache.is_complete(final) and not forced:
         log.info("[%s] reused %s", label, final)
@@ -195,19 +200,43 @@ def load_table(folds_art: cache.Artifact) -> tuple[pd.DataFrame, pd.DataFrame]:
     return read_folds(folds_art.file("table.csv"), folds_art.file("folds.csv"))
 
 
+def _train_inputs(ctx: Context, member: MemberConfig) -> tuple[dict, dict, dict]:
+    """(config part, upstream keys, fingerprints) of a member's training."""
+    upstream = {"train_data": run_folds(ctx).manifest["result"]["train_data"]}  # folds.csv and its images
+    if member.init_from:
+        upstream["init"] = _train_key(ctx, ctx.cfg.member(member.init_from))
+    part = {"member": config_slice(member), "seed": ctx.cfg.seed}
+    weights = {"pretrained_file": cache.file_fingerprint(member.pretrained_file)} if member.pretrained_file else {}
+    return part, upstream, weights
+
+
+def _train_key(ctx: Context, member: MemberConfig) -> str:
+    part, upstream, weights = _train_inputs(ctx, member)
+    return cache.stage_key("train", part, upstream, weights, VERSIONS["train"])
+
+
+def ensure_pretrained(ctx: Context) -> None:
+    """timm's hub weights of every member that still has to train, fetched before anything trains."""
+    from .models.backbone import fetch_pretrained
+
+    if ctx.pretrained_checked:
+        return
+    for i, member in enumerate(ctx.cfg.members):
+        trained = cache.is_complete(_artifact_path(ctx, "train", member.name, _train_key(ctx, member)))
+        if member.pretrained and not trained:
+            fetch_pretrained(member.backbone, member.pretrained_tag, f"{ctx.cfg.source}: members.{i} ({member.name})")
+    ctx.pretrained_checked = True
+
+
 def run_train(ctx: Context, member_name: str) -> cache.Artifact:
     from .models.checkpoint import load_weights
     from .stages.train import train_member
 
     member = ctx.cfg.member(member_name)
     folds_art = run_folds(ctx)
-    upstream = {"train_data": folds_art.manifest["result"]["train_data"]}  # folds.csv and its images
-    init_art = None
-    if member.init_from:
-        init_art = run_train(ctx, member.init_from)
-        upstream["init"] = init_art.key
-    part = {"member": config_slice(member), "seed": ctx.cfg.seed}
-    weights = {"pretrained_file": cache.file_fingerprint(member.pretrained_file)} if member.pretrained_file else {}
+    ensure_pretrained(ctx)
+    init_art = run_train(ctx, member.init_from) if member.init_from else None
+    part, upstream, weights = _train_inputs(ctx, member)
 
     def compute(work: Path) -> dict:
         _, folds = load_table(folds_art)
@@ -365,6 +394,26 @@ def run_submit(ctx: Context) -> cache.Artifact:
             target.with_name(name + ".tmp").replace(target)
             log.info("[submit] wrote %s", target)
     return art
+
+
+def run_export(ctx: Context, member_names: list[str] | None = None, out: Path | None = None) -> dict[str, Path]:
+    """The members (trained, or reused from the cache) exported as one embedding module (traced on
+    the CPU: the file runs on any device)."""
+    import torch
+
+    from .models.checkpoint import load_member
+    from .stages.export import export_members
+
+    names = member_names or ctx.cfg.export.members or [m.name for m in ctx.cfg.members]
+    members = [ctx.cfg.member(name) for name in names]
+    cpu = torch.device("cpu")
+    models = [load_member(run_train(ctx, m.name).file("best.pt"), m, cpu)[0] for m in members]
+    suffix = "" if len(names) == len(ctx.cfg.members) else "-" + "-".join(names)
+    out = out or ctx.submissions / f"{ctx.cfg.experiment}{suffix}.pt"
+    written = export_members(ctx.cfg, members, models, out, ctx.cfg.export.onnx)
+    for kind, path in written.items():
+        log.info("[export] %s: %s", kind, path)
+    return written
 
 
 def local_scores(ctx: Context) -> list[dict]:

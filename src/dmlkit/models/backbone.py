@@ -1,17 +1,27 @@
-"""A timm backbone → GeM pooling → Linear/BatchNorm1d/PReLU neck → L2-normalised embedding."""
+"""A timm backbone → pooling → Linear/BatchNorm1d/PReLU neck → L2-normalised embedding.
+
+Any timm image model: CNNs give NCHW maps, Swin-like models NHWC maps, ViT/DeiT/EVA/CLIP-ViT
+tokens (B, N, C). Token models are created for the member's image size (and, where timm allows,
+for any size, so TTA scales work). Pooling is GeM over the map — for tokens, over the patch tokens
+laid back on their grid — or the model's own rule (class token or token average: timm's
+`global_pool`).
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 
 class GeM(nn.Module):
-    """Generalised mean pooling; p=1 is average pooling, p→∞ max pooling. Computed in fp32."""
+    """Generalised mean pooling over the last two axes; p=1 is average pooling, p→∞ max pooling.
+    Computed in fp32."""
 
     def __init__(self, p: float = 3.0, learnable: bool = True, eps: float = 1e-6):
         super().__init__()
@@ -29,6 +39,73 @@ def check_backbone(name: str, where: str) -> None:
         raise ValueError(f"{where}: unknown timm backbone '{name}' (similar names: {close})")
 
 
+def model_name(backbone: str, tag: str | None) -> str:
+    return f"{backbone}.{tag}" if tag else backbone
+
+
+class PretrainedWeightsError(RuntimeError):
+    """timm's hub weights cannot be had (offline, or no such weights)."""
+
+
+def fetch_pretrained(backbone: str, tag: str | None, where: str) -> None:
+    """Get timm's hub weights into the local hub cache now (loading them once), so that a missing
+    download stops the run before anything trains, not when this member's turn comes."""
+    name = model_name(backbone, tag)
+    try:
+        timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as exc:  # offline, unknown tag, weights not published: all end the same way
+        raise PretrainedWeightsError(
+            f"{where}: cannot get timm's pretrained weights for '{name}' ({type(exc).__name__}: {exc}). "
+            "Offline? Run once online (they stay in the hub cache), or set pretrained_file to a local "
+            ".safetensors/.pth file"
+        ) from None
+
+
+def create_backbone(
+    backbone: str,
+    in_chans: int = 3,
+    image_size: int | None = None,
+    pretrained: bool = False,
+    pretrained_tag: str | None = None,
+    pretrained_file: str | None = None,
+    extra: dict | None = None,
+) -> nn.Module:
+    """The timm model without classifier. Fixed-size models (ViT, Swin, EVA…) are built for
+    `image_size`, with dynamic sizes (and padding to the patch size) where the model has them.
+    Weights: timm's hub (`pretrained`, optionally `pretrained_tag`) or a local file."""
+    kwargs = {"num_classes": 0, "in_chans": in_chans, **(extra or {})}
+    name = model_name(backbone, pretrained_tag)
+    if pretrained_file:
+        if not Path(pretrained_file).is_file():
+            raise FileNotFoundError(f"pretrained_file '{pretrained_file}' not found (nothing is downloaded)")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained_file)})
+    elif pretrained:
+        kwargs["pretrained"] = True
+    fixed = getattr(get_pretrained_cfg(name) or get_pretrained_cfg(backbone), "fixed_input_size", False)
+    if fixed and image_size:
+        kwargs.setdefault("img_size", image_size)
+        # any input size (TTA scales) where the model allows it; ViT/EVA also pad to the patch size
+        for dynamic in ({"dynamic_img_size": True, "dynamic_img_pad": True}, {"dynamic_img_size": True}):
+            try:
+                return timm.create_model(name, **{**dynamic, **kwargs})
+            except TypeError as exc:
+                if "dynamic_img" not in str(exc):
+                    raise
+    return timm.create_model(name, **kwargs)
+
+
+def feature_layout(backbone: nn.Module, features: torch.Tensor) -> str:
+    """'tokens' (B, N, C), 'nhwc' or 'nchw' for the output of `forward_features`."""
+    if features.ndim == 3:
+        return "tokens"
+    if features.ndim != 4:
+        raise ValueError(f"backbone features of shape {tuple(features.shape)}: expected a map or tokens")
+    if str(getattr(backbone, "output_fmt", "")).upper() == "NHWC":
+        return "nhwc"
+    channels = getattr(backbone, "num_features", features.shape[1])
+    return "nhwc" if features.shape[-1] == channels and features.shape[1] != channels else "nchw"
+
+
 class EmbeddingModel(nn.Module):
     def __init__(
         self,
@@ -38,23 +115,30 @@ class EmbeddingModel(nn.Module):
         pretrained_file: str | None = None,
         gem_p: float = 3.0,
         gem_learnable: bool = True,
+        image_size: int = 64,
+        pool: str = "auto",
+        pretrained: bool = False,
+        pretrained_tag: str | None = None,
+        backbone_kwargs: dict | None = None,
     ):
         super().__init__()
-        kwargs = {"num_classes": 0, "global_pool": "", "in_chans": in_chans}
-        if pretrained_file:
-            if not Path(pretrained_file).is_file():
-                raise FileNotFoundError(f"pretrained_file '{pretrained_file}' not found (nothing is downloaded)")
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained_file)})
-        self.backbone = timm.create_model(backbone, **kwargs)
-        with torch.no_grad():
+        self.backbone = create_backbone(
+            backbone, in_chans, image_size, pretrained, pretrained_tag, pretrained_file, backbone_kwargs
+        )
+        with torch.no_grad():  # one forward tells the layout and the channel count
             was_training = self.backbone.training
             self.backbone.eval()
-            channels = self.backbone.forward_features(torch.zeros(1, in_chans, 64, 64)).shape[1]
+            probe = self.backbone.forward_features(torch.zeros(1, in_chans, image_size, image_size))
             self.backbone.train(was_training)
+        self.layout = feature_layout(self.backbone, probe)
+        self.pool_rule = pool if pool != "auto" else ("model" if self.layout == "tokens" else "gem")
+        channels = probe.shape[-1] if self.layout != "nchw" else probe.shape[1]
+        self.prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0) or 0)
         self.pool = GeM(gem_p, gem_learnable)
         self.neck = nn.Sequential(nn.Linear(channels, embedding_size), nn.BatchNorm1d(embedding_size), nn.PReLU())
         self.in_chans = in_chans
         self.embedding_size = embedding_size
+        self.backbone_frozen = False
         mean, std = self.data_config()
         # uint8 images are normalised here, batched on the model's device (not saved in checkpoints)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
@@ -68,11 +152,29 @@ class EmbeddingModel(nn.Module):
             mean, std = (sum(mean) / 3,), (sum(std) / 3,)
         return mean, std
 
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C) from the backbone's features: GeM over the map (tokens laid on their grid), or the
+        model's own pooling (`forward_head` before its classifier)."""
+        if self.pool_rule == "model":
+            return self.backbone.forward_head(features, pre_logits=True)
+        if self.layout == "tokens":
+            patches = features[:, self.prefix_tokens :]
+            side = math.isqrt(patches.shape[1])
+            if side * side != patches.shape[1]:
+                raise ValueError(f"{patches.shape[1]} patch tokens do not form a square grid for GeM pooling")
+            features = patches.transpose(1, 2).reshape(len(patches), -1, side, side)
+        elif self.layout == "nhwc":
+            features = features.permute(0, 3, 1, 2)
+        return self.pool(features)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Unit embeddings of uint8 images (normalised here) or of already normalised float images."""
         if images.dtype == torch.uint8:
             images = (images.float() - self.pixel_mean) / self.pixel_std
-        features = self.backbone.forward_features(images)
-        pooled = self.pool(features)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            features = self.backbone.forward_features(images)
+            pooled = self.pooled(features) if self.pool_rule == "model" else None
+        if pooled is None:
+            pooled = self.pooled(features)  # GeM's p keeps learning while the backbone is frozen
         with torch.autocast(device_type=images.device.type, enabled=False):
             return F.normalize(self.neck(pooled.float()), dim=1)

@@ -6,21 +6,27 @@ import numpy as np
 
 from ..config import MemberConfig
 from .backbone import EmbeddingModel
-from .heads import MarginHead, build_head
+from .heads import MarginHead, ProxyAnchorHead, build_head
 
 
-def build_model(member: MemberConfig) -> EmbeddingModel:
+def build_model(member: MemberConfig, weights: bool = True) -> EmbeddingModel:
+    """The member's embedding model; `weights=False` skips its pretrained weights (a checkpoint follows)."""
     return EmbeddingModel(
         member.backbone,
         member.embedding_size,
         member.in_chans,
-        member.pretrained_file,
+        member.pretrained_file if weights else None,
         member.gem_p,
         member.gem_learnable,
+        image_size=member.image_size,
+        pool=member.pool,
+        pretrained=member.pretrained and weights,
+        pretrained_tag=member.pretrained_tag,
+        backbone_kwargs=member.backbone_kwargs,
     )
 
 
-def build_member_head(member: MemberConfig, class_counts: np.ndarray) -> MarginHead:
+def build_member_head(member: MemberConfig, class_counts: np.ndarray) -> MarginHead | ProxyAnchorHead:
     h = member.head
     return build_head(
         h.type,
@@ -33,4 +39,6 @@ def build_member_head(member: MemberConfig, class_counts: np.ndarray) -> MarginH
         h.dynamic_b,
         h.dynamic_lambda,
         h.margin,
+        h.proxy_margin,
+        h.proxy_alpha,
     )

@@ -25,12 +25,7 @@ def _save_atomic(obj: dict, path: Path) -> None:
 
 def save_weights(path: Path, model: nn.Module, head: MarginHead, classes: list[str], member: MemberConfig) -> None:
     """Model, and the head's rows for `classes` (the first ones: rotated classes are dropped)."""
-    head_state = head.state_dict()
-    if len(classes) < head.num_classes:
-        head_state = {
-            "weight": head_state["weight"][: len(classes) * head.subcenters].clone(),
-            "margins": head_state["margins"][: len(classes)].clone(),
-        }
+    head_state = head.state_dict() if len(classes) == head.num_classes else head.classes_state(len(classes))
     _save_atomic(
         {"model": model.state_dict(), "head": head_state, "classes": classes, "member": member.model_dump(mode="json")},
         path,
@@ -45,7 +40,7 @@ def load_weights(path: Path, device: torch.device | str = "cpu") -> dict:
 def load_member(path: Path, member: MemberConfig, device: torch.device) -> tuple[EmbeddingModel, MarginHead, list]:
     """The trained model and head (margins are irrelevant for inference) with the head's classes."""
     state = load_weights(path, device)
-    model = build_model(member).to(device)
+    model = build_model(member, weights=False).to(device)
     model.load_state_dict(state["model"])
     head = build_member_head(member, np.ones(len(state["classes"]))).to(device)
     head.load_state_dict(state["head"])

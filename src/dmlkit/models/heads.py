@@ -185,6 +185,13 @@ class MarginHead(nn.Module):
     def apply_margin(self, cos: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def classes_state(self, n: int) -> dict:
+        """The state of the first `n` classes' sub-centers and margins (rotated classes are dropped)."""
+        return {
+            "weight": self.weight.detach()[: n * self.subcenters].clone(),
+            "margins": self.margins[:n].clone(),
+        }
+
     def margin_logits(
         self, subcenter_cos: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -228,6 +235,38 @@ class NoMarginHead(MarginHead):
 HEADS: dict[str, type[MarginHead]] = {"arcface": ArcFaceHead, "cosface": CosFaceHead, "none": NoMarginHead}
 
 
+class ProxyAnchorHead(nn.Module):
+    """Proxy-Anchor (Kim et al. 2020), pytorch-metric-learning's `ProxyAnchorLoss`: one proxy per
+    class; per proxy, the batch's positives are pulled in and its negatives pushed out (margin δ,
+    scale α). Not a softmax over classes, so no margins, sub-centers or Partial FC; SEE's synthetic
+    rows go through the same loss (around their class proxy)."""
+
+    subcenters = 1
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: float = 0.1, alpha: float = 32.0):
+        super().__init__()
+        from pytorch_metric_learning.losses import ProxyAnchorLoss
+
+        self.num_classes = num_classes
+        self.loss = ProxyAnchorLoss(num_classes, embedding_size, margin=margin, alpha=alpha)
+
+    def class_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(embeddings.float(), labels)
+
+    def centers(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, E) unit proxies of the labels' classes (constants for the gradient)."""
+        return F.normalize(self.loss.proxies.detach().float()[labels], dim=1)
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, C) cosines to the class proxies."""
+        proxies = F.normalize(self.loss.proxies.float(), dim=1)
+        return F.normalize(embeddings.float(), dim=1) @ proxies.T
+
+    def classes_state(self, n: int) -> dict:
+        """The state of the first `n` classes' proxies (rotated classes are dropped when saving)."""
+        return {"loss.proxies": self.loss.proxies.detach()[:n].clone()}
+
+
 def build_head(
     kind: str,
     embedding_size: int,
@@ -239,9 +278,13 @@ def build_head(
     b: float,
     lam: float,
     fixed_margin: float,
-) -> MarginHead:
+    proxy_margin: float = 0.1,
+    proxy_alpha: float = 32.0,
+) -> MarginHead | ProxyAnchorHead:
+    if kind == "proxy_anchor":
+        return ProxyAnchorHead(embedding_size, len(class_counts), proxy_margin, proxy_alpha)
     if kind not in HEADS:
-        raise ValueError(f"unknown head type '{kind}'; known: {sorted(HEADS)}")
+        raise ValueError(f"unknown head type '{kind}'; known: {sorted([*HEADS, 'proxy_anchor'])}")
     margins = dynamic_margins(class_counts, dynamic, a, b, lam, fixed_margin)
     s = adacos_scale(len(class_counts)) if scale == "adacos" else float(scale)
     return HEADS[kind](embedding_size, len(class_counts), margins, s, subcenters)

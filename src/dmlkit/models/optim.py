@@ -5,14 +5,32 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.optim._param_groups import param_groups_layer_decay
+from torch import nn
 
 from ..config import TrainConfig
 
 
-def make_optimizer(t: TrainConfig, backbone: list, head: list, device: torch.device) -> torch.optim.Optimizer:
+def model_groups(t: TrainConfig, model: nn.Module | list) -> list[dict]:
+    """The embedding model's parameter groups: one at `lr`, or with `layer_decay` the backbone's
+    layers at lr·decay^depth (timm's layer grouping; norms and biases without weight decay) and the
+    pooling and neck at `lr`."""
+    if isinstance(model, list) or not t.layer_decay:
+        params = model if isinstance(model, list) else list(model.parameters())
+        return [{"params": [p for p in params if p.requires_grad], "lr": t.lr}]
+    groups = [
+        {"params": g["params"], "lr": t.lr * g["lr_scale"], "weight_decay": g["weight_decay"]}
+        for g in param_groups_layer_decay(model.backbone, weight_decay=t.weight_decay, layer_decay=t.layer_decay)
+    ]
+    rest = [p for name, p in model.named_parameters() if not name.startswith("backbone.") and p.requires_grad]
+    return [*groups, {"params": rest, "lr": t.lr}]
+
+
+def make_optimizer(t: TrainConfig, model: nn.Module | list, head: list, device: torch.device) -> torch.optim.Optimizer:
     """AdamW or Nesterov SGD; the head's LR is `head_lr_mult` × the backbone's. Fused kernels where
-    torch has them for the device: one pass over the (possibly 100M-parameter) head per step."""
-    groups = [{"params": [p for p in backbone if p.requires_grad], "lr": t.lr}]
+    torch has them for the device: one pass over the (possibly 100M-parameter) head per step.
+    `model`: the embedding model (or a list of its parameters)."""
+    groups = model_groups(t, model)
     if head:
         groups.append({"params": head, "lr": t.lr * t.head_lr_mult})
     if t.optimizer == "adamw":

@@ -64,10 +64,12 @@ def held_out_classes(train: pd.DataFrame, share: float, n_splits: int, seed: int
 def fold_parts(folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(training part, validation part) of a fold; validation rows of unseen classes get known=False.
 
-    Classes held out for this fold (`unknown_fold`) are all validation queries, none trains."""
+    No image of a class held out for this fold (`unknown_fold`) trains; its images of this fold (and
+    a held-out singleton's image) are validation queries. So about `unknown_classes` of the queries
+    are unseen classes — the share the threshold is tuned for, as expected on the test."""
     held_out = folds["unknown_fold"] == fold if "unknown_fold" in folds else pd.Series(False, index=folds.index)
     train = folds[(folds["fold"] != fold) & folds["known"] & ~held_out].reset_index(drop=True)
-    val = folds[(folds["fold"] == fold) | held_out].copy()
+    val = folds[(folds["fold"] == fold) | (held_out & (folds["fold"] == -1))].copy()
     val["known"] = val["known"] & val["label"].isin(set(train["label"]))
     return train, val.reset_index(drop=True)
 

@@ -94,7 +94,7 @@ def build_networks(
     member: MemberConfig, data: FoldData, device: torch.device, init_state: dict | None
 ) -> tuple[EmbeddingModel, MarginHead]:
     """The member's model and head, started from `init_from`'s weights when given."""
-    model = build_model(member).to(device)
+    model = build_model(member, weights=init_state is None).to(device)  # init_from: its weights replace them
     head = build_member_head(member, data.counts).to(device)
     if init_state is not None:
         model.load_state_dict(init_state["model"])
@@ -147,8 +147,9 @@ def training_run(
     train_model: nn.Module = MarginModel(model, head, member)
     if world_size() > 1:
         head.persistent_grad = False  # DDP reduces the weight's gradient from its own autograd hook
-        train_model = nn.parallel.DistributedDataParallel(train_model)
-    optimizer = make_optimizer(t, list(model.parameters()), list(head.parameters()), device)
+        frozen_first = member.train.freeze_backbone_epochs > 0  # the frozen backbone gets no gradient
+        train_model = nn.parallel.DistributedDataParallel(train_model, find_unused_parameters=frozen_first)
+    optimizer = make_optimizer(t, model, list(head.parameters()), device)
     per_rank_batch = max(2, t.batch_size // world_size())
     steps_per_epoch = max(1, (len(dataset) // world_size()) // per_rank_batch // t.grad_accum)
     scheduler = make_scheduler(optimizer, steps_per_epoch * t.epochs, int(t.warmup_epochs * steps_per_epoch))
@@ -204,12 +205,16 @@ def epoch_loader(cfg: Config, member: MemberConfig, run: TrainingRun, dataset: I
     )
 
 
-def _set_train_mode(member: MemberConfig, run: TrainingRun) -> None:
+def _set_train_mode(member: MemberConfig, run: TrainingRun, epoch: int) -> None:
+    """Train mode; frozen BatchNorm (freeze_bn) and, for the head-first epochs, a frozen backbone
+    (no gradient, its BatchNorm statistics kept)."""
     run.model.train()
     run.head.train()
-    if member.train.freeze_bn:
-        for module in run.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    frozen = epoch < member.train.freeze_backbone_epochs
+    run.model.backbone_frozen = frozen
+    for name, module in run.model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if member.train.freeze_bn or (frozen and name.startswith("backbone.")):
                 module.eval()
 
 
@@ -241,7 +246,9 @@ def train_epoch(
     generator = _set_epoch_seed(cfg.seed, epoch, dataset.transform)
     loader = epoch_loader(cfg, member, run, dataset, epoch)
     see_value = schedule_value(member.see.start, member.see.end, epoch / max(1, t.epochs - 1))
-    _set_train_mode(member, run)
+    _set_train_mode(member, run, epoch)
+    if 0 < epoch == t.freeze_backbone_epochs:
+        log.info("%s: backbone unfrozen from epoch %d", member.name, epoch + 1)
     running, n_batches, n_expanded = 0.0, 0, 0
     bar = progress_bar(
         loader, f"{member.name} epoch {epoch + 1}/{t.epochs}", progress and is_main_process(), unit="batch"

@@ -1,0 +1,164 @@
+"""Any timm image model as a member's backbone: CNN maps, Swin's NHWC maps, ViT/EVA tokens; hub and
+local weights; head-first training; layer-wise LR decay; the exported embedding module."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, write_tiny_config
+from dmlkit.config import MemberConfig, TrainConfig, load_config
+from dmlkit.inference import embed_paths
+from dmlkit.models.build import build_member_head, build_model
+from dmlkit.models.objective import MarginModel
+from dmlkit.models.optim import make_optimizer
+from dmlkit.pipeline import Context, ensure_demo_data, run_embed, run_export
+
+TINY = {  # random-init, a few layers: seconds on a CPU
+    "vit": ("vit_tiny_patch16_224", {"depth": 2, "embed_dim": 32, "num_heads": 2}, "tokens"),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        {"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 4},
+        "nhwc",
+    ),
+    "eva": ("eva02_tiny_patch14_224", {"depth": 2, "embed_dim": 32, "num_heads": 2}, "tokens"),
+    "cnn": ("resnet18", {}, "nchw"),
+}
+
+
+def member(kind: str, **extra) -> MemberConfig:
+    backbone, kwargs, _ = TINY[kind]
+    fields = {"name": kind, "backbone": backbone, "fold": 0, "image_size": 48, "embedding_size": 16}
+    return MemberConfig.model_validate({**fields, "backbone_kwargs": kwargs, "head": {"subcenters": 2}, **extra})
+
+
+def images(tmp_path: Path, n: int = 6) -> list[str]:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), rng.integers(0, 255, (40 + 7 * i, 60, 3), dtype=np.uint8))
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+@pytest.mark.parametrize("pool", ["auto", "gem"])
+def test_any_timm_family_builds_trains_a_step_and_embeds_at_a_non_native_size(tmp_path, kind, pool):
+    m = member(kind, pool=pool, see={"enabled": True, "n_expansion": 4}, head={"sample_rate": 0.5})
+    model = build_model(m)
+    assert model.layout == TINY[kind][2]
+    assert model.pool_rule == (("model" if model.layout == "tokens" else "gem") if pool == "auto" else pool)
+    head = build_member_head(m, np.array([3, 2, 4, 1]))
+    objective = MarginModel(model, head, m)
+    optimizer = make_optimizer(TrainConfig(), model, list(head.parameters()), torch.device("cpu"))
+    before = [p.detach().clone() for p in model.backbone.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision, Partial FC and SEE as in training
+        loss, _ = objective(torch.randint(0, 255, (4, 3, 48, 48), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]), 1.0)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.backbone.parameters(), strict=True))
+    emb = embed_paths(model, images(tmp_path), 48, 4, torch.device("cpu"), flip=True, scales=(1.0, 1.5), progress=False)
+    assert emb.shape == (6, 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_pretrained_file_is_loaded(tmp_path):
+    import timm
+
+    backbone, kwargs, _ = TINY["vit"]
+    source = timm.create_model(backbone, num_classes=0, img_size=48, **kwargs)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model(member("vit", pretrained_file=str(path)))
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, model.backbone.state_dict()[key]), key
+
+
+def test_hub_weights_offline_stop_before_anything_trains(tmp_path):
+    """pretrained: true without the weights in the hub cache and no network: a clear error at once."""
+    cfg = write_tiny_config(tmp_path, "whale")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    cmd = [sys.executable, "-m", "dmlkit", "train", "-c", str(cfg), "members.0.backbone=resnet10t"]
+    cmd += ["members.0.pretrained=true", "--artifacts", str(tmp_path / "art"), "--no-progress"]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "cannot get timm's pretrained weights for 'resnet10t'" in run.stderr and "pretrained_file" in run.stderr
+    assert not list((tmp_path / "art").glob("*/train"))
+
+
+def test_head_first_epochs_freeze_the_backbone_then_train_it(tmp_path):
+    """Epoch 1 of 2 with freeze_backbone_epochs=1: the backbone's weights and BatchNorm statistics stay,
+    the neck and head learn; epoch 2 trains the backbone."""
+    from dmlkit.pipeline import load_table, run_folds
+    from dmlkit.stages import train as stage
+
+    cfg = write_tiny_config(tmp_path, "whale")
+    overrides = ["members.0.train.epochs=2", "members.0.train.freeze_backbone_epochs=1", "members.0.train.batch_size=8"]
+    ctx = Context(load_config(cfg, overrides), artifacts=tmp_path / "a", progress=False)
+    ensure_demo_data(ctx)
+    m = ctx.cfg.members[0]
+    data = stage.fold_data(m, load_table(run_folds(ctx))[1])
+    model, head = stage.build_networks(m, data, ctx.device, None)
+    dataset = stage.training_dataset(m, data)
+    run = stage.training_run(m, model, head, dataset, ctx.device)
+
+    def snapshot() -> dict:
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    start = snapshot()
+    stage.train_epoch(ctx.cfg, m, run, dataset, 0, ctx.device, tmp_path / "last.pt", False)
+    frozen = snapshot()
+    backbone = [k for k in start if k.startswith("backbone.")]
+    assert all(torch.equal(start[k], frozen[k]) for k in backbone)  # weights and running statistics
+    assert not torch.equal(start["neck.0.weight"], frozen["neck.0.weight"])
+    stage.train_epoch(ctx.cfg, m, run, dataset, 1, ctx.device, tmp_path / "last.pt", False)
+    assert any(not torch.equal(frozen[k], model.state_dict()[k]) for k in backbone)
+
+
+def test_layer_decay_scales_the_transformer_blocks_learning_rates():
+    model = build_model(member("vit"))
+    t = TrainConfig(lr=1e-3, layer_decay=0.5)
+    optimizer = make_optimizer(t, model, [], torch.device("cpu"))
+    rates = sorted({round(g["lr"], 8) for g in optimizer.param_groups})
+    # timm's layer ids: the patch embedding with block 0's depth, then each block, the final norm at lr
+    assert rates == pytest.approx([1e-3 * 0.25, 1e-3 * 0.5, 1e-3])
+    neck = {id(p) for p in model.neck.parameters()}
+    assert all(g["lr"] == pytest.approx(1e-3) for g in optimizer.param_groups if {id(p) for p in g["params"]} & neck)
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    assert n_params == len([p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "vit"])
+def test_exported_module_equals_the_pipeline_embeddings(tmp_path, backbone):
+    extra = []
+    if backbone == "vit":
+        extra = [
+            "members.0.backbone=vit_tiny_patch16_224",
+            "members.0.backbone_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
+        ]
+    cfg = write_tiny_config(tmp_path, "whale")
+    overrides = ["members.0.train.epochs=1", "members.0.train.amp=off", "embed.tta_flip=true", *extra]
+    ctx = Context(load_config(cfg, overrides), artifacts=tmp_path / "a", submissions=tmp_path / "sub", progress=False)
+    ensure_demo_data(ctx)
+    written = run_export(ctx)
+    module = torch.jit.load(str(written["torchscript"]))
+    from dmlkit.data.dataset import ImageDataset
+    from dmlkit.data.transforms import make_pipeline
+    from dmlkit.pipeline import load_table, run_folds
+
+    table, _ = load_table(run_folds(ctx))
+    paths = table["path"].tolist()[:12]
+    size = ctx.cfg.members[0].image_size
+    dataset = ImageDataset(paths, None, make_pipeline(size), 3, size)
+    batch = torch.stack([dataset[i][0] for i in range(len(paths))])  # resized with OpenCV, like a user would
+    with torch.no_grad():
+        exported = module(batch).numpy()
+    pipeline = np.load(run_embed(ctx, "m0").file("embeddings.npy"))[:12]
+    assert (exported * pipeline).sum(axis=1).min() >= 0.999
