@@ -56,3 +56,35 @@ def test_pipeline_matches_albumentations_resize_and_to_tensor():
     flipped_view = square[:, ::-1]
     expected = torch.from_numpy(flipped_view.copy()).permute(2, 0, 1)
     assert torch.equal(make_pipeline(24)(image=flipped_view)["image"], expected)
+
+
+def test_large_jpegs_decode_at_reduced_scale_close_to_the_full_decode(tmp_path):
+    """A 1024×768 JPEG for a 256 px eval pipeline decodes at 1/2 scale (768 // 2 ≥ 256... up to 1/2:
+    768 // 4 = 192 < 256); the pipeline's output stays within a few grey levels of full decode + resize."""
+    import cv2
+    import numpy as np
+
+    from dmlkit.data.images import jpeg_reduction, read_image
+    from dmlkit.data.transforms import make_pipeline
+
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 255, (768, 1024, 3), dtype=np.uint8), (0, 0), 4)
+    path = tmp_path / "big.jpg"
+    cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    data = path.read_bytes()
+    assert jpeg_reduction(data, 256) == 2 and jpeg_reduction(data, 90) == 8 and jpeg_reduction(data, 500) == 1
+    pipeline = make_pipeline(256)
+    assert pipeline.source_side == 256
+    for channels in (3, 1):
+        reduced = read_image(path, channels, pipeline.source_side)
+        full = read_image(path, channels)
+        assert reduced.shape[:2] == (384, 512) and full.shape[:2] == (768, 1024)
+        a = pipeline(image=reduced)["image"].float()
+        b = pipeline(image=full)["image"].float()
+        assert a.shape == b.shape == (channels, 256, 256)
+        assert (a - b).abs().mean() < 2.0
+    crops = [{"type": "RandomResizedCrop", "size": ["image_size", "image_size"], "scale": [0.25, 1.0]}]
+    assert make_pipeline(256, augment=crops).source_side == 512  # a quarter-area crop needs twice the side
+    png = tmp_path / "big.png"
+    cv2.imwrite(str(png), image)
+    assert read_image(png, 3, 100).shape[:2] == (768, 1024)  # other formats decode in full

@@ -155,3 +155,53 @@ def test_partial_fc_gradient_buffer_equals_autograd_over_accumulation_and_steps(
         assert torch.allclose(heads[0].weight.grad, heads[1].weight.grad, atol=1e-6), f"step {step}"
         for head in heads:  # what the optimizer's zero_grad(set_to_none=True) does
             head.weight.grad = None
+
+
+def test_partial_fc_adamw_equals_adamw_on_the_sampled_rows_alone():
+    """Each sampled row moves as torch's AdamW moves that row alone over the steps it was sampled (its
+    own step count); rows never sampled keep weight and state; the rest of the model is plain AdamW;
+    a checkpoint of the optimizer resumes to the same result."""
+    from dmlkit.models.optim import PartialFCAdamW
+
+    torch.manual_seed(0)
+    start = torch.randn(10, 4)
+    dense_start = torch.randn(3)
+    sampled = [torch.tensor([1, 3, 4]), torch.tensor([3, 7]), torch.tensor([1, 7, 9])]
+    grads = [torch.randn(10, 4) for _ in sampled]
+    dense_grads = [torch.randn(3) for _ in sampled]
+
+    def run(resume_after: int | None = None):
+        weight, dense = torch.nn.Parameter(start.clone()), torch.nn.Parameter(dense_start.clone())
+        current = {"rows": None}
+        make = lambda: PartialFCAdamW([{"params": [dense], "lr": 1e-3}], weight, 1e-2, 0.05, lambda: current["rows"])  # noqa: E731
+        opt = make()
+        for i, rows in enumerate(sampled):
+            weight.grad = torch.zeros_like(weight)
+            weight.grad[rows] = grads[i][rows]
+            dense.grad = dense_grads[i].clone()
+            current["rows"] = rows
+            opt.step()
+            if resume_after == i:
+                state = opt.state_dict()
+                opt = make()
+                opt.load_state_dict(state)
+        return weight.detach(), dense.detach()
+
+    weight, dense = run()
+    for r in range(10):
+        steps = [i for i, rows in enumerate(sampled) if r in rows.tolist()]
+        row = torch.nn.Parameter(start[r].clone())
+        reference = torch.optim.AdamW([row], lr=1e-2, weight_decay=0.05)
+        for i in steps:
+            row.grad = grads[i][r].clone()
+            reference.step()
+        assert torch.allclose(weight[r], row.detach(), atol=1e-6), r
+    assert torch.equal(weight[[0, 2, 5, 6, 8]], start[[0, 2, 5, 6, 8]])
+    plain = torch.nn.Parameter(dense_start.clone())
+    reference = torch.optim.AdamW([plain], lr=1e-3, weight_decay=0.05)
+    for g in dense_grads:
+        plain.grad = g.clone()
+        reference.step()
+    assert torch.allclose(dense, plain.detach(), atol=1e-6)
+    resumed, _ = run(resume_after=0)
+    assert torch.allclose(resumed, weight, atol=1e-7)

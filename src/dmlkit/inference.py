@@ -38,12 +38,15 @@ def embed_paths(
     desc: str = "embed",
     progress: bool = True,
     skip_unreadable: bool = False,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """(N, E) L2-normalised embeddings, averaged over the TTA views (flip × scales).
 
     With `skip_unreadable`, rows of unreadable images are NaN instead of an error.
     """
     model.eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     dtype = autocast_dtype(device, amp)
     total = None
     views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
@@ -57,6 +60,8 @@ def embed_paths(
             loader, f"{desc} {size}px{' flip' if flipped else ''}", progress, unit="batch"
         ):
             images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = model(images).float().cpu()
             out[~ok] = float("nan")

@@ -46,7 +46,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
         try:
-            image = read_image(self.paths[index], self.channels)
+            image = read_image(self.paths[index], self.channels, getattr(self.transform, "source_side", None))
         except UnreadableImageError:
             if not self.skip_unreadable:
                 raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import cv2
@@ -46,10 +47,47 @@ def image_problem(path: str | Path) -> str | None:
     return None
 
 
-def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
-    """Decode to uint8 HxWx3 RGB (channels=3) or HxWx1 gray (channels=1), or raise naming the file."""
+_REDUCED = {  # OpenCV decodes JPEGs at 1/2, 1/4, 1/8 scale (libjpeg's scaled IDCT): far less work
+    (3, 2): cv2.IMREAD_REDUCED_COLOR_2,
+    (3, 4): cv2.IMREAD_REDUCED_COLOR_4,
+    (3, 8): cv2.IMREAD_REDUCED_COLOR_8,
+    (1, 2): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    (1, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    (1, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+
+
+def jpeg_reduction(data: bytes, min_side: int) -> int:
+    """The largest of 8, 4, 2 by which this JPEG can be decoded with its shorter side still ≥
+    `min_side`; 1 for other formats, small images, or when the header cannot be read."""
+    if data[:3] != b"\xff\xd8\xff":
+        return 1
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+            shorter = min(header.size)
+    except Exception:  # a damaged header: the full decode reports it
+        return 1
+    return next((k for k in (8, 4, 2) if shorter // k >= min_side), 1)
+
+
+def read_image(path: str | Path, channels: int = 3, min_side: int | None = None) -> np.ndarray:
+    """Decode to uint8 HxWx3 RGB (channels=3) or HxWx1 gray (channels=1), or raise naming the file.
+
+    `min_side`: the pipeline needs no more than this many pixels on the shorter side, so a JPEG at
+    least twice that size is decoded at 1/2, 1/4 or 1/8 scale (EXIF orientation ignored, as in the
+    full decode)."""
     path = Path(path)
-    image = cv2.imdecode(np.frombuffer(_read_bytes(path), np.uint8), cv2.IMREAD_UNCHANGED)
+    data = _read_bytes(path)
+    reduction = jpeg_reduction(data, min_side) if min_side else 1
+    if reduction > 1:
+        flag = _REDUCED[(1 if channels == 1 else 3, reduction)] | cv2.IMREAD_IGNORE_ORIENTATION
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+        if image is not None and image.size:
+            image = image[..., None] if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+            return image
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise UnreadableImageError(f"{path}: {_UNDECODABLE}")
     if image.dtype != np.uint8:  # 16-bit or float images: scale to 8 bits

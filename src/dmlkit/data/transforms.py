@@ -40,6 +40,21 @@ def build_augmentations(specs: list[dict[str, Any]], image_size: int, where: str
     return transforms
 
 
+def source_side(augmentations: list, image_size: int) -> int:
+    """The shorter side a source image needs so that no step upsamples it: `image_size`, divided by
+    √(smallest crop area) of a RandomResizedCrop, times the largest zoom of an Affine. Images at
+    least twice this size can be decoded at reduced scale."""
+    side = float(image_size)
+    for t in augmentations:
+        if isinstance(t, A.RandomResizedCrop):
+            side /= max(1e-3, float(t.scale[0])) ** 0.5
+        elif isinstance(t, A.Affine):
+            scale = getattr(t, "scale", None)
+            values = [v for axis in scale.values() for v in axis] if isinstance(scale, dict) else [1.0]
+            side *= max(1.0, *values)
+    return int(np.ceil(side))
+
+
 class ImagePipeline:
     """Augmentations (an albumentations Compose), then resize to ``image_size`` when the image is
     not that size already, then a uint8 CHW tensor; called like a Compose: ``pipeline(image=...)``.
@@ -52,6 +67,7 @@ class ImagePipeline:
     def __init__(self, augmentations: list, image_size: int):
         self.augment = A.Compose(augmentations) if augmentations else None
         self.image_size = image_size
+        self.source_side = source_side(augmentations, image_size)
 
     def set_random_seed(self, seed: int | None) -> None:
         """Seeds the augmentations (albumentations gives every transform the same seed, so the draws

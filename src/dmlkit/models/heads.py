@@ -132,6 +132,17 @@ class MarginHead(nn.Module):
             self._touched[classes] = True
         return _GatherIntoGradient.apply(view, classes, grad).flatten(0, 1)
 
+    def touched_rows(self) -> torch.Tensor:
+        """Rows of the weight with gradient in this accumulation: the sampled classes' sub-centers
+        (from the persistent gradient buffer's bookkeeping; under DDP, the rows with a nonzero gradient)."""
+        if self.weight.grad is not None and self.weight.grad is self._grad_buffer and self._touched is not None:
+            classes = self._touched.nonzero().flatten()
+            offsets = torch.arange(self.subcenters, device=classes.device)
+            return (classes.unsqueeze(1) * self.subcenters + offsets).flatten()
+        if self.weight.grad is None:
+            return torch.zeros(0, dtype=torch.long, device=self.weight.device)
+        return self.weight.grad.abs().sum(dim=1).nonzero().flatten()
+
     def center_factors(
         self, dtype: torch.dtype | None = None, classes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,11 +26,16 @@ def model_groups(t: TrainConfig, model: nn.Module | list) -> list[dict]:
     return [*groups, {"params": rest, "lr": t.lr}]
 
 
-def make_optimizer(t: TrainConfig, model: nn.Module | list, head: list, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    t: TrainConfig, model: nn.Module | list, head: list, device: torch.device, head_rows=None
+) -> torch.optim.Optimizer:
     """AdamW or Nesterov SGD; the head's LR is `head_lr_mult` × the backbone's. Fused kernels where
     torch has them for the device: one pass over the (possibly 100M-parameter) head per step.
-    `model`: the embedding model (or a list of its parameters)."""
+    `model`: the embedding model (or a list of its parameters). With `head_rows` (Partial FC: the
+    rows of the head's one weight that took part in the step), AdamW updates only those rows."""
     groups = model_groups(t, model)
+    if head_rows is not None and t.optimizer == "adamw" and len(head) == 1:
+        return PartialFCAdamW(groups, head[0], t.lr * t.head_lr_mult, t.weight_decay, head_rows)
     if head:
         groups.append({"params": head, "lr": t.lr * t.head_lr_mult})
     if t.optimizer == "adamw":
@@ -51,3 +56,62 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup_steps))
+
+
+class PartialFCAdamW(torch.optim.Optimizer):
+    """AdamW for the embedding model (torch's, fused) and, for the Partial FC head's weight, AdamW on
+    the rows that took part in this step only, each row with its own step count: rows not sampled
+    keep their weights, moments and weight decay untouched (insightface's Partial FC kept the sampled
+    rows' weights and momentum apart). The per-step work on a 100M-parameter head becomes the
+    sampled tenth of it. `rows()` gives the rows to update (the head knows which it handed out)."""
+
+    def __init__(self, dense_groups: list[dict], head_weight: nn.Parameter, head_lr: float, weight_decay: float, rows):
+        try:
+            self.dense = torch.optim.AdamW(dense_groups, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError):
+            self.dense = torch.optim.AdamW(dense_groups, weight_decay=weight_decay, foreach=True)
+        self.rows = rows
+        head_group = {"params": [head_weight], "lr": head_lr, "weight_decay": weight_decay, "row_sparse": True}
+        defaults = {"lr": head_lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": weight_decay}
+        # the same group dicts as the dense optimizer's: an LR scheduler on this one drives both
+        super().__init__([*self.dense.param_groups, head_group], defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.dense.step()
+        group = self.param_groups[-1]
+        (weight,) = group["params"]
+        if weight.grad is None:
+            return None
+        rows = self.rows()
+        if len(rows) == 0:
+            return None
+        state = self.state[weight]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(weight)
+            state["exp_avg_sq"] = torch.zeros_like(weight)
+            state["row_steps"] = torch.zeros(len(weight), dtype=torch.int32, device=weight.device)
+        beta1, beta2 = group["betas"]
+        steps = state["row_steps"][rows] + 1
+        state["row_steps"][rows] = steps
+        grad = weight.grad[rows].float()
+        exp_avg = state["exp_avg"][rows].mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        steps = steps.to(grad.dtype).unsqueeze(1)
+        denom = (exp_avg_sq / (1 - beta2**steps)).sqrt_().add_(group["eps"])
+        rows_now = weight[rows].mul_(1 - group["lr"] * group["weight_decay"])
+        rows_now.sub_(exp_avg / (1 - beta1**steps) / denom * group["lr"])
+        weight[rows] = rows_now.to(weight.dtype)
+        state["exp_avg"][rows] = exp_avg
+        state["exp_avg_sq"][rows] = exp_avg_sq
+        return None
+
+    def state_dict(self) -> dict:
+        head = self.state.get(self.param_groups[-1]["params"][0], {})
+        return {"dense": self.dense.state_dict(), "head": dict(head), "head_lr": self.param_groups[-1]["lr"]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.dense.load_state_dict(state_dict["dense"])
+        weight = self.param_groups[-1]["params"][0]
+        self.state[weight] = {k: v.to(weight.device) for k, v in state_dict["head"].items()}
+        self.param_groups[-1]["lr"] = state_dict["head_lr"]

@@ -41,6 +41,7 @@ def embed_member(
         num_workers=member.train.num_workers,
         desc=f"embed {member.name}",
         progress=progress,
+        channels_last=member.train.channels_last,
     )
     emb = gather_rows(emb, shard, len(table))
     if not is_main_process():

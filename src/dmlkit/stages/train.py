@@ -107,7 +107,7 @@ def build_networks(
                 member.name,
                 member.init_from,
             )
-    if member.train.channels_last and device.type == "cuda":
+    if member.train.channels_last:  # faster convolutions with bf16/fp16, on CPUs (oneDNN) and GPUs alike
         model = model.to(memory_format=torch.channels_last)
     if member.train.sync_bn and world_size() > 1:
         if device.type == "cuda":
@@ -149,7 +149,9 @@ def training_run(
         head.persistent_grad = False  # DDP reduces the weight's gradient from its own autograd hook
         frozen_first = member.train.freeze_backbone_epochs > 0  # the frozen backbone gets no gradient
         train_model = nn.parallel.DistributedDataParallel(train_model, find_unused_parameters=frozen_first)
-    optimizer = make_optimizer(t, model, list(head.parameters()), device)
+    # Partial FC: AdamW updates the sampled classes' rows of the head only
+    rows = head.touched_rows if member.head.sample_rate < 1.0 and isinstance(head, MarginHead) else None
+    optimizer = make_optimizer(t, model, list(head.parameters()), device, head_rows=rows)
     per_rank_batch = max(2, t.batch_size // world_size())
     steps_per_epoch = max(1, (len(dataset) // world_size()) // per_rank_batch // t.grad_accum)
     scheduler = make_scheduler(optimizer, steps_per_epoch * t.epochs, int(t.warmup_epochs * steps_per_epoch))
@@ -261,7 +263,7 @@ def train_epoch(
             if len(images) < 2:
                 continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if t.channels_last and device.type == "cuda":
+        if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         dtype = run.dtype
         with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -326,6 +328,7 @@ def validate(
             desc=desc,
             progress=progress,
             skip_unreadable=not member.train.strict_images,
+            channels_last=member.train.channels_last,
         )
         readable = np.isfinite(emb).all(axis=1)
         return emb[readable], part[readable]
