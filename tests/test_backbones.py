@@ -54,7 +54,7 @@ def test_any_timm_family_builds_trains_a_step_and_embeds_at_a_non_native_size(tm
     m = member(kind, pool=pool, see={"enabled": True, "n_expansion": 4}, head={"sample_rate": 0.5})
     model = build_model(m)
     assert model.layout == TINY[kind][2]
-    assert model.pool_rule == (("model" if model.layout == "tokens" else "gem") if pool == "auto" else pool)
+    assert model.pool_rule == (("gem" if model.layout == "nchw" else "model") if pool == "auto" else pool)
     head = build_member_head(m, np.array([3, 2, 4, 1]))
     objective = MarginModel(model, head, m)
     optimizer = make_optimizer(TrainConfig(), model, list(head.parameters()), torch.device("cpu"))

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from dmlkit.retrieval import search
 from dmlkit.retrieval.ensemble import concatenate, pca_whiten
@@ -26,19 +27,37 @@ def clustered(rng, n, d, clusters):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "flat_bf16", "ivf", "hnsw"])
 def test_faiss_against_brute_force(kind):
     rng = np.random.default_rng(0)
     q, g = unit(rng, 50, 16), unit(rng, 400, 16)
     sims, ids = search.knn(q, g, k=10, kind=kind, nlist=4, nprobe=4, batch=7, progress=False)
     dense = q @ g.T
     expected = np.argsort(-dense, axis=1)[:, :10]
-    if kind == "flat":
+    if kind in ("flat", "flat_bf16"):  # bf16 candidates, fp32 scores: the exact top-k
         assert (ids == expected).all()
         assert np.allclose(sims, np.take_along_axis(dense, expected, 1), atol=1e-5)
     else:  # approximate: high recall of the true top-10
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, expected, strict=True)])
         assert recall > 0.9
+
+
+def test_flat_bf16_is_exact_where_bf16_alone_misorders_close_scores():
+    """300 near-duplicates of a query crowd within bf16's resolution: the bf16 order alone is wrong,
+    the fp32 re-scoring (and, where the candidates could have missed one, the fp32 search of that
+    query) returns the exact top-k."""
+    rng = np.random.default_rng(1)
+    q = unit(rng, 20, 64)
+    g = np.repeat(q[:1], 300, axis=0) + 1e-3 * rng.normal(size=(300, 64)).astype(np.float32)
+    g = np.concatenate([g / np.linalg.norm(g, axis=1, keepdims=True), unit(rng, 2000, 64)])
+    dense = q @ g.T
+    bf16 = (torch.from_numpy(q).bfloat16() @ torch.from_numpy(g).bfloat16().T).float().numpy()
+    expected = np.argsort(-dense, axis=1, kind="stable")[:, :20]
+    assert not (np.argsort(-bf16, axis=1, kind="stable")[:, :20] == expected).all()
+    sims, ids = search.flat_bf16_knn(q, g, k=20, batch=8, progress=False)
+    top = np.take_along_axis(dense, expected, 1)
+    # exact up to fp32 rounding: near-duplicates tied to 1e-7 may swap, their scores may not move
+    assert np.allclose(sims, top, atol=1e-6) and np.allclose(np.take_along_axis(dense, ids, 1), top, atol=1e-6)
 
 
 def test_gpu_failure_falls_back_to_cpu(monkeypatch):

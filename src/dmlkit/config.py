@@ -141,7 +141,8 @@ class MemberConfig(Strict):
     pool: Literal["auto", "gem", "model"] = Field(
         "auto",
         description="GeM over the feature map (tokens laid on their grid), or the model's own pooling "
-        "(class token / token average); auto: the model's own for token models, GeM for maps",
+        "(class token / token average); auto: GeM for CNN maps, the model's own for transformers (tokens, "
+        "Swin's NHWC maps, whose LayerNorm outputs GeM's clamp would cut)",
     )
     embedding_size: int = Field(512, ge=8)
     gem_p: float = 3.0
@@ -198,7 +199,7 @@ class VotingConfig(Strict):
 
 
 class RetrieveConfig(Strict):
-    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    index: Literal["flat", "flat_bf16", "auto", "ivf", "hnsw"] = "flat"
     nlist: int = 1024
     nprobe: int = 16
     hnsw_m: int = 32

@@ -4,7 +4,7 @@ Any timm image model: CNNs give NCHW maps, Swin-like models NHWC maps, ViT/DeiT/
 tokens (B, N, C). Token models are created for the member's image size (and, where timm allows,
 for any size, so TTA scales work). Pooling is GeM over the map — for tokens, over the patch tokens
 laid back on their grid — or the model's own rule (class token or token average: timm's
-`global_pool`).
+`global_pool`); by default GeM for CNN maps and the model's own for transformers.
 """
 
 from __future__ import annotations
@@ -131,7 +131,9 @@ class EmbeddingModel(nn.Module):
             probe = self.backbone.forward_features(torch.zeros(1, in_chans, image_size, image_size))
             self.backbone.train(was_training)
         self.layout = feature_layout(self.backbone, probe)
-        self.pool_rule = pool if pool != "auto" else ("model" if self.layout == "tokens" else "gem")
+        # GeM suits CNN maps (post-ReLU, non-negative); transformer features (tokens, Swin's NHWC maps)
+        # come out of a LayerNorm, half negative, which GeM's clamp would discard: their own pooling
+        self.pool_rule = pool if pool != "auto" else ("gem" if self.layout == "nchw" else "model")
         channels = probe.shape[-1] if self.layout != "nchw" else probe.shape[1]
         self.prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0) or 0)
         self.pool = GeM(gem_p, gem_learnable)

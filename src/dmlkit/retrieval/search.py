@@ -11,9 +11,11 @@ import functools
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from ..runtime import progress_bar
 
@@ -87,6 +89,55 @@ def build_index(
     return index
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """True on CPUs with AMX or AVX-512 bf16 (where bf16 products run several times the fp32 rate)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def flat_bf16_knn(
+    queries: np.ndarray, gallery: np.ndarray, k: int, batch: int = 2048, candidates: int | None = None, progress=True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k: bf16 products over the gallery pick each query's `candidates`
+    (default 2k) best, which are re-scored in fp32; the top k of those, best first.
+
+    A bf16 product is within 2⁻⁸·|q|·|g| + 2⁻⁹·|score| of the exact one (both inputs rounded to
+    8-bit mantissas, the fp32-accumulated result rounded once more). A neighbour outside the
+    candidates scores at most the last candidate's bf16 score plus that bound; where this reaches
+    the k-th exact score (near-duplicates crowding the boundary) the query is searched in fp32
+    instead, so the result is exact either way. Memory: the gallery once
+    more in bf16, and batch × N bf16 scores."""
+    k = min(k, len(gallery))
+    wanted = min(len(gallery), max(k, candidates or 2 * k))
+    exact = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32))
+    low = exact.to(torch.bfloat16)
+    largest = float(exact.norm(dim=1).max())
+    sims = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    starts = range(0, len(queries), batch)
+    for start in progress_bar(starts, "knn (bf16)", progress and len(starts) >= 4, unit="batch"):
+        q = torch.from_numpy(np.ascontiguousarray(queries[start : start + batch], dtype=np.float32))
+        rough, picked = (q.to(torch.bfloat16) @ low.T).topk(wanted, dim=1, sorted=False)
+        scores = torch.empty(picked.shape, dtype=torch.float32)
+        for row in range(0, len(q), 256):  # fp32 re-scoring, a few hundred MB at a time
+            block = picked[row : row + 256]
+            scores[row : row + 256] = torch.einsum("qd,qkd->qk", q[row : row + 256], exact[block])
+        best, order = scores.topk(k, dim=1)
+        found = picked.gather(1, order)
+        if wanted < len(gallery):
+            last = rough.float().min(dim=1).values
+            bound = 2.0**-8 * largest * q.norm(dim=1) + 2.0**-9 * last.abs()
+            unsure = (last + bound >= best[:, -1]).nonzero().flatten()
+            if len(unsure):
+                best[unsure], found[unsure] = (q[unsure] @ exact.T).topk(k, dim=1)
+        sims[start : start + batch] = best.numpy()
+        ids[start : start + batch] = found.numpy()
+    return sims, ids
+
+
 def knn(
     queries: np.ndarray,
     gallery: np.ndarray,
@@ -99,8 +150,16 @@ def knn(
     hnsw_m: int = 32,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, indices), each (Q, k), best first; indices -1 where fewer than k exist."""
+    """(similarities, indices), each (Q, k), best first; indices -1 where fewer than k exist.
+
+    `kind`: flat (faiss, exact), flat_bf16 (exact top-k from bf16 candidates, fp32 scores; CPU), ivf,
+    hnsw, or auto (flat_bf16 on a CPU with bf16 matmul units and no usable GPU, else flat)."""
     k = min(k, len(gallery))
+    if kind == "auto":
+        on_gpu = use_gpu != "no" and gpu_usable()
+        kind = "flat_bf16" if not on_gpu and cpu_has_bf16_matmul() else "flat"
+    if kind == "flat_bf16":
+        return flat_bf16_knn(queries, gallery, k, min(batch, 2048), progress=progress)
     index = build_index(gallery, kind, nlist, nprobe, hnsw_m, use_gpu)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     sims = np.empty((len(queries), k), np.float32)
