@@ -64,7 +64,7 @@ def test_large_jpegs_decode_at_reduced_scale_close_to_the_full_decode(tmp_path):
     import cv2
     import numpy as np
 
-    from dmlkit.data.images import jpeg_reduction, read_image
+    from dmlkit.data.images import jpeg_reduction, jpeg_size, read_image
     from dmlkit.data.transforms import make_pipeline
 
     rng = np.random.default_rng(0)
@@ -72,7 +72,12 @@ def test_large_jpegs_decode_at_reduced_scale_close_to_the_full_decode(tmp_path):
     path = tmp_path / "big.jpg"
     cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
     data = path.read_bytes()
+    assert jpeg_size(data) == (768, 1024)
     assert jpeg_reduction(data, 256) == 2 and jpeg_reduction(data, 90) == 8 and jpeg_reduction(data, 500) == 1
+    from PIL import Image
+
+    Image.fromarray(image[:300, :200]).save(tmp_path / "progressive.jpg", progressive=True)
+    assert jpeg_size((tmp_path / "progressive.jpg").read_bytes()) == (300, 200)
     pipeline = make_pipeline(256)
     assert pipeline.source_side == 256
     for channels in (3, 1):

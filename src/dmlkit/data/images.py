@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import cv2
@@ -57,19 +56,32 @@ _REDUCED = {  # OpenCV decodes JPEGs at 1/2, 1/4, 1/8 scale (libjpeg's scaled ID
 }
 
 
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's start-of-frame header (a few bytes read: no decode), or None."""
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
+            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
+        i += 2 + length
+    return None
+
+
 def jpeg_reduction(data: bytes, min_side: int) -> int:
     """The largest of 8, 4, 2 by which this JPEG can be decoded with its shorter side still ≥
     `min_side`; 1 for other formats, small images, or when the header cannot be read."""
     if data[:3] != b"\xff\xd8\xff":
         return 1
-    try:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as header:  # reads the header only
-            shorter = min(header.size)
-    except Exception:  # a damaged header: the full decode reports it
+    size = jpeg_size(data)
+    if size is None or min(size) == 0:
         return 1
-    return next((k for k in (8, 4, 2) if shorter // k >= min_side), 1)
+    return next((k for k in (8, 4, 2) if min(size) // k >= min_side), 1)
 
 
 def read_image(path: str | Path, channels: int = 3, min_side: int | None = None) -> np.ndarray:
