@@ -36,7 +36,7 @@ def write_tiny_config(tmp: Path, kind: str = "whale", extra: str = "", demo_para
         member_defaults:
           image_size: 32
           embedding_size: 32
-          head: {{subcenters: 2, scale: 16.0}}
+          head: {{subcenters: 2, scale: 16.0, dynamic: glr3}}
           train: {{epochs: 2, batch_size: 16, lr: 2.0e-3, amp: "off"}}
         members:
           - {{name: m0, backbone: test_resnet, fold: 0}}

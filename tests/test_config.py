@@ -100,7 +100,11 @@ def test_semantic_errors(configs):
 @pytest.mark.parametrize(
     ("overrides", "competition", "message"),
     [
-        (["member_defaults.head.margin=0.4"], "humpback-2019", "members.0.head.margin: no effect while head.dynamic"),
+        (
+            ["member_defaults.head.dynamic=glr3", "member_defaults.head.margin=0.4"],
+            "humpback-2019",
+            "members.0.head.margin: no effect while head.dynamic",
+        ),
         (["member_defaults.head.dynamic_lambda=-0.3"], "humpback-2019", "members.0.head.dynamic_lambda: only"),
         (["ensemble.pca_dim=64"], "humpback-2019", "ensemble.pca_dim: no effect while ensemble.pca_whiten"),
         (["retrieve.nprobe=8"], "humpback-2019", "retrieve.nprobe: only retrieve.index 'ivf'"),
@@ -153,3 +157,17 @@ def test_shipped_configs_load(name):
     cfg = load_config(Path(__file__).parents[1] / "configs" / name)
     assert cfg.members
     Context(cfg)  # no value without effect
+
+
+def test_demos_train_plain_arcface_and_competition_configs_keep_their_winners_recipe():
+    """Defaults follow the recipe benchmark (README "Does the recipe pay?"): plain ArcFace; the
+    configs that copy a winner set sub-centers and dynamic margins themselves."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("whale-demo", "landmark-demo", "omniglot"):
+        head = load_config(configs / f"{name}.yaml").members[0].head
+        assert (head.type, head.subcenters, head.dynamic, head.margin) == ("arcface", 1, "none", 0.3), name
+        assert not load_config(configs / f"{name}.yaml").members[0].see.enabled
+    glr = load_config(configs / "glr2020.yaml").members[0].head
+    assert (glr.subcenters, glr.dynamic) == (3, "glr3")
+    whale = load_config(configs / "happywhale-2022.yaml").members[0].head
+    assert (whale.subcenters, whale.dynamic) == (3, "power")

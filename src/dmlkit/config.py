@@ -55,10 +55,12 @@ class HeadConfig(Strict):
     )
     proxy_margin: float = Field(0.1, description="Proxy-Anchor's margin δ")
     proxy_alpha: float = Field(32.0, gt=0, description="Proxy-Anchor's scale α")
-    subcenters: int = Field(3, ge=1)
+    subcenters: int = Field(1, ge=1, description="sub-centers per class (K=3: noisy labels, Deng et al. 2020)")
     scale: float | Literal["adacos"] = 30.0
     margin: float = Field(0.3, ge=0.0, description="fixed margin, used when dynamic is 'none'")
-    dynamic: Literal["none", "glr3", "power"] = "glr3"
+    dynamic: Literal["none", "glr3", "power"] = Field(
+        "none", description="margins from class sizes (glr3: GLR2020 3rd, power: Humpback 2019); none: head.margin"
+    )
     dynamic_a: float = 0.45
     dynamic_b: float = 0.05
     dynamic_lambda: float = -0.25
