@@ -26,7 +26,7 @@ from common import RESULTS
 from dmlkit.competitions import Calibration
 from dmlkit.competitions.image_folder import extracted, image_root, list_images
 from dmlkit.config import load_config
-from dmlkit.evaluation import rank_queries, score_queries
+from dmlkit.evaluation import RankedQueries, rank_queries, score_queries
 from dmlkit.inference import embed_paths
 from dmlkit.models.checkpoint import load_member
 from dmlkit.pipeline import Context, run_retrieve, run_train
@@ -87,6 +87,28 @@ def one_shot_accuracy(embed, runs) -> float:
     return correct / total
 
 
+def ranked_identification(
+    embed, evaluation: pd.DataFrame, gallery_per_class: int, new: set, ctx: Context
+) -> tuple[RankedQueries, list[int], list[int]]:
+    """Each character's drawings after the first `gallery_per_class` as queries, against the first
+    `gallery_per_class` of every character not in `new` (the characters in `new` have no gallery
+    drawings: their queries are unknowns); voted with the config's voting."""
+    gallery_rows, query_rows = [], []
+    for label, part in evaluation.groupby("label"):
+        rows = part.index.to_numpy()
+        if label not in new:
+            gallery_rows += rows[:gallery_per_class].tolist()
+        query_rows += rows[gallery_per_class:].tolist()
+    emb = embed(evaluation["path"].tolist())
+    g_labels = evaluation["label"].to_numpy()[gallery_rows]
+    q_labels = evaluation["label"].to_numpy()[query_rows]
+    sims, ids = knn(emb[query_rows], emb[gallery_rows], k=min(100, len(gallery_rows)), progress=False)
+    voting = ctx.cfg.retrieve.voting
+    known = np.array([lab not in new for lab in q_labels])
+    queries = rank_queries(ctx.adapter, sims, ids, q_labels, known, g_labels, voting.k, voting.power)
+    return queries, query_rows, gallery_rows
+
+
 def identification(
     embed,
     evaluation: pd.DataFrame,
@@ -101,21 +123,7 @@ def identification(
     rng = np.random.default_rng(seed)
     classes = sorted(evaluation["label"].unique())
     new = set(rng.choice(classes, int(round(new_share * len(classes))), replace=False))
-    gallery_rows, query_rows = [], []
-    for label, part in evaluation.groupby("label"):
-        rows = part.index.to_numpy()
-        if label in new:
-            query_rows += rows[gallery_per_class:].tolist()
-        else:
-            gallery_rows += rows[:gallery_per_class].tolist()
-            query_rows += rows[gallery_per_class:].tolist()
-    emb = embed(evaluation["path"].tolist())
-    g_labels = evaluation["label"].to_numpy()[gallery_rows]
-    q_labels = evaluation["label"].to_numpy()[query_rows]
-    sims, ids = knn(emb[query_rows], emb[gallery_rows], k=min(100, len(gallery_rows)), progress=False)
-    voting = ctx.cfg.retrieve.voting
-    known = np.array([lab not in new for lab in q_labels])
-    queries = rank_queries(ctx.adapter, sims, ids, q_labels, known, g_labels, voting.k, voting.power)
+    queries, query_rows, gallery_rows = ranked_identification(embed, evaluation, gallery_per_class, new, ctx)
     scores = score_queries(ctx.adapter, queries, calibration)
     return {
         "map@5": scores["score"],

@@ -27,14 +27,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from common import RESULTS
-from omniglot import embedder, one_shot_accuracy, one_shot_runs
+from omniglot import embedder, one_shot_accuracy, one_shot_runs, ranked_identification
 
 from dmlkit.competitions.image_folder import extracted, image_root, list_images
 from dmlkit.config import load_config
-from dmlkit.evaluation import plain_score, rank_queries
+from dmlkit.evaluation import plain_score
 from dmlkit.models.checkpoint import load_member
 from dmlkit.pipeline import Context, run_train
-from dmlkit.retrieval.search import knn
 from dmlkit.runtime import seed_everything, set_threads, setup_logging
 
 ARCFACE = ["head.type=arcface", "head.subcenters=1", "head.dynamic=none", "see.enabled=false"]
@@ -95,18 +94,7 @@ def write_regime(images: pd.DataFrame, regime: str, root: Path) -> Path:
 def identification_known(embed, evaluation: pd.DataFrame, ctx: Context, gallery_per_class: int = 3) -> dict:
     """MAP@5 (the pipeline's voting, the adapter's metric, no unknown label) and Recall@1 of the
     evaluation characters' drawings against `gallery_per_class` drawings of each."""
-    gallery_rows, query_rows = [], []
-    for _, part in evaluation.groupby("label"):
-        rows = part.index.to_numpy()
-        gallery_rows += rows[:gallery_per_class].tolist()
-        query_rows += rows[gallery_per_class:].tolist()
-    emb = embed(evaluation["path"].tolist())
-    g_labels = evaluation["label"].to_numpy()[gallery_rows]
-    q_labels = evaluation["label"].to_numpy()[query_rows]
-    sims, ids = knn(emb[query_rows], emb[gallery_rows], k=min(100, len(gallery_rows)), progress=False)
-    voting = ctx.cfg.retrieve.voting
-    known = np.ones(len(q_labels), dtype=bool)
-    queries = rank_queries(ctx.adapter, sims, ids, q_labels, known, g_labels, voting.k, voting.power)
+    queries, _, _ = ranked_identification(embed, evaluation, gallery_per_class, set(), ctx)
     return {"map@5": plain_score(ctx.adapter, queries), "recall@1": queries.recall_at_1}
 
 
