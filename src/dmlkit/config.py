@@ -201,7 +201,7 @@ class VotingConfig(Strict):
 
 
 class RetrieveConfig(Strict):
-    index: Literal["flat", "flat_bf16", "auto", "ivf", "hnsw"] = "flat"
+    index: Literal["flat", "flat_bf16", "ivf", "hnsw"] = "flat"
     nlist: int = 1024
     nprobe: int = 16
     hnsw_m: int = 32

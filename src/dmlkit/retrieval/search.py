@@ -11,7 +11,6 @@ import functools
 import logging
 import subprocess
 import sys
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -89,13 +88,13 @@ def build_index(
     return index
 
 
-def cpu_has_bf16_matmul() -> bool:
-    """True on CPUs with AMX or AVX-512 bf16 (where bf16 products run several times the fp32 rate)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+def bf16_product_error(norms: torch.Tensor, rough: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bound on |bf16 product − exact inner product| for vectors whose norms multiply to at most
+    `norms`, given the bf16 result `rough`: each input rounded to bf16 (unit roundoff u = 2⁻⁸) errs by
+    at most (2u + u²)·Σ|qᵢgᵢ| ≤ (2u + u²)·|q|·|g|, the fp32 accumulation by dim·2⁻²⁴·|q|·|g|, and
+    the bf16 output rounding by u·|exact| ≤ u·(|rough| + the rest)."""
+    inputs = (2.0**-7 + 2.0**-16 + dim * 2.0**-24) * norms
+    return inputs + 2.0**-8 * (rough.abs() + inputs)
 
 
 def flat_bf16_knn(
@@ -104,8 +103,7 @@ def flat_bf16_knn(
     """Exact inner-product top-k: bf16 products over the gallery pick each query's `candidates`
     (default 2k) best, which are re-scored in fp32; the top k of those, best first.
 
-    A bf16 product is within 2⁻⁸·|q|·|g| + 2⁻⁹·|score| of the exact one (both inputs rounded to
-    8-bit mantissas, the fp32-accumulated result rounded once more). A neighbour outside the
+    A bf16 product is within `bf16_product_error` of the exact one. A neighbour outside the
     candidates scores at most the last candidate's bf16 score plus that bound; where this reaches
     the k-th exact score (near-duplicates crowding the boundary) the query is searched in fp32
     instead, so the result is exact either way. Memory: the gallery once
@@ -129,7 +127,7 @@ def flat_bf16_knn(
         found = picked.gather(1, order)
         if wanted < len(gallery):
             last = rough.float().min(dim=1).values
-            bound = 2.0**-8 * largest * q.norm(dim=1) + 2.0**-9 * last.abs()
+            bound = bf16_product_error(q.norm(dim=1) * largest, last, q.shape[1])
             unsure = (last + bound >= best[:, -1]).nonzero().flatten()
             if len(unsure):
                 best[unsure], found[unsure] = (q[unsure] @ exact.T).topk(k, dim=1)
@@ -152,12 +150,9 @@ def knn(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, indices), each (Q, k), best first; indices -1 where fewer than k exist.
 
-    `kind`: flat (faiss, exact), flat_bf16 (exact top-k from bf16 candidates, fp32 scores; CPU), ivf,
-    hnsw, or auto (flat_bf16 on a CPU with bf16 matmul units and no usable GPU, else flat)."""
+    `kind`: flat (faiss, exact), flat_bf16 (exact top-k from bf16 candidates, fp32 scores; CPU; slower
+    than faiss on the 2-core CPU measured, see the README), ivf or hnsw."""
     k = min(k, len(gallery))
-    if kind == "auto":
-        on_gpu = use_gpu != "no" and gpu_usable()
-        kind = "flat_bf16" if not on_gpu and cpu_has_bf16_matmul() else "flat"
     if kind == "flat_bf16":
         return flat_bf16_knn(queries, gallery, k, min(batch, 2048), progress=progress)
     index = build_index(gallery, kind, nlist, nprobe, hnsw_m, use_gpu)
