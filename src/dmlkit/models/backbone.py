@@ -131,8 +131,9 @@ class EmbeddingModel(nn.Module):
             probe = self.backbone.forward_features(torch.zeros(1, in_chans, image_size, image_size))
             self.backbone.train(was_training)
         self.layout = feature_layout(self.backbone, probe)
-        # GeM suits CNN maps (post-ReLU, non-negative); transformer features (tokens, Swin's NHWC maps)
-        # come out of a LayerNorm, half negative, which GeM's clamp would discard: their own pooling
+        # GeM suits CNN maps (post-ReLU, non-negative). Transformers keep the pooling their hub weights
+        # were trained with (class token or token average); from random init GeM over the patch grid
+        # scored higher on the landmark demo (README, backbone families): `pool: gem`
         self.pool_rule = pool if pool != "auto" else ("gem" if self.layout == "nchw" else "model")
         channels = probe.shape[-1] if self.layout != "nchw" else probe.shape[1]
         self.prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0) or 0)
