@@ -289,3 +289,31 @@ def test_killed_embedding_is_redone_to_the_same_result(tmp_path):
     (a,) = (tmp_path / "ref").glob("*/embed/m0/*/embeddings.npy")
     (b,) = killed.glob("*/embed/m0/*/embeddings.npy")
     assert np.array_equal(np.load(a), np.load(b))
+
+
+_RSS_AFTER_FREE = """
+import os, numpy as np
+from dmlkit.runtime import keep_freed_memory
+set_ = keep_freed_memory()
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+block = np.ones(200 * 2**20, dtype=np.uint8)  # 200 MB, over glibc's 32 MB mmap ceiling
+before = rss()
+del block
+print(set_, (before - rss()) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.parametrize("setting", ["", "system"])
+def test_freed_memory_is_kept_for_reuse_unless_turned_off(setting):
+    """keep_freed_memory stops glibc from unmapping large freed blocks (which the next allocation of
+    that size page-faults again); DMLKIT_MALLOC=system leaves the allocator alone."""
+    env = {**os.environ, "DMLKIT_MALLOC": setting}
+    out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE], env=env, capture_output=True, text=True, check=True)
+    applied, returned_mb = out.stdout.split()
+    if setting == "system":
+        assert applied == "False" and float(returned_mb) > 190  # unmapped on free
+    else:
+        assert applied == "True" and float(returned_mb) < 10  # kept in the heap

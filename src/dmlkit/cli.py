@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .pipeline import STAGES
+from .runtime import keep_freed_memory
 
 log = logging.getLogger("dmlkit")
 
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("MPLBACKEND", "Agg")  # plots are files; never open a window
+    keep_freed_memory()
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)

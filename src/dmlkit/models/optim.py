@@ -94,16 +94,19 @@ class PartialFCAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         steps = state["row_steps"][rows] + 1
         state["row_steps"][rows] = steps
-        grad = weight.grad[rows].float()
-        exp_avg = state["exp_avg"][rows].mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        steps = steps.to(grad.dtype).unsqueeze(1)
-        denom = (exp_avg_sq / (1 - beta2**steps)).sqrt_().add_(group["eps"])
-        rows_now = weight[rows].mul_(1 - group["lr"] * group["weight_decay"])
-        rows_now.sub_(exp_avg / (1 - beta1**steps) / denom * group["lr"])
-        weight[rows] = rows_now.to(weight.dtype)
-        state["exp_avg"][rows] = exp_avg
-        state["exp_avg_sq"][rows] = exp_avg_sq
+        steps = steps.to(torch.float32).unsqueeze(1)
+        # in place on the gathered rows: each new (rows × D) tensor costs a pass over fresh memory
+        grad = weight.grad.index_select(0, rows).float()
+        exp_avg = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, exp_avg)
+        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+        # w ← w·(1 − lr·wd) − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + ε), per row t
+        denom = exp_avg_sq.sqrt_().mul_((1 - beta2**steps).rsqrt()).add_(group["eps"])
+        step_size = group["lr"] / (1 - beta1**steps)
+        rows_now = weight.index_select(0, rows).float().mul_(1 - group["lr"] * group["weight_decay"])
+        rows_now.addcdiv_(exp_avg.mul_(step_size), denom, value=-1.0)
+        weight.index_copy_(0, rows, rows_now.to(weight.dtype))
         return None
 
     def state_dict(self) -> dict:
