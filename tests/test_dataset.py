@@ -93,3 +93,40 @@ def test_large_jpegs_decode_at_reduced_scale_close_to_the_full_decode(tmp_path):
     png = tmp_path / "big.png"
     cv2.imwrite(str(png), image)
     assert read_image(png, 3, 100).shape[:2] == (768, 1024)  # other formats decode in full
+
+
+@pytest.mark.parametrize("turns", [0, 1])
+def test_training_crops_drawn_before_decoding_match_the_full_decode(tmp_path, turns):
+    """With a leading RandomResizedCrop the crop is drawn from the JPEG header's shape, so a 1280×960
+    photo for 384 px training decodes at 1/2 scale whenever that crop keeps ≥ 384 px per side (most
+    crops of scale 0.5–1), in full otherwise; the samples equal full decode + the same crop within a
+    few grey levels, also for a copy rotated by a quarter turn (a rotated class)."""
+    from dmlkit.data.images import jpeg_reduction, read_image
+
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 255, (960, 1280, 3), dtype=np.uint8), (0, 0), 4)
+    path = tmp_path / "photo.jpg"
+    cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    augment = [
+        {"type": "RandomResizedCrop", "size": ["image_size", "image_size"], "scale": [0.5, 1.0]},
+        {"type": "HorizontalFlip", "p": 0.5},
+    ]
+    planned, reference = make_pipeline(384, augment=augment), make_pipeline(384, augment=augment)
+    planned.set_random_seed(7)
+    reference.set_random_seed(7)
+    dataset = ImageDataset([str(path)], [0], planned, 3, 384, quarter_turns=[turns])
+    full = np.ascontiguousarray(np.rot90(read_image(path), turns))
+    data = path.read_bytes()
+    reductions = []
+    for _ in range(12):
+        probe = make_pipeline(384, augment=augment)
+        probe.crop.py_random.setstate(planned.crop.py_random.getstate())
+        plan = probe.plan((960, 1280)[:: -1 if turns else 1])
+        reductions.append(jpeg_reduction(data, plan.min_side))
+        x0, y0, x1, y1 = plan.box
+        assert (reductions[-1] == 2) == (min(x1 - x0, y1 - y0) >= 768)  # 1/2 scale only when the crop keeps 384 px
+        sample = dataset[0][0].float()
+        expected = reference(image=full)["image"].float()
+        assert sample.shape == expected.shape == (3, 384, 384)
+        assert (sample - expected).abs().mean() < 3.0
+    assert 2 in reductions and 1 in reductions

@@ -10,7 +10,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .images import UnreadableImageError, read_image
+from .images import UnreadableImageError, decode_image, jpeg_shape, read_image_bytes
+from .transforms import CropPlan
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +46,30 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, bool]:
+        turns = self.quarter_turns[index] % 4 if self.quarter_turns is not None else 0
         try:
-            image = read_image(self.paths[index], self.channels, getattr(self.transform, "source_side", None))
+            data = read_image_bytes(self.paths[index])
+            plan, min_side = self._plan(data, turns)
+            image = decode_image(data, self.paths[index], self.channels, min_side)
         except UnreadableImageError:
             if not self.skip_unreadable:
                 raise
             blank = torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.uint8)
             return blank, self.labels[index], index, False
-        if self.quarter_turns is not None and self.quarter_turns[index] % 4:
-            image = np.ascontiguousarray(np.rot90(image, self.quarter_turns[index]))
-        tensor = self.transform(image=image)["image"]
+        if turns:
+            image = np.ascontiguousarray(np.rot90(image, turns))
+        tensor = (self.transform(image=image, plan=plan) if plan is not None else self.transform(image=image))["image"]
         return tensor, self.labels[index], index, True
+
+    def _plan(self, data: bytes, turns: int) -> tuple[CropPlan | None, int | None]:
+        """The sample's crop drawn from the JPEG header (on the image as rotated) when the transform
+        can, and the shorter side to decode at: the crop's need, else the transform's fixed one."""
+        planner = getattr(self.transform, "plan", None)
+        shape = jpeg_shape(data) if planner is not None else None
+        if shape is not None and turns % 2:
+            shape = shape[::-1]
+        plan = planner(shape) if shape is not None else None
+        return plan, plan.min_side if plan is not None else getattr(self.transform, "source_side", None)
 
 
 def with_rotated_classes(table: pd.DataFrame, rotations: Sequence[int]) -> tuple[pd.DataFrame, list[str]]:

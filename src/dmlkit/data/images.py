@@ -15,7 +15,9 @@ class UnreadableImageError(OSError):
 _UNDECODABLE = "not a decodable image (truncated or another format)"
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_image_bytes(path: str | Path) -> bytes:
+    """The file's bytes, or UnreadableImageError naming it (missing, unreadable, empty)."""
+    path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -36,7 +38,7 @@ def image_problem(path: str | Path) -> str | None:
     """
     path = Path(path)
     try:
-        data = _read_bytes(path)
+        data = read_image_bytes(path)
     except UnreadableImageError as exc:
         return str(exc)
     flag = cv2.IMREAD_REDUCED_GRAYSCALE_8 if data[:3] == b"\xff\xd8\xff" else cv2.IMREAD_UNCHANGED
@@ -73,13 +75,19 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def jpeg_shape(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG from its header; None for other formats or an unreadable header."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    size = jpeg_size(data)
+    return None if size is None or min(size) == 0 else size
+
+
 def jpeg_reduction(data: bytes, min_side: int) -> int:
     """The largest of 8, 4, 2 by which this JPEG can be decoded with its shorter side still ≥
     `min_side`; 1 for other formats, small images, or when the header cannot be read."""
-    if data[:3] != b"\xff\xd8\xff":
-        return 1
-    size = jpeg_size(data)
-    if size is None or min(size) == 0:
+    size = jpeg_shape(data)
+    if size is None:
         return 1
     return next((k for k in (8, 4, 2) if min(size) // k >= min_side), 1)
 
@@ -90,8 +98,12 @@ def read_image(path: str | Path, channels: int = 3, min_side: int | None = None)
     `min_side`: the pipeline needs no more than this many pixels on the shorter side, so a JPEG at
     least twice that size is decoded at 1/2, 1/4 or 1/8 scale (EXIF orientation ignored, as in the
     full decode)."""
+    return decode_image(read_image_bytes(Path(path)), path, channels, min_side)
+
+
+def decode_image(data: bytes, path: str | Path, channels: int = 3, min_side: int | None = None) -> np.ndarray:
+    """`read_image` on bytes already read from `path` (named in errors)."""
     path = Path(path)
-    data = _read_bytes(path)
     reduction = jpeg_reduction(data, min_side) if min_side else 1
     if reduction > 1:
         flag = _REDUCED[(1 if channels == 1 else 3, reduction)] | cv2.IMREAD_IGNORE_ORIENTATION

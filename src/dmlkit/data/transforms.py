@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import albumentations as A
@@ -55,6 +56,22 @@ def source_side(augmentations: list, image_size: int) -> int:
     return int(np.ceil(side))
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """A sample's RandomResizedCrop drawn before decoding, on the source's full-resolution shape."""
+
+    box: tuple[int, int, int, int]  # x_min, y_min, x_max, y_max at full resolution
+    shape: tuple[int, int]  # the full-resolution (height, width) it was drawn on
+    min_side: int  # the source's shorter side that keeps the crop at least its output size
+
+    def box_at(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """The box on the same image decoded at (height, width)."""
+        sy, sx = height / self.shape[0], width / self.shape[1]
+        x0, y0, x1, y1 = self.box
+        x0, y0 = min(int(x0 * sx), width - 1), min(int(y0 * sy), height - 1)
+        return x0, y0, max(x0 + 1, min(width, round(x1 * sx))), max(y0 + 1, min(height, round(y1 * sy)))
+
+
 class ImagePipeline:
     """Augmentations (an albumentations Compose), then resize to ``image_size`` when the image is
     not that size already, then a uint8 CHW tensor; called like a Compose: ``pipeline(image=...)``.
@@ -62,20 +79,45 @@ class ImagePipeline:
     The last two steps are plain cv2/torch calls: as albumentations transforms they cost 0.27 ms per
     image (mostly per-transform dispatch, and a resize even when the size already matches), a third
     of the 384 px training pipeline's cost beyond decoding.
+
+    A leading RandomResizedCrop can be drawn before decoding (`plan`), from the JPEG header's shape:
+    the crop alone decides how far the JPEG may be reduced, not the smallest crop the scale range allows.
     """
 
     def __init__(self, augmentations: list, image_size: int):
-        self.augment = A.Compose(augmentations) if augmentations else None
+        first = augmentations[0] if augmentations else None
+        self.crop = first if isinstance(first, A.RandomResizedCrop) and first.p >= 1.0 else None
+        rest = augmentations[1:] if self.crop is not None else augmentations
+        self.augment = A.Compose(rest) if rest else None
         self.image_size = image_size
         self.source_side = source_side(augmentations, image_size)
+        # what the crop must keep of the source so that nothing after it upsamples: its output × zoom
+        self._crop_needs = [source_side(rest, side) for side in self.crop.size] if self.crop is not None else None
 
     def set_random_seed(self, seed: int | None) -> None:
         """Seeds the augmentations (albumentations gives every transform the same seed, so the draws
         do not depend on the steps that follow them)."""
+        if self.crop is not None:
+            self.crop.set_random_seed(seed)
         if self.augment is not None:
             self.augment.set_random_seed(seed)
 
-    def __call__(self, *, image: np.ndarray) -> dict[str, torch.Tensor]:
+    def plan(self, shape: tuple[int, int] | None) -> CropPlan | None:
+        """Draws this sample's crop on a source of full-resolution `shape` (height, width) before it is
+        decoded; pass the plan to the call. None without a leading crop or a known shape."""
+        if self.crop is None or shape is None:
+            return None
+        box = self.crop.get_params_dependent_on_data({"shape": shape}, {})["crop_coords"]
+        crop_h, crop_w = box[3] - box[1], box[2] - box[0]
+        ratio = max(self._crop_needs[0] / crop_h, self._crop_needs[1] / crop_w)
+        return CropPlan(tuple(int(v) for v in box), tuple(shape), int(np.ceil(min(shape) * ratio)))
+
+    def __call__(self, *, image: np.ndarray, plan: CropPlan | None = None) -> dict[str, torch.Tensor]:
+        if self.crop is not None:
+            if plan is None:
+                image = self.crop(image=image)["image"]
+            else:
+                image = self.crop.apply(image, crop_coords=plan.box_at(*image.shape[:2]))
         if self.augment is not None:
             image = self.augment(image=image)["image"]
         if image.shape[:2] != (self.image_size, self.image_size):
