@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +16,38 @@ from .data.transforms import make_pipeline
 from .models.backbone import EmbeddingModel
 from .runtime import progress_bar
 
+log = logging.getLogger(__name__)
+
+
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 BF16 / AMX; Arm's FEAT_BF16
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bf16 in hardware (from /proc/cpuinfo's flags; False where unknown).
+
+    Measured (resnet18 64 px b32 train step, oneDNN limited with ONEDNN_MAX_CPU_ISA on an AMD Zen 4):
+    native bf16 0.135 s vs fp32 0.218 s; emulated on AVX-512 without BF16 0.408 vs 0.207 s; on AVX2
+    2.79 vs 0.31 s (9× slower). So `amp: auto` uses bf16 on the CPU only where it is native.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features") and _NATIVE_BF16_FLAGS & set(value.split()):
+            return True
+    return False
+
+
+@functools.cache
+def _cpu_auto_dtype() -> torch.dtype | None:
+    if cpu_has_native_bf16():
+        return torch.bfloat16
+    log.info("amp auto: fp32 on this CPU (no native bf16; emulated bf16 measured 2–9× slower than fp32)")
+    return None
+
 
 def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     if amp == "off":
@@ -21,7 +56,8 @@ def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
         if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
             return torch.float16
         return torch.bfloat16
-    return torch.bfloat16  # CPUs here run bf16 matmuls ~4× faster than fp32 (AMX)
+    # bf16 runs matmuls 2.4× (AMD Zen 4) to 4.7× (Intel AMX) faster than fp32 where it is native
+    return _cpu_auto_dtype() if amp == "auto" else torch.bfloat16
 
 
 @torch.no_grad()
