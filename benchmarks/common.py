@@ -68,11 +68,25 @@ def interleaved_best(fns: list, repeats: int, warmup: int = 1) -> list[float]:
     return best
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), or None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine() -> dict:
     import torch
 
+    from dmlkit.inference import cpu_has_native_bf16
+
     info = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model() or platform.processor() or platform.machine(),
+        "native_bf16": cpu_has_native_bf16(),  # the figures differ several-fold with it (README)
         "cores": len(os.sched_getaffinity(0)),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
