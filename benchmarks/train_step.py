@@ -21,6 +21,11 @@ from dmlkit.models.optim import make_optimizer
 from dmlkit.runtime import keep_freed_memory
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The pipeline's autocast: off where `amp: auto` trains in fp32 (a CPU without native bf16)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def measure(
     backbone: str,
     size: int,
@@ -36,7 +41,7 @@ def measure(
     subcenters: int = 3,
     dynamic: str = "glr3",
 ) -> list[dict]:
-    """Times, on one batch: the bare timm backbone (bf16 autocast + channels_last, the bound), the
+    """Times, on one batch: the bare timm backbone (the pipeline's autocast + channels_last, the bound), the
     pipeline's backbone-only step, and the pipeline's full step at each Partial FC sample rate."""
     member = MemberConfig(
         name="bench",
@@ -68,7 +73,7 @@ def measure(
     opt_bare = make_optimizer(member.train, list(bare.parameters()), [], device)
 
     def bare_step():
-        with torch.autocast(device.type, dtype=dtype):
+        with autocast(device, dtype):
             loss = bare(floats).float().pow(2).mean()
         loss.backward()
         opt_bare.step()
@@ -78,7 +83,7 @@ def measure(
     opt_backbone = make_optimizer(member.train, list(model.parameters()), [], device)
 
     def backbone_step():
-        with torch.autocast(device.type, dtype=dtype):
+        with autocast(device, dtype):
             loss = model(images).float().pow(2).mean()
         loss.backward()
         opt_backbone.step()
@@ -95,7 +100,7 @@ def measure(
 
     def full_step(rate: float) -> None:
         full.sample_rate = rate
-        with torch.autocast(device.type, dtype=dtype):
+        with autocast(device, dtype):
             loss, _ = full(images, labels, 0.4, generator)
         loss.backward()
         optimizers[rate].step()
@@ -115,9 +120,14 @@ def measure(
         print(f"\nprofile of one full step ({backbone}, {classes} classes, sample rate {sample_rates[-1]}):")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=profile))
     one_channel = " 1-ch" if in_chans == 1 else ""
+    precision = "fp32" if dtype is None else str(dtype).removeprefix("torch.")
     setting = f"{backbone} {size}px b{batch}{one_channel}, {classes} classes ×{subcenters} ({dynamic}), SEE={see}"
     rows = [
-        {"setting": setting, "variant": "bare timm backbone, bf16 + channels_last (bound)", "step_s": round(t_bare, 3)},
+        {
+            "setting": setting,
+            "variant": f"bare timm backbone, {precision} + channels_last (bound)",
+            "step_s": round(t_bare, 3),
+        },
         {
             "setting": "",
             "variant": "pipeline backbone only (uint8 in, GeM, neck)",
@@ -173,7 +183,7 @@ def head_alone_step(head, member, batch, labels, dtype, device, rate, sync):
     generator = torch.Generator().manual_seed(1)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype):
+        with autocast(device, dtype):
             loss, _ = objective(None, labels, 0.4, generator)
         loss.backward()
         optimizer.step()
@@ -190,7 +200,7 @@ def pml_row(model, member, classes, images, labels, dtype, device, t_backbone, r
     opt_pml = torch.optim.AdamW([{"params": model.parameters()}, {"params": pml.parameters(), "lr": 1e-2}], lr=1e-3)
 
     def pml_step():
-        with torch.autocast(device.type, dtype=dtype):
+        with autocast(device, dtype):
             emb = model(images)
         loss = pml(emb.float(), labels)
         loss.backward()
