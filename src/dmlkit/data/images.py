@@ -98,7 +98,7 @@ def read_image(path: str | Path, channels: int = 3, min_side: int | None = None)
     `min_side`: the pipeline needs no more than this many pixels on the shorter side, so a JPEG at
     least twice that size is decoded at 1/2, 1/4 or 1/8 scale (EXIF orientation ignored, as in the
     full decode)."""
-    return decode_image(read_image_bytes(Path(path)), path, channels, min_side)
+    return decode_image(read_image_bytes(path), path, channels, min_side)
 
 
 def decode_image(data: bytes, path: str | Path, channels: int = 3, min_side: int | None = None) -> np.ndarray:
