@@ -317,3 +317,9 @@ def test_freed_memory_is_kept_for_reuse_unless_turned_off(setting):
         assert applied == "False" and float(returned_mb) > 190  # unmapped on free
     else:
         assert applied == "True" and float(returned_mb) < 10  # kept in the heap
+
+
+def test_a_misspelt_allocator_setting_stops_with_the_variable_named():
+    env = {**os.environ, "DMLKIT_MALLOC": "sytem"}
+    out = subprocess.run([sys.executable, "-m", "dmlkit", "folds"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "DMLKIT_MALLOC='sytem'" in out.stderr

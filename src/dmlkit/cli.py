@@ -227,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("MPLBACKEND", "Agg")  # plots are files; never open a window
-    keep_freed_memory()
+    try:
+        keep_freed_memory()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
