@@ -7,6 +7,9 @@ regime it was built for, derived from Omniglot's background set, several seeds e
   noisy     20% of the training drawings relabelled to a random other character
                                                                ArcFace, + sub-centers K=3
   lowdim    64-d embeddings (GUIE's size)                      ArcFace, + SEE, Proxy-Anchor (PML), Proxy-Anchor + SEE
+  see-64, see-128, see-64-rot (rotated characters as classes: 3,856)
+            SEE's paper comparison: Proxy-Anchor, + SEE (proxies: the paper's), + SEE (backbone: extension);
+            ArcFace, + SEE (proxies: extension)
 
 Evaluation as in the Omniglot benchmark, on the evaluation set: the official 20-way one-shot task
 and identification (3 drawings per character in the gallery, the rest queries; MAP@5 and Recall@1
@@ -15,6 +18,7 @@ variant is compared with its regime's first row trained with the same seeds: mea
 mean paired difference with a 95% t-interval.
 
     ./run.sh bench recipe DATA_DIR [--regimes clean,noisy] [--variants 0,1] [--seeds 3] [--epochs 6]
+        [--backbone resnet10t] [--image-size 28]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import RESULTS
+from common import RESULTS, machine
 from omniglot import embedder, one_shot_accuracy, one_shot_runs, ranked_identification
 
 from dmlkit.competitions.image_folder import extracted, image_root, list_images
@@ -38,22 +42,39 @@ from dmlkit.runtime import seed_everything, set_threads, setup_logging
 
 ARCFACE = ["head.type=arcface", "head.subcenters=1", "head.dynamic=none", "see.enabled=false"]
 SEE = ["see.enabled=true"]
+SEE_PROXIES = ["see.enabled=true", "see.gradient=proxies"]
+SEE_BACKBONE = ["see.enabled=true", "see.gradient=backbone"]
 PROXY = ["head.type=proxy_anchor", "head.subcenters=1", "head.dynamic=none", "see.enabled=false"]
-REGIMES: dict[str, list[tuple[str, list[str]]]] = {
-    "clean": [("ArcFace", ARCFACE), ("+ SEE", [*ARCFACE, *SEE])],
+# The paper's comparison (Proxy-Anchor vs + SEE with the proxies-only gradient) and this project's
+# extensions (SEE's gradient into the backbone; SEE on ArcFace), each against its own base row.
+SEE_STUDY = [
+    ("Proxy-Anchor", PROXY, None),
+    ("Proxy-Anchor + SEE (proxies: the paper's)", [*PROXY, *SEE_PROXIES], 0),
+    ("Proxy-Anchor + SEE (backbone: extension)", [*PROXY, *SEE_BACKBONE], 0),
+    ("ArcFace", ARCFACE, None),
+    ("ArcFace + SEE (proxies: extension)", [*ARCFACE, *SEE_PROXIES], 3),
+]
+# regime -> [(variant, overrides, the variant it is compared with)]
+REGIMES: dict[str, list[tuple[str, list[str], int | None]]] = {
+    "clean": [("ArcFace", ARCFACE, None), ("+ SEE", [*ARCFACE, *SEE], 0)],
     "longtail": [
-        ("ArcFace", ARCFACE),
-        ("+ sub-centers K=3", [*ARCFACE, "head.subcenters=3"]),
-        ("+ dynamic margins", [*ARCFACE, "head.dynamic=glr3"]),
+        ("ArcFace", ARCFACE, None),
+        ("+ sub-centers K=3", [*ARCFACE, "head.subcenters=3"], 0),
+        ("+ dynamic margins", [*ARCFACE, "head.dynamic=glr3"], 0),
     ],
-    "noisy": [("ArcFace", ARCFACE), ("+ sub-centers K=3", [*ARCFACE, "head.subcenters=3"])],
+    "noisy": [("ArcFace", ARCFACE, None), ("+ sub-centers K=3", [*ARCFACE, "head.subcenters=3"], 0)],
     "lowdim": [
-        ("ArcFace", ARCFACE),
-        ("+ SEE", [*ARCFACE, *SEE]),
-        ("Proxy-Anchor", PROXY),
-        ("Proxy-Anchor + SEE", [*PROXY, *SEE]),
+        ("ArcFace", ARCFACE, None),
+        ("+ SEE", [*ARCFACE, *SEE], 0),
+        ("Proxy-Anchor", PROXY, None),
+        ("Proxy-Anchor + SEE", [*PROXY, *SEE], 2),
     ],
+    "see-64": SEE_STUDY,
+    "see-128": SEE_STUDY,
+    "see-64-rot": SEE_STUDY,  # each character turned by 90°, 180°, 270° a class of its own: 3,856 classes
 }
+EMBEDDING_SIZE = {"lowdim": 64, "see-64": 64, "see-128": 128, "see-64-rot": 64}
+ROTATED = {"see-64-rot"}
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 8: 2.365, 10: 2.262}
 
 
@@ -99,16 +120,19 @@ def identification_known(embed, evaluation: pd.DataFrame, ctx: Context, gallery_
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per regime and variant: mean ± std over seeds, and the paired difference to the regime's
-    first variant (same seeds) with a 95% t-interval."""
+    """Per regime and variant: mean ± std over seeds, and the paired difference to the variant it is
+    compared with (same seeds) with a 95% t-interval."""
     rows = []
     for (regime, order, variant), part in runs.groupby(["regime", "order", "variant"], sort=True):
-        base = runs[(runs["regime"] == regime) & (runs["order"] == 0)].set_index("seed")
+        baseline = REGIMES[regime][order][2]
+        base = runs[(runs["regime"] == regime) & (runs["order"] == baseline)].set_index("seed")
         row = {"regime": regime, "variant": variant, "seeds": len(part)}
+        if baseline is not None:
+            row["against"] = REGIMES[regime][baseline][0]
         for metric in ("one_shot", "ident_map@5"):
             values = part.set_index("seed")[metric]
             row[metric] = f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0:.4f}"
-            if order > 0:
+            if baseline is not None:
                 diff = (values - base[metric].reindex(values.index)).dropna()
                 half = T_975.get(len(diff), 2.0) * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.nan
                 row[f"{metric} Δ (95% CI)"] = (
@@ -120,7 +144,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_cell(args, images, evaluation, runs_data, regime: str, order: int, seed: int) -> dict:
-    name, overrides = REGIMES[regime][order]
+    name, overrides, _ = REGIMES[regime][order]
     root = write_regime(images, regime, Path("input/.recipe"))
     base = [
         "competition.name=generic-csv",
@@ -130,10 +154,14 @@ def run_cell(args, images, evaluation, runs_data, regime: str, order: int, seed:
         "folds.unknown_classes=0",
         f"member_defaults.train.epochs={args.epochs}",
         f"member_defaults.train.validate_every={args.epochs}",
-        "member_defaults.train.class_rotations=[]",
+        "member_defaults.train.class_rotations=" + ("[90,180,270]" if regime in ROTATED else "[]"),
     ]
-    if regime == "lowdim":
-        base.append("member_defaults.embedding_size=64")
+    if regime in EMBEDDING_SIZE:
+        base.append(f"member_defaults.embedding_size={EMBEDDING_SIZE[regime]}")
+    if args.backbone:
+        base.append(f"members.0.backbone={args.backbone}")
+    if args.image_size:
+        base.append(f"member_defaults.image_size={args.image_size}")
     cfg = load_config(args.config, [*base, *(f"member_defaults.{o}" for o in overrides)])
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -169,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--artifacts", default="artifacts")
+    parser.add_argument("--out", default="recipe.json", help="results file name under benchmarks/results/")
+    parser.add_argument("--backbone", default=None, help="the member's timm backbone (default: the config's)")
+    parser.add_argument("--image-size", type=int, default=None, help="the member's image size (default: the config's)")
     args = parser.parse_args(argv)
     setup_logging(Path("logs"), "recipe")
     regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
@@ -186,25 +217,38 @@ def main(argv: list[str] | None = None) -> int:
     evaluation["label"] = [str(Path(p).parent.relative_to(eval_root)) for p in evaluation["path"]]
     evaluation = evaluation.sort_values("path").reset_index(drop=True)
     runs_data = one_shot_runs(args.data)
-    out = RESULTS / "recipe.json"
+    out = RESULTS / args.out
     RESULTS.mkdir(parents=True, exist_ok=True)
-    started, results = time.time(), []
+    cells = []
     for regime in regimes:
         orders = range(len(REGIMES[regime]))
         if args.variants:
-            orders = sorted({0, *(int(i) for i in args.variants.split(",") if int(i) < len(REGIMES[regime]))})
-        for order in orders:
-            for seed in range(args.seeds):
-                results.append(run_cell(args, images, evaluation, runs_data, regime, order, 42 + seed))
-                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[-1].items()}, flush=True)
-                out.write_text(json.dumps({"runs": results, "args": vars(args)}, indent=2, default=str))
+            chosen = {int(i) for i in args.variants.split(",") if int(i) < len(REGIMES[regime])}
+            baselines = {REGIMES[regime][i][2] for i in chosen} - {None}
+            orders = sorted(chosen | baselines)
+        cells.extend((regime, order) for order in orders)
+    started, results = time.time(), []
+    # Seed by seed over every cell: a run cut short still holds paired rows for each variant.
+    for seed in range(args.seeds):
+        for regime, order in cells:
+            results.append(run_cell(args, images, evaluation, runs_data, regime, order, 42 + seed))
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[-1].items()}, flush=True)
+            out.write_text(
+                json.dumps({"runs": results, "args": vars(args), "machine": machine()}, indent=2, default=str)
+            )
     table = summarise(pd.DataFrame(results))
     minutes = (time.time() - started) / 60
     print(f"\nrecipe by regime ({args.epochs} epochs each, {args.seeds} seeds, {minutes:.0f} min on this machine):")
     print(table.to_string(index=False))
     out.write_text(
         json.dumps(
-            {"runs": results, "summary": table.to_dict(orient="records"), "minutes": minutes, "args": vars(args)},
+            {
+                "runs": results,
+                "summary": table.to_dict(orient="records"),
+                "minutes": minutes,
+                "args": vars(args),
+                "machine": machine(),
+            },
             indent=2,
             default=str,
         )

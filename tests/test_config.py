@@ -112,6 +112,21 @@ def test_semantic_errors(configs):
         (["retrieve.voting.head_weight=0.5"], "landmark-retrieval", "retrieve.voting.head_weight"),
         (["retrieve.penalty.enabled=true"], "landmark-retrieval", "retrieve.penalty.enabled"),
         (["member_defaults.embedding_size=16", "member_defaults.see.enabled=true"], "humpback-2019", "see.n_expansion"),
+        (
+            ["member_defaults.see.enabled=true", "member_defaults.see.lower_bound=0.3"],
+            "humpback-2019",
+            "members.0.see.lower_bound: only see.schedule 'threshold'",
+        ),
+        (
+            ["member_defaults.see.enabled=true", "member_defaults.see.schedule=threshold"],
+            "humpback-2019",
+            "members.0.see.start/end: the threshold falls from see.start to see.end",
+        ),
+        (
+            ["member_defaults.see.enabled=true", "member_defaults.see.end=1.5"],
+            "humpback-2019",
+            "members.0.see.end: a fraction of the batch in",
+        ),
     ],
 )
 def test_values_without_effect_are_refused_before_anything_runs(configs, overrides, competition, message):
@@ -128,6 +143,8 @@ def test_values_with_effect_pass_and_cpu_fp16_is_a_warning(configs, caplog):
     fixed = ["member_defaults.head.dynamic=none", "member_defaults.head.margin=0.4", "retrieve.unknown_threshold=0.3"]
     Context(load_config(configs / "exp.yaml", fixed))
     Context(load_config(configs / "exp.yaml", ["retrieve.index=ivf", "retrieve.nprobe=8"]))
+    falling = ["schedule=threshold", "start=0.9", "end=0.5", "lower_bound=0.6", "enabled=true", "gradient=backbone"]
+    Context(load_config(configs / "exp.yaml", [f"member_defaults.see.{o}" for o in falling]))
     with caplog.at_level("WARNING"):
         Context(load_config(configs / "exp.yaml", ["members.1.train.amp=fp16"]))
     assert "members.1.train.amp: fp16 runs as bf16 on the CPU" in caplog.text

@@ -79,12 +79,27 @@ class HeadConfig(Strict):
 
 
 class SEEConfig(Strict):
+    """SEE as published is Proxy-Anchor + SEE with `gradient: proxies`; with margin heads (ArcFace,
+    CosFace, sub-centers) or `gradient: backbone` it is this project's extension."""
+
     enabled: bool = False
     n_expansion: int = Field(16, ge=1)
     weight: float = Field(0.2, ge=0.0)
-    schedule: Literal["top_fraction", "threshold"] = "top_fraction"
-    start: float = Field(0.04, description="fraction (top_fraction) or cosine threshold (threshold) at epoch 0")
-    end: float = Field(0.4, description="value reached at the last epoch, along a cosine schedule")
+    gradient: Literal["proxies", "backbone"] = Field(
+        "proxies",
+        description="proxies (the paper's): the synthetic rows are built from detached embeddings, so their "
+        "loss trains the head's proxies / class centres only; backbone (extension): it also reaches the backbone",
+    )
+    schedule: Literal["top_fraction", "threshold"] = Field(
+        "top_fraction",
+        description="top_fraction: the top round(B·fraction) of the global batch by cosine to the centre; "
+        "threshold: every sample with cosine ≥ a threshold",
+    )
+    start: float = Field(
+        0.04, description="fraction (top_fraction, rising) or cosine threshold (threshold, falling) at epoch 0"
+    )
+    end: float = Field(0.4, description="value approached at the last epoch (progress e/E, cosine schedule)")
+    lower_bound: float | None = Field(None, description="threshold schedule only: the threshold never goes below it")
 
 
 class TrainConfig(Strict):
@@ -460,11 +475,8 @@ def ineffective_values(cfg: Config, metric: str) -> list[str]:
             problems.append(f"{key}.head.margin: no effect while {why} (a fixed margin needs head.dynamic: none)")
         if "dynamic_lambda" in head.model_fields_set and head.dynamic != "power":
             problems.append(f"{key}.head.dynamic_lambda: only head.dynamic 'power' uses it (got '{head.dynamic}')")
-        if member.see.enabled and member.embedding_size < member.see.n_expansion + 2:
-            problems.append(
-                f"{key}.see.n_expansion: SEE needs embedding_size ≥ n_expansion + 2 "
-                f"({member.see.n_expansion + 2}), got {member.embedding_size}"
-            )
+        if member.see.enabled:
+            problems.extend(_see_problems(member, key))
     if "pca_dim" in cfg.ensemble.model_fields_set and cfg.ensemble.pca_dim and not cfg.ensemble.pca_whiten:
         problems.append("ensemble.pca_dim: no effect while ensemble.pca_whiten is false")
     r = cfg.retrieve
@@ -485,6 +497,33 @@ def ineffective_values(cfg: Config, metric: str) -> list[str]:
         problems.append("retrieve.penalty.pool: no effect while retrieve.penalty.enabled is false")
     if r.penalty.enabled and metric == "map@100":
         problems.append("retrieve.penalty.enabled: the distractor penalty applies to label votes, not to retrieval")
+    return problems
+
+
+def _see_problems(member: MemberConfig, key: str) -> list[str]:
+    """SEE values that cannot be what the user meant (the schedule runs as published)."""
+    see, problems = member.see, []
+    if member.embedding_size < see.n_expansion + 2:
+        problems.append(
+            f"{key}.see.n_expansion: SEE needs embedding_size ≥ n_expansion + 2 "
+            f"({see.n_expansion + 2}), got {member.embedding_size}"
+        )
+    if see.schedule == "top_fraction":
+        for name in ("start", "end"):
+            if not 0.0 <= getattr(see, name) <= 1.0:
+                problems.append(f"{key}.see.{name}: a fraction of the batch in [0, 1], got {getattr(see, name)}")
+        if see.lower_bound is not None:
+            problems.append(f"{key}.see.lower_bound: only see.schedule 'threshold' uses it")
+    else:
+        for name in ("start", "end", "lower_bound"):
+            value = getattr(see, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                problems.append(f"{key}.see.{name}: a cosine threshold in [-1, 1], got {value}")
+        if see.start < see.end:
+            problems.append(
+                f"{key}.see.start/end: the threshold falls from see.start to see.end as published "
+                f"(got {see.start} → {see.end}; e.g. start 0.9, end 0.5)"
+            )
     return problems
 
 

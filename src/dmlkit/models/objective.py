@@ -1,6 +1,8 @@
 """The training objective: the head's loss (margin softmax with Partial FC, or Proxy-Anchor) plus
 λ × the same loss on SEE's synthetic rows, in one module so that one DDP wrapper synchronises the
-embedding model and the head."""
+embedding model and the head. Proxy-Anchor + SEE with `see.gradient: proxies` is the paper's method
+(PA(real) + λ·PA(synthetic alone), same proxies, no synthetic gradient into the backbone); SEE on a
+margin head, or with `see.gradient: backbone`, is this project's extension."""
 
 from __future__ import annotations
 
@@ -94,6 +96,8 @@ class MarginModel(nn.Module):
         if not expanded:
             return None, 0
         n = self.see.n_expansion
-        synthetic = see_expand(embeddings[mask], centers[mask], n, generator).reshape(-1, embeddings.shape[1])
+        # The paper's code expands detached embeddings: the synthetic loss trains the proxies only.
+        source = embeddings if self.see.gradient == "backbone" else embeddings.detach()
+        synthetic = see_expand(source[mask], centers[mask], n, generator).reshape(-1, embeddings.shape[1])
         rows = mask.nonzero().flatten().repeat_interleave(n)  # each synthetic row's source row
         return synthetic_loss(synthetic, rows), expanded

@@ -36,7 +36,7 @@ from ..models.checkpoint import load_training_state, save_training_state, save_w
 from ..models.heads import MarginHead
 from ..models.objective import MarginModel
 from ..models.optim import make_optimizer, make_scheduler
-from ..models.see import schedule_value
+from ..models.see import epoch_value
 from ..runtime import is_main_process, progress_bar, rank, seed_everything, world_size
 from .folds import fold_parts
 
@@ -247,7 +247,8 @@ def train_epoch(
     t = member.train
     generator = _set_epoch_seed(cfg.seed, epoch, dataset.transform)
     loader = epoch_loader(cfg, member, run, dataset, epoch)
-    see_value = schedule_value(member.see.start, member.see.end, epoch / max(1, t.epochs - 1))
+    see = member.see
+    see_value = epoch_value(see.schedule, see.start, see.end, epoch, t.epochs, see.lower_bound)
     _set_train_mode(member, run, epoch)
     if 0 < epoch == t.freeze_backbone_epochs:
         log.info("%s: backbone unfrozen from epoch %d", member.name, epoch + 1)
