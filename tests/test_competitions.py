@@ -93,6 +93,31 @@ def test_bad_train_csv_names_file_and_row(tmp_path, content, message):
     assert message in str(err.value) and "train.csv" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (["x", "x "], "leading or trailing whitespace"),
+        (["x", "blue whale"], "whitespace inside"),
+    ],
+)
+def test_labels_the_formats_cannot_carry_stop_at_load(tmp_path, labels, message):
+    """Before: 'x ' became a second class; 'blue whale' trained fully, then failed at submit."""
+    pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "Id": labels}).to_csv(tmp_path / "train.csv", index=False)
+    (tmp_path / "sample_submission.csv").write_text("Image,Id\nt.jpg,new_whale\n")
+    with pytest.raises(InputError) as err:
+        get_adapter("humpback-2019").read(tmp_path)
+    assert message in str(err.value) and repr(labels[1]) in str(err.value) and "(image b.jpg)" in str(err.value)
+
+
+def test_generic_csv_refuses_a_class_named_like_its_unknown_answer(tmp_path):
+    """Before: a real class 'new' was silently treated as unknown and never trained."""
+    pd.DataFrame(
+        {"path": ["1.png", "2.png", "3.png"], "label": ["a", "new", ""], "split": ["train", "train", "test"]}
+    ).to_csv(tmp_path / "data.csv", index=False)
+    with pytest.raises(InputError, match=r"data\.csv: line 3: training label 'new'"):
+        get_adapter("generic-csv").read(tmp_path)
+
+
 ROUND_TRIPS = {
     "landmark-recognition-2020": Predictions(ids=["q1", "q2"], labels=[["7"], []], scores=[[0.5], []]),
     "landmark-retrieval": Predictions(ids=["q1", "q2"], neighbours=[["i1", "i2"], []]),

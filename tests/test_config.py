@@ -98,6 +98,22 @@ def test_semantic_errors(configs):
 
 
 @pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("embed.tta_scales=[]", "embed.tta_scales"),
+        ("embed.tta_scales=[0]", "embed.tta_scales"),
+        ("threads=-1", "threads"),
+        ("threads=0", "threads"),
+        ("folds.seed=-1", "folds.seed"),
+    ],
+)
+def test_values_that_crashed_later_stop_at_load_naming_the_key(configs, override, key):
+    """Before: tta_scales=[] passed and crashed after training; threads=-1 and folds.seed=-1 gave tracebacks."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(configs / "exp.yaml", [override])
+
+
+@pytest.mark.parametrize(
     ("overrides", "competition", "message"),
     [
         (

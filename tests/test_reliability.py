@@ -323,3 +323,17 @@ def test_a_misspelt_allocator_setting_stops_with_the_variable_named():
     env = {**os.environ, "DMLKIT_MALLOC": "sytem"}
     out = subprocess.run([sys.executable, "-m", "dmlkit", "folds"], env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "DMLKIT_MALLOC='sytem'" in out.stderr
+
+
+def test_folds_for_a_set_whose_classes_all_have_four_images():
+    """Before: StratifiedKFold's raw 'n_splits=5 cannot be greater than the number of members'."""
+    from dmlkit.stages.folds import assign_folds
+
+    labels = np.repeat([f"c{i}" for i in range(30)], 4)
+    train = pd.DataFrame({"label": labels, "known": True})
+    folds = assign_folds(train, 5, seed=1)
+    assert (folds >= 0).all()  # every image validates in one fold
+    for _, part in pd.Series(folds).groupby(labels):
+        assert part.nunique() == 4  # a class's 4 images in 4 different folds: 3 train while one validates
+    assert np.bincount(folds, minlength=5).min() > 0
+    assert np.array_equal(folds, assign_folds(train, 5, seed=1))

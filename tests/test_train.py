@@ -88,11 +88,13 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
     assert list(artifacts.glob("*/train/m0/*.partial/last.pt")), "no checkpoint appeared before the kill"
     assert not list(artifacts.glob("*/train/m0/*/manifest.json")), "training finished before it was killed"
 
+    saved = torch.load(next(artifacts.glob("*/train/m0/*.partial/last.pt")), weights_only=False)
     resumed = subprocess.run(
         _train_cmd(cfg, artifacts, *overrides), env=_env(), capture_output=True, text=True, cwd=tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming after epoch" in resumed.stderr
+    # the epochs finished, counted from 1 (the checkpoint keeps the 0-based index of the last one)
+    assert f"resuming after epoch {len(saved['history'])} " in resumed.stderr
     a, b = _final_weights(tmp_path / "ref"), _final_weights(artifacts)
     for part in ("model", "head"):
         for key, value in a[part].items():

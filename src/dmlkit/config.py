@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,7 +38,7 @@ class CompetitionConfig(Strict):
 
 class FoldsConfig(Strict):
     n_splits: int = Field(5, ge=2)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32, description="the split's seed (numpy and scikit-learn take 0 … 2³²−1)")
     unknown_classes: float | None = Field(
         None,
         ge=0.0,
@@ -173,7 +173,9 @@ class MemberConfig(Strict):
 class EmbedConfig(Strict):
     batch_size: int = Field(128, ge=1)
     tta_flip: bool = True
-    tta_scales: list[float] = Field(default_factory=lambda: [1.0])
+    tta_scales: list[Annotated[float, Field(gt=0.0)]] = Field(
+        default_factory=lambda: [1.0], min_length=1, description="image-size factors averaged at test time"
+    )
 
 
 class EnsembleConfig(Strict):
@@ -255,7 +257,7 @@ class ExportConfig(Strict):
 class Config(Strict):
     experiment: str
     seed: int = 42
-    threads: int | None = Field(None, description="CPU threads for torch/OpenMP/faiss (default: all cores)")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch/OpenMP/faiss (default: all cores)")
     competition: CompetitionConfig
     folds: FoldsConfig = FoldsConfig()
     members: list[MemberConfig] = Field(min_length=1)

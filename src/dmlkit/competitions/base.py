@@ -110,7 +110,30 @@ def check_table(table: pd.DataFrame, source: str) -> pd.DataFrame:
     train = table[table["role"] == "train"]
     if train.empty:
         raise InputError(f"{source}: no training images")
+    check_labels(train, source)
     return table.reset_index(drop=True)
+
+
+def check_labels(train: pd.DataFrame, source: str) -> None:
+    """Labels the submission formats cannot carry: every cell is a space-separated list, so a label
+    with a space inside would split into two, and `"x "` would silently be a class apart from `"x"`."""
+    labels = train["label"].astype(str)
+    for problem, bad in (
+        (
+            "leading or trailing whitespace (a class apart from the stripped label; strip it in the file)",
+            labels != labels.str.strip(),
+        ),
+        (
+            "whitespace inside (submission cells are space-separated lists; replace it, e.g. with '_')",
+            labels.str.strip().str.contains(r"\s", regex=True),
+        ),
+    ):
+        if bad.any():
+            first = train.loc[bad]
+            raise InputError(
+                f"{source}: {int(bad.sum())} training label(s) with {problem}: first "
+                f"{first['label'].iloc[0]!r} (image {first['id'].iloc[0]})"
+            )
 
 
 class Adapter(ABC):

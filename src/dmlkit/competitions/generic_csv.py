@@ -34,6 +34,12 @@ class GenericCSV(Humpback):
         blank = (split == "train") & (data["label"].str.strip() == "")
         if blank.any():
             raise InputError(f"{csv}: empty label on training line(s) {[int(i) + 2 for i in data.index[blank][:5]]}")
+        reserved = (split == "train") & (data["label"] == self.unknown_label)
+        if reserved.any():
+            raise InputError(
+                f"{csv}: line {int(data.index[reserved][0]) + 2}: training label '{self.unknown_label}' is the "
+                "answer generic-csv submissions give for an unknown class; rename that class"
+            )
         table = pd.DataFrame(
             {
                 "id": data["path"],

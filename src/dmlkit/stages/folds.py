@@ -9,6 +9,7 @@ row of the competition), `folds.csv` (the training rows with their fold) and `un
 
 from __future__ import annotations
 
+import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,21 +23,41 @@ from ..config import FoldsConfig
 from ..data.images import UnreadableImageError, image_problem
 from ..runtime import progress_bar
 
+log = logging.getLogger(__name__)
+
 
 def assign_folds(train: pd.DataFrame, n_splits: int, seed: int) -> np.ndarray:
-    """Fold per row of the training table (−1: always in training)."""
+    """Fold per row of the training table (−1: always in training).
+
+    StratifiedKFold over the classes with ≥ 2 images. It refuses a set whose classes are all smaller
+    than n_splits (Stanford Online Products has ~5 per class): there each class's images take
+    different folds drawn at random, so each validates once and trains in the other folds."""
     folds = np.full(len(train), -1, dtype=int)
     known = train["known"].to_numpy(dtype=bool)
-    counts = train.loc[known, "label"].map(train.loc[known, "label"].value_counts())
-    eligible = np.flatnonzero(known)[counts.to_numpy() >= 2]
+    counts = train.loc[known, "label"].map(train.loc[known, "label"].value_counts()).to_numpy()
+    eligible = np.flatnonzero(known)[counts >= 2]
     if len(eligible) < n_splits:
         raise ValueError(f"folds: only {len(eligible)} images of classes with ≥2 images; n_splits={n_splits}")
-    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     labels = train["label"].to_numpy()[eligible]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # classes smaller than n_splits are expected
-        for fold, (_, val) in enumerate(splitter.split(eligible, labels)):
-            folds[eligible[val]] = fold
+    if counts.max() >= n_splits:
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # classes smaller than n_splits are expected
+            for fold, (_, val) in enumerate(splitter.split(eligible, labels)):
+                folds[eligible[val]] = fold
+    else:
+        rng = np.random.default_rng(seed)
+        groups = pd.Series(np.arange(len(eligible))).groupby(labels, sort=True).groups.values()
+        for rows in groups:
+            members = eligible[np.asarray(rows)]
+            folds[members] = rng.permutation(n_splits)[: len(members)]
+        log.info(
+            "folds: every class is smaller than n_splits=%d (largest %d images): each of a class's images "
+            "validates in a fold of its own (%d classes)",
+            n_splits,
+            int(counts.max()),
+            len(groups),
+        )
     unknown = np.flatnonzero(~known)  # new_whale rows: validation queries whose answer is "unknown"
     folds[unknown] = np.random.default_rng(seed).integers(0, n_splits, len(unknown))
     return folds

@@ -360,7 +360,7 @@ def resume(run: TrainingRun, path: Path, device: torch.device, name: str) -> tup
     run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None and state.get("ema") is not None:
         run.ema.load_state_dict(state["ema"])
-    log.info("%s: resuming after epoch %d from %s", name, state["epoch"], path)
+    log.info("%s: resuming after epoch %d from %s", name, state["epoch"] + 1, path)  # saved 0-based
     return state["epoch"] + 1, state["history"], state["best"]
 
 
