@@ -103,10 +103,10 @@ def _gathered(values: torch.Tensor) -> tuple[torch.Tensor, int]:
     return whole, sum(sizes[: dist.get_rank()])
 
 
-def top_fraction_mask(cos_to_center: torch.Tensor, fraction: float, global_batch: bool = True) -> torch.Tensor:
+def top_fraction_mask(cos_to_center: torch.Tensor, fraction: float) -> torch.Tensor:
     """The top round(B·fraction) samples by cosine; B and the ranking over the global batch under DDP
     (the cosines are gathered, so the rows chosen do not depend on the number of processes)."""
-    distributed = global_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     values, offset = _gathered(cos_to_center.detach()) if distributed else (cos_to_center.detach(), 0)
     count = min(round(fraction * len(values)), len(values))
     mask = torch.zeros(len(values), dtype=torch.bool, device=values.device)
