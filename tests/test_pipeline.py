@@ -139,7 +139,7 @@ ensemble: {weights: {a: 1.0, b: 0.5}}
     assert emb.shape[1] == 64 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     steps = pd.read_csv(ctx.done["retrieve"].file("report.csv")).step.tolist()
     assert steps[:3] == ["kNN, member a alone", "kNN, member b alone", "kNN, ensemble"]
-    assert ctx.done["train/b"].manifest["upstream"]["init"] == ctx.done["train/a"].key
+    assert ctx.done["train/b"].manifest["upstream"]["init"] == ctx.done["train/a"].manifest["output"]
 
 
 @pytest.mark.parametrize("stage", ["folds"])
@@ -202,7 +202,8 @@ def test_replaced_images_and_weights_recompute_what_reads_them(tmp_path):
     assert all(reused(rerun()).values())
     touch(sorted((tmp_path / "input-whale" / "test").glob("*.jpg"))[0])
     flags = reused(rerun())
-    assert not flags["folds"] and flags["train/m0"] and not flags["embed/m0"] and not flags["submit"]
+    assert not flags["folds"] and flags["train/m0"] and not flags["embed/m0"]
+    assert flags["ensemble"] and flags["submit"]  # the same bytes embed to the same rows: nothing after changes
     touch(sorted((tmp_path / "input-whale" / "train").glob("*.jpg"))[0])
     assert not reused(rerun())["train/m0"]
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)  # new random weights
@@ -264,3 +265,42 @@ def test_landmark_pipeline_learns_far_above_an_untrained_model(tmp_path):
     )
     assert trained["gap"] > untrained["plain"] + 0.25, (trained.to_dict(), untrained)
     assert trained["recall@1"] > untrained["recall@1"] + 0.2, (trained.to_dict(), untrained)
+
+
+def _replace_keeping_size_and_mtime(path: Path) -> None:
+    """New pixels under the same size and mtime: the cheap image fingerprint cannot see it."""
+    import os
+
+    import cv2
+
+    old = path.read_bytes()
+    stat = path.stat()
+    image = 255 - cv2.imdecode(np.frombuffer(old, np.uint8), cv2.IMREAD_COLOR)
+    for quality in range(95, 5, -5):
+        new = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+        if len(new) <= len(old):
+            break
+    path.write_bytes(new + b"\0" * (len(old) - len(new)))  # bytes after the JPEG's end are ignored
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+
+
+def test_forced_stage_invalidates_downstream_only_when_its_output_changed(tmp_path):
+    cfg = write_tiny_config(tmp_path, "whale")
+    overrides = ["members.0.train.epochs=1"]
+    first = run_all(cfg, tmp_path, overrides)
+    downstream = ("embed/m0", "ensemble", "retrieve", "submit")
+
+    same = run_all(cfg, tmp_path, overrides, force=["train"])  # deterministic CPU: the same weights
+    flags = reused(same)
+    assert not flags["train/m0"] and flags["folds"]
+    assert same.done["train/m0"].manifest["output"] == first.done["train/m0"].manifest["output"]
+    assert all(flags[label] for label in downstream)
+
+    _replace_keeping_size_and_mtime(sorted((tmp_path / "input-whale" / "train").glob("*.jpg"))[0])
+    assert all(reused(run_all(cfg, tmp_path, overrides)).values())  # the fingerprint cannot see it
+    changed = run_all(cfg, tmp_path, overrides, force=["train"])
+    assert changed.done["train/m0"].manifest["output"] != first.done["train/m0"].manifest["output"]
+    flags = reused(changed)
+    assert not any(flags[label] for label in downstream)
+    assert all(reused(run_all(cfg, tmp_path, overrides)).values())  # and the new results are cached

@@ -65,6 +65,20 @@ def test_convertible_images_are_converted(tmp_path):
     assert cmyk.shape == (6, 6, 3) and cmyk[..., 0].mean() > 200 and cmyk[..., 1].mean() < 60
 
 
+def test_16_bit_images_scale_by_the_type_not_by_each_image(tmp_path):
+    """A dark 16-bit image stays dark and 12-bit data (scaled up to 16 bits, as PNG stores it)
+    keeps its brightness: one scale, 255/65535, for every 16-bit image."""
+    dark = read_image(_png(tmp_path / "dark.png", np.full((4, 4), 200, np.uint16)))
+    assert (dark == 1).all()  # 200/65535·255 = 0.78 → 1; the per-image guess gave 200
+    twelve = np.full((4, 4), 2048 << 4, np.uint16)  # mid-grey 12-bit sample in a 16-bit PNG
+    assert (read_image(_png(tmp_path / "twelve.png", twelve)) == 128).all()
+    bright = read_image(_png(tmp_path / "bright.png", np.full((4, 4), 65535, np.uint16)))
+    assert (bright == 255).all()
+    from dmlkit.data.images import to_uint8
+
+    assert to_uint8(np.array([[0.0, 0.5, 2.0]], np.float32)).tolist() == [[0, 128, 255]]
+
+
 def test_image_smaller_than_the_crop_is_resized(tmp_path):
     path = _png(tmp_path / "tiny.png", np.full((5, 3, 3), 9, np.uint8))
     pipeline = make_pipeline(
@@ -337,3 +351,96 @@ def test_folds_for_a_set_whose_classes_all_have_four_images():
         assert part.nunique() == 4  # a class's 4 images in 4 different folds: 3 train while one validates
     assert np.bincount(folds, minlength=5).min() > 0
     assert np.array_equal(folds, assign_folds(train, 5, seed=1))
+
+
+def _two_member_config(tmp_path: Path, second: str) -> Path:
+    cfg = write_tiny_config(tmp_path, "whale")
+    first = "  - {name: m0, backbone: test_resnet, fold: 0}\n"
+    text = cfg.read_text().replace(first, first + f"  - {{name: m1, backbone: test_resnet, fold: 1, {second}}}\n")
+    cfg.write_text(text)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("second", "named"),
+    [
+        ("train: {augment: [{type: HorizontalFlipp}]}", "members.1.train.augment.0: unknown albumentations"),
+        ("pretrained_file: nowhere/weights.pth", "key 'members.1.pretrained_file': 'nowhere/weights.pth'"),
+        ("train: {augment: [{type: Rotate, limitt: 10}]}", "members.1.train.augment.0: Rotate"),
+    ],
+)
+def test_every_member_is_checked_before_the_first_trains(tmp_path, monkeypatch, capsys, second, named):
+    """Before: members.1's typo failed after member 0 had trained, without naming members.1."""
+    cfg = _two_member_config(tmp_path, second)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["all", "-c", str(cfg), "--artifacts", str(tmp_path / "a"), "--no-progress"]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "a" / "tiny-whale" / "train").exists()  # nothing trained
+
+
+def _generic_csv(root: Path, with_split: bool, test_rows: int) -> Path:
+    root.mkdir(parents=True)
+    rows = []
+    for i in range(12):
+        _png(root / f"{i}.png", np.full((8, 8), i * 20, np.uint8))
+        split = "test" if i < test_rows else "train"
+        rows.append({"path": f"{i}.png", "label": f"c{i % 3}", **({"split": split} if with_split else {})})
+    pd.DataFrame(rows).to_csv(root / "data.csv", index=False)
+    return root / "data.csv"
+
+
+@pytest.mark.parametrize(("with_split", "message"), [(False, "no 'split' column"), (True, "no row has split=test")])
+def test_a_run_without_test_rows_stops_before_training(tmp_path, monkeypatch, capsys, with_split, message):
+    """Before: exit 0 and a header-only submission."""
+    csv = _generic_csv(tmp_path / "set", with_split, test_rows=0)
+    cfg = write_tiny_config(tmp_path, "whale")
+    monkeypatch.chdir(tmp_path)
+    overrides = ["competition.name=generic-csv", f"competition.root={csv.parent}", "competition.demo=null"]
+    code = cli.main(["all", "-c", str(cfg), *overrides, "--artifacts", str(tmp_path / "a"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{csv}: {message}" in err
+    assert not (tmp_path / "a" / "tiny-whale" / "train").exists()
+    assert cli.main(["folds", "-c", str(cfg), *overrides, "--artifacts", str(tmp_path / "a"), "--no-progress"]) == 0
+
+
+def test_an_unwritable_submissions_folder_stops_before_training(tmp_path, monkeypatch, capsys):
+    """Before: a PermissionError traceback at the very end. (A file where the folder should be
+    stands in for a read-only folder: this suite may run as root, which writes anywhere.)"""
+    cfg = write_tiny_config(tmp_path, "whale")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "submissions").write_text("not a folder")
+    assert cli.main(["all", "-c", str(cfg), "--artifacts", str(tmp_path / "a"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "submissions folder submissions: cannot write there" in err
+    assert not (tmp_path / "a" / "tiny-whale" / "train").exists()
+
+
+def test_a_read_only_submissions_folder_is_named(tmp_path, monkeypatch):
+    from dmlkit.competitions.base import InputError
+    from dmlkit.pipeline import check_outputs
+
+    cfg = write_tiny_config(tmp_path, "whale")
+    ctx = Context(load_config(cfg), artifacts=tmp_path / "a", submissions=tmp_path / "subs", progress=False)
+    ensure_demo_data(ctx)
+    real_write = Path.write_bytes
+
+    def refuse(self, data):
+        if self.parent == tmp_path / "subs":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    with pytest.raises(InputError, match=r"subs: cannot write there \(Permission denied\)"):
+        check_outputs(ctx, ["folds", "submit"])
+    check_outputs(ctx, ["folds", "train"])  # a run that writes no submission does not care
+
+
+def test_experiment_and_member_names_must_be_one_path_component(tmp_path):
+    from dmlkit.config import ConfigError
+
+    cfg = write_tiny_config(tmp_path, "whale")
+    with pytest.raises(ConfigError, match=r"key 'experiment': .*'team/run1' is not a plain name"):
+        load_config(cfg, ["experiment=team/run1"])
+    with pytest.raises(ConfigError, match=r"key 'members.0.name': .*'\.\./m0' is not a plain name"):
+        load_config(cfg, ["members.0.name=../m0"])
+    assert load_config(cfg, ["experiment=team-run1.v2_b"]).experiment == "team-run1.v2_b"

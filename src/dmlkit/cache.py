@@ -2,7 +2,9 @@
 
 A stage's artifact lives in ``artifacts/<experiment>/<stage>/<key>/``. The key hashes what the
 stage reads: its config slice (canonical JSON, so YAML key order does not matter), fingerprints
-of the input files, and its upstream stages' keys. The stage writes into ``<key>.partial/`` and
+of the input files, and what its upstream stages produced (each manifest's ``output``: a digest of
+the files the next stages read, so a forced recompute that changed them invalidates everything
+after it, and one that reproduced them byte for byte does not). The stage writes into ``<key>.partial/`` and
 renames it into place once ``manifest.json`` is written, so an interrupted run never leaves a
 directory that looks complete. ``<key>.lock`` (an flock) keeps two runs of the same stage apart.
 """
@@ -86,6 +88,22 @@ def files_fingerprint(paths: Iterable[str]) -> str:
         except OSError:
             digest.update(f"{path}\tmissing\n".encode())
     return digest.hexdigest()[:KEY_LENGTH]
+
+
+def output_digest(folder: Path, patterns: tuple[str, ...]) -> str:
+    """Content hash of the files in ``folder`` matching ``patterns`` (names and bytes, name order)."""
+    digest = hashlib.sha256()
+    names = sorted({p.name for pattern in patterns for p in Path(folder).glob(pattern) if p.is_file()})
+    names = [n for n in names if n not in (MANIFEST, MANIFEST + ".tmp")]
+    for name in names:
+        digest.update(f"{name}\t{file_fingerprint(Path(folder) / name)}\n".encode())
+    return digest.hexdigest()[:KEY_LENGTH]
+
+
+def produced(art: Artifact) -> str:
+    """What downstream keys hash for this artifact: its output digest (its key for artifacts
+    written before manifests recorded one)."""
+    return art.manifest.get("output") or art.key
 
 
 def listing_fingerprint(paths: list[str]) -> str:
@@ -179,16 +197,26 @@ def stage_lock(final: Path) -> Iterator[None]:
 class StageWriter:
     """Context for computing one artifact: a ``partial`` directory renamed into place at the end.
 
-    ``resumable`` keeps an existing partial directory (training checkpoints) instead of clearing it.
+    ``resumable`` keeps an existing partial directory (training checkpoints) instead of clearing it;
+    ``outputs`` are the file patterns whose content the manifest's ``output`` digest covers.
     """
 
-    def __init__(self, final: Path, stage: str, key: str, manifest: dict, resumable: bool = False):
+    def __init__(
+        self,
+        final: Path,
+        stage: str,
+        key: str,
+        manifest: dict,
+        resumable: bool = False,
+        outputs: tuple[str, ...] = ("*",),
+    ):
         self.final = final
         self.stage = stage
         self.key = key
         self.partial = final.with_name(final.name + ".partial")
         self.manifest = manifest
         self.resumable = resumable
+        self.outputs = outputs
         self.started = time.time()
 
     def begin(self) -> Path:
@@ -200,6 +228,7 @@ class StageWriter:
     def commit(self, extra: dict | None = None) -> Artifact:
         manifest = dict(self.manifest)
         manifest.update(extra or {})
+        manifest["output"] = output_digest(self.partial, self.outputs)
         manifest["wall_time_s"] = round(time.time() - self.started, 3)
         manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         tmp = self.partial / (MANIFEST + ".tmp")

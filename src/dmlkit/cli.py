@@ -88,13 +88,6 @@ def _setup(cfg_path: str | None, overrides: list[str], experiment_hint: str = "r
     return cfg
 
 
-def _check_backbones(cfg) -> None:
-    from .models.backbone import check_backbone
-
-    for i, member in enumerate(cfg.members):
-        check_backbone(member.backbone, f"{cfg.source}: key 'members.{i}.backbone'")
-
-
 def _context(cfg, args):
     from .pipeline import Context
 
@@ -102,15 +95,16 @@ def _context(cfg, args):
 
 
 def cmd_stage(args) -> int:
-    from .pipeline import ensure_demo_data, local_scores, run_export, run_stage
+    from .pipeline import check_members, check_outputs, ensure_demo_data, local_scores, run_export, run_stage
     from .stages.score import format_scores
 
     cfg = _setup(args.config, args.overrides)
-    _check_backbones(cfg)
+    check_members(cfg)
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     args.force_stages = stages if args.force else []
     ctx = _context(cfg, args)
     ensure_demo_data(ctx)
+    check_outputs(ctx, stages)
     for stage in stages:
         run_stage(ctx, stage)
     if args.stage == "all" and cfg.export.enabled:
@@ -123,7 +117,7 @@ def cmd_stage(args) -> int:
 
 def cmd_demo(args) -> int:
     from .config import load_config
-    from .pipeline import Context, ensure_demo_data, local_scores, run_stage
+    from .pipeline import Context, check_members, check_outputs, ensure_demo_data, local_scores, run_stage
     from .stages.score import format_scores
 
     started = time.time()
@@ -135,9 +129,10 @@ def cmd_demo(args) -> int:
         cfg = load_config(path)
         set_threads(cfg.threads)
         seed_everything(cfg.seed)
-        _check_backbones(cfg)
+        check_members(cfg)
         ctx = Context(cfg, artifacts=Path(args.artifacts), progress=not args.no_progress)
         ensure_demo_data(ctx)
+        check_outputs(ctx, list(STAGES))
         for stage in STAGES:
             run_stage(ctx, stage)
         summary += local_scores(ctx)
@@ -167,10 +162,10 @@ def cmd_data(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .pipeline import ensure_demo_data, run_export
+    from .pipeline import check_members, ensure_demo_data, run_export
 
     cfg = _setup(args.config, args.overrides)
-    _check_backbones(cfg)
+    check_members(cfg)
     args.force_stages = []
     ctx = _context(cfg, args)
     ensure_demo_data(ctx)

@@ -10,6 +10,7 @@ member only states what differs. Errors name the file, the dotted key and what w
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -143,6 +144,13 @@ class TrainConfig(Strict):
     )
 
 
+def plain_name(value: str, names: str) -> str:
+    """A name that becomes one path component (``names`` says which files it names)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+        raise ValueError(f"'{value}' is not a plain name (letters, digits, '.', '_', '-'): it names {names}")
+    return value
+
+
 class MemberConfig(Strict):
     name: str
     backbone: str
@@ -168,6 +176,11 @@ class MemberConfig(Strict):
     head: HeadConfig = HeadConfig()
     see: SEEConfig = SEEConfig()
     train: TrainConfig = TrainConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_member_name(cls, value: str) -> str:
+        return plain_name(value, "the member's artifacts folder and its export file")
 
 
 class EmbedConfig(Strict):
@@ -266,6 +279,11 @@ class Config(Strict):
     retrieve: RetrieveConfig = RetrieveConfig()
     export: ExportConfig = ExportConfig()
     source: str = Field("", description="the file this config was loaded from (set by the loader)")
+
+    @field_validator("experiment")
+    @classmethod
+    def _plain_experiment_name(cls, value: str) -> str:
+        return plain_name(value, "the artifacts folder, the log and the submission file")
 
     @model_validator(mode="after")
     def _check_members(self) -> Config:

@@ -1,9 +1,11 @@
 """The stages wired to the cache: each `run_*` returns its artifact, computing it (and whatever
 upstream is missing) only when no complete artifact with the same key exists.
 
-Which artifact does a stage read, and what invalidates it? Its key hashes its config slice, its
-upstream keys and its input fingerprints (see each `run_*`); change any of them and that stage
-and everything downstream recompute, nothing upstream.
+Which artifact does a stage read, and what invalidates it? Its key hashes its config slice, what
+its upstream stages produced (their manifests' output digests, over the files in `OUTPUTS`) and
+its input fingerprints (see each `run_*`); change any of them and that stage recomputes, nothing
+upstream. A forced stage that produces other bytes so invalidates everything after it; one that
+reproduces its files exactly leaves them cached.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ log = logging.getLogger("dmlkit")
 
 STAGES = ("folds", "train", "embed", "ensemble", "retrieve", "submit")
 VERSIONS = {"folds": 3, "train": 3, "embed": 2, "ensemble": 1, "retrieve": 3, "submit": 1}
+# The files of each stage that later stages read: their digest is the manifest's `output`.
+OUTPUTS = {
+    "folds": ("table.csv", "folds.csv", "unreadable.csv", "images.fingerprint"),
+    "train": ("best.pt", "final.pt"),
+    "embed": ("*.npy", "head_classes.json", "ids.csv"),
+    "ensemble": ("*.npy",),
+    "retrieve": ("predictions-*.json", "report.csv"),
+    "submit": ("*.csv",),
+}
 
 
 @dataclass
@@ -131,7 +142,7 @@ def _run(
         art = cache.Artifact(stage, key, final, reused=True, manifest=cache.read_manifest(final))
     else:
         manifest = cache.build_manifest(stage, key, config_part, upstream, fingerprints)
-        writer = cache.StageWriter(final, stage, key, manifest, resumable=resumable)
+        writer = cache.StageWriter(final, stage, key, manifest, resumable=resumable, outputs=OUTPUTS[stage])
         log.info("[%s] computing %s%s", label, final, " (forced)" if forced else "")
         if is_main_process():
             with cache.stage_lock(final):
@@ -172,7 +183,13 @@ def run_folds(ctx: Context) -> cache.Artifact:
         "distractor_pool": ctx.cfg.retrieve.penalty.pool,
     }
     threads = ctx.cfg.threads or len(os.sched_getaffinity(0))
-    compute = lambda work: make_folds(table, ctx.cfg.folds, work, threads, ctx.progress, share)  # noqa: E731
+
+    def compute(work: Path) -> dict:
+        # The images' size/mtime fingerprint is part of what folds hands on: embed must redo a
+        # replaced image even where table.csv, which lists paths, is unchanged.
+        (work / "images.fingerprint").write_text(fingerprints["images"] + "\n")
+        return make_folds(table, ctx.cfg.folds, work, threads, ctx.progress, share)
+
     art = _run(ctx, "folds", "", part, {}, fingerprints, compute)
     _report_unreadable(ctx, art)
     return art
@@ -204,7 +221,7 @@ def _train_inputs(ctx: Context, member: MemberConfig) -> tuple[dict, dict, dict]
     """(config part, upstream keys, fingerprints) of a member's training."""
     upstream = {"train_data": run_folds(ctx).manifest["result"]["train_data"]}  # folds.csv and its images
     if member.init_from:
-        upstream["init"] = _train_key(ctx, ctx.cfg.member(member.init_from))
+        upstream["init"] = _trained_output(ctx, ctx.cfg.member(member.init_from))
     part = {"member": config_slice(member), "seed": ctx.cfg.seed}
     weights = {"pretrained_file": cache.file_fingerprint(member.pretrained_file)} if member.pretrained_file else {}
     return part, upstream, weights
@@ -213,6 +230,16 @@ def _train_inputs(ctx: Context, member: MemberConfig) -> tuple[dict, dict, dict]
 def _train_key(ctx: Context, member: MemberConfig) -> str:
     part, upstream, weights = _train_inputs(ctx, member)
     return cache.stage_key("train", part, upstream, weights, VERSIONS["train"])
+
+
+def _trained_output(ctx: Context, member: MemberConfig) -> str:
+    """The output digest of the member's trained weights, or a placeholder while it is untrained
+    (then whatever starts from it is untrained too)."""
+    key = _train_key(ctx, member)
+    path = _artifact_path(ctx, "train", member.name, key)
+    if not cache.is_complete(path):
+        return f"untrained:{key}"
+    return cache.produced(cache.Artifact("train", key, path, reused=True, manifest=cache.read_manifest(path)))
 
 
 def ensure_pretrained(ctx: Context) -> None:
@@ -272,7 +299,7 @@ def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
         table, _ = load_table(folds_art)
         return embed_member(ctx.cfg, member, table, train_art.file("best.pt"), ctx.device, work, ctx.progress)
 
-    upstream = {"train": train_art.key, "folds": folds_art.key}
+    upstream = {"train": cache.produced(train_art), "folds": cache.produced(folds_art)}
     return _run(ctx, "embed", member.name, part, upstream, {}, compute, all_ranks=True)
 
 
@@ -299,7 +326,7 @@ def run_ensemble(ctx: Context) -> cache.Artifact:
         files = {name: art.file("embeddings.npy") for name, art in embed_arts.items()}
         return ensemble_members(ctx.cfg, table, files, work)
 
-    upstream = {f"embed/{k}": a.key for k, a in embed_arts.items()}
+    upstream = {f"embed/{k}": cache.produced(a) for k, a in embed_arts.items()}
     return _run(ctx, "ensemble", "", part, upstream, {}, compute)
 
 
@@ -363,7 +390,9 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
         if art.file("retrievals.png").is_file():
             log.info("[retrieve] validation queries and their neighbours: %s", art.file("retrievals.png"))
 
-    upstream = {"ensemble": ensemble_art.key, "folds": folds_art.key}
+    upstream = {"ensemble": cache.produced(ensemble_art), "folds": cache.produced(folds_art)}
+    # retrieve also reads each member's embeddings and head classes
+    upstream.update({f"embed/{m.name}": cache.produced(run_embed(ctx, m.name)) for m in ctx.cfg.members})
     art = _run(ctx, "retrieve", "", part, upstream, {}, compute, on_computed=log_grid)
     try:
         report = pd.read_csv(art.file("report.csv"))
@@ -384,7 +413,7 @@ def run_submit(ctx: Context) -> cache.Artifact:
     def compute(work: Path) -> dict:
         return write_submissions(ctx.formats, ctx.root, ctx.cfg.experiment, retrieve_art.path, work)
 
-    art = _run(ctx, "submit", "", part, {"retrieve": retrieve_art.key}, fingerprints, compute)
+    art = _run(ctx, "submit", "", part, {"retrieve": cache.produced(retrieve_art)}, fingerprints, compute)
     if is_main_process():
         ctx.submissions.mkdir(parents=True, exist_ok=True)
         for fmt in ctx.formats:
@@ -430,6 +459,48 @@ def local_scores(ctx: Context) -> list[dict]:
             result["submission"] = str(submission)
             results.append(result)
     return results
+
+
+# ------------------------------------------------------------------------------------ checks
+def check_members(cfg: Config) -> None:
+    """Every member's backbone, augmentations and weights file, before the first one trains:
+    a typo in the last member fails now, naming `members.N.key`, not after hours of the first."""
+    from .data.transforms import TransformConfigError, build_augmentations
+    from .models.backbone import check_backbone
+
+    for i, member in enumerate(cfg.members):
+        where = f"{cfg.source}: members.{i} ({member.name})"
+        check_backbone(member.backbone, f"{cfg.source}: key 'members.{i}.backbone'")
+        try:
+            build_augmentations(member.train.augment, member.image_size, f"members.{i}.train.augment")
+        except TransformConfigError as exc:
+            raise TransformConfigError(f"{cfg.source}: {exc}") from None
+        if member.pretrained_file and not Path(member.pretrained_file).is_file():
+            raise ConfigError(
+                f"{where}: key 'members.{i}.pretrained_file': '{member.pretrained_file}' is not a file "
+                "(nothing is downloaded for a local weights file)"
+            )
+
+
+def check_outputs(ctx: Context, stages: list[str]) -> None:
+    """Where the run writes a submission: images to predict and a writable folder, checked before
+    anything trains (a run without test rows would end in a header-only CSV)."""
+    from .competitions.base import InputError
+
+    if "submit" not in stages or not is_main_process():
+        return
+    if not (ctx.source_table["role"] == "test").any():
+        raise InputError(ctx.adapter.no_queries_reason(ctx.root))
+    try:
+        ctx.submissions.mkdir(parents=True, exist_ok=True)
+        probe = ctx.submissions / f".write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(
+            f"submissions folder {ctx.submissions}: cannot write there ({exc.strerror or exc}); "
+            "the run would end without its CSV"
+        ) from None
 
 
 def run_stage(ctx: Context, stage: str) -> None:

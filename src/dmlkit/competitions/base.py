@@ -157,6 +157,11 @@ class Adapter(ABC):
     def input_files(self, root: Path) -> list[Path]:
         """The CSV files `read` depends on (fingerprinted by the cache)."""
 
+    def no_queries_reason(self, root: Path) -> str:
+        """The error for a table without test rows (a run that writes a submission needs some)."""
+        files = ", ".join(str(f) for f in self.input_files(root)) or str(root)
+        return f"{files}: no test images to predict ({self.name} reads them from its test files)"
+
     def fingerprints(self, root: Path) -> dict[str, str]:
         """What the cache hashes for this competition's inputs: the CSVs' contents by default."""
         from ..cache import file_fingerprint

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .base import InputError, check_table, read_csv_checked
+from .base import InputError, check_table, read_csv_checked, read_csv_file
 from .humpback import Humpback
 
 
@@ -52,6 +52,15 @@ class GenericCSV(Humpback):
             }
         )
         return check_table(table, str(csv))
+
+    def no_queries_reason(self, root: Path) -> str:
+        csv = root / "data.csv"
+        if "split" not in read_csv_file(csv).columns:
+            return (
+                f"{csv}: no 'split' column, so every row is a training image; mark the images to predict "
+                "with split=test"
+            )
+        return f"{csv}: no row has split=test (the images to predict)"
 
     def submission_ids(self, root: Path) -> list[str]:
         sample = root / "sample_submission.csv"

@@ -91,3 +91,10 @@ class ImageFolder(GenericCSV):
 
     def submission_ids(self, root: Path) -> list[str]:
         return []
+
+    def no_queries_reason(self, root: Path) -> str:
+        return (
+            f"{root}: an image folder holds training images only, so there is nothing to submit; "
+            "`./run.sh retrieve` gives the validation report, `./run.sh export` the model "
+            "(or list the images to predict in a generic-csv data.csv with split=test)"
+        )

@@ -92,6 +92,18 @@ def jpeg_reduction(data: bytes, min_side: int) -> int:
     return next((k for k in (8, 4, 2) if min(size) // k >= min_side), 1)
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """8 bits from a wider sample type, scaled by the type's range (the same for every image):
+    16-bit by 65535 (a PNG holding 12-bit data scales it up to 16 bits, per the PNG spec), float
+    taken as 0..1. Never by an image's own maximum, which would brighten dark images and darken
+    12-bit ones."""
+    if np.issubdtype(image.dtype, np.floating):
+        scaled = image.astype(np.float32) * 255.0
+    else:
+        scaled = image.astype(np.float32) * (255.0 / np.iinfo(image.dtype).max)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
 def read_image(path: str | Path, channels: int = 3, min_side: int | None = None) -> np.ndarray:
     """Decode to uint8 HxWx3 RGB (channels=3) or HxWx1 gray (channels=1), or raise naming the file.
 
@@ -114,10 +126,8 @@ def decode_image(data: bytes, path: str | Path, channels: int = 3, min_side: int
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise UnreadableImageError(f"{path}: {_UNDECODABLE}")
-    if image.dtype != np.uint8:  # 16-bit or float images: scale to 8 bits
-        image = image.astype(np.float32)
-        top = 65535.0 if image.max() > 255 else 255.0
-        image = np.clip(image / top * 255.0, 0, 255).astype(np.uint8)
+    if image.dtype != np.uint8:
+        image = to_uint8(image)
     if image.ndim == 2:
         image = image[..., None]
     if image.shape[2] == 4:  # alpha: composite on white, as a viewer shows it

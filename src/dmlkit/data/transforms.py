@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +35,17 @@ def build_augmentations(specs: list[dict[str, Any]], image_size: int, where: str
         kwargs = {k: _substitute(v, image_size) for k, v in spec.items()}
         if "size" in kwargs and isinstance(kwargs["size"], list):
             kwargs["size"] = tuple(kwargs["size"])
-        try:
-            transforms.append(getattr(A, name)(**kwargs))
-        except (TypeError, ValueError) as exc:
-            raise TransformConfigError(f"{where}.{i}: {name}({kwargs}) failed: {exc}") from exc
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                transforms.append(getattr(A, name)(**kwargs))
+            except (TypeError, ValueError) as exc:
+                raise TransformConfigError(f"{where}.{i}: {name}({kwargs}) failed: {exc}") from exc
+        ignored = [str(w.message) for w in caught if "not valid for transform" in str(w.message)]
+        if ignored:  # albumentations only warns, and drops the misspelt argument
+            raise TransformConfigError(f"{where}.{i}: {name}: {ignored[0]}")
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return transforms
 
 
