@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -15,6 +16,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 TINY_LANDMARK = {"n_classes": 12, "head_size": 10, "index_distractors": 10, "image_size": 48}
 TINY_WHALE = {"n_individuals": 20, "new_whale_train": 6, "image_size": 48}
+
+
+def free_port() -> int:
+    """A free local TCP port for a gloo process group."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def write_tiny_config(tmp: Path, kind: str = "whale", extra: str = "", demo_params: dict | None = None) -> Path:

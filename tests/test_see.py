@@ -3,7 +3,6 @@ an independent per-sample port of the published algorithm, and selection (round,
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import free_port
 from dmlkit.config import MemberConfig
 from dmlkit.models.heads import ArcFaceHead, ProxyAnchorHead
 from dmlkit.models.objective import MarginModel
@@ -195,12 +195,6 @@ def test_selection_counts_and_schedules_as_published():
     assert np.isclose(schedule_value(0.9, 0.5, 2.0), 0.5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _select_on_rank(rank: int, world: int, port: int, parts: list[torch.Tensor], out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -217,7 +211,7 @@ def test_two_gloo_processes_select_the_rows_one_process_selects():
     parts = [cos[:20], cos[20:]]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_select_on_rank, args=(2, _free_port(), parts, out), nprocs=2, join=True)
+        mp.spawn(_select_on_rank, args=(2, free_port(), parts, out), nprocs=2, join=True)
         chosen = out[0] + out[1]
     single = select_confident(cos, "top_fraction", 0.3).tolist()
     assert chosen == single and sum(single) == round(0.3 * 37)

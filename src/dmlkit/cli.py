@@ -81,7 +81,7 @@ def _setup(cfg_path: str | None, overrides: list[str], experiment_hint: str = "r
     cfg = load_config(cfg_path, overrides) if cfg_path else None
     log_file = setup_logging(Path("logs"), cfg.experiment if cfg else experiment_hint)
     if cfg is not None:
-        init_distributed()
+        init_distributed(cfg.runtime.dist_timeout_min)
         threads = set_threads(cfg.threads)
         seed_everything(cfg.seed)
         log.info("config %s (experiment '%s'), %d thread(s), log %s", cfg_path, cfg.experiment, threads, log_file)

@@ -259,6 +259,15 @@ class RetrieveConfig(Strict):
     )
 
 
+class RuntimeConfig(Strict):
+    dist_timeout_min: float = Field(
+        360.0,
+        gt=0,
+        description="under torchrun, how long a rank waits in a collective (rank 0 alone runs folds, "
+        "retrieve and submit while the others wait; NCCL's own default, 10 min, ends a GLDv2-size run)",
+    )
+
+
 class ExportConfig(Strict):
     enabled: bool = Field(
         False, description="`all` ends by exporting the members as one embedding module (code competitions)"
@@ -278,6 +287,7 @@ class Config(Strict):
     ensemble: EnsembleConfig = EnsembleConfig()
     retrieve: RetrieveConfig = RetrieveConfig()
     export: ExportConfig = ExportConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     source: str = Field("", description="the file this config was loaded from (set by the loader)")
 
     @field_validator("experiment")

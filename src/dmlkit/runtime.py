@@ -106,7 +106,32 @@ def default_device() -> str:
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         return f"cuda:{local}"
+    warn_unusable_cuda()
     return "cpu"
+
+
+_CUDA_WARNED: list[str] = []
+
+
+def warn_unusable_cuda() -> str | None:
+    """A CUDA build of torch that finds no usable GPU (driver too old for the build, no driver,
+    CUDA_VISIBLE_DEVICES empty) runs on the CPU; say so once, with CUDA's own reason."""
+    import torch
+
+    if torch.version.cuda is None or _CUDA_WARNED:
+        return _CUDA_WARNED[0] if _CUDA_WARNED else None
+    try:
+        torch.cuda.init()
+        reason = "torch.cuda.is_available() is False"
+    except Exception as exc:  # CUDA's own message is the reason shown to the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    message = (
+        f"torch {torch.__version__} is a CUDA {torch.version.cuda} build but finds no usable GPU ({reason}): "
+        "running on the CPU"
+    )
+    log.warning("%s", message)
+    _CUDA_WARNED.append(message)
+    return message
 
 
 def world_size() -> int:
@@ -121,8 +146,13 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def init_distributed() -> bool:
-    """Join the process group when launched by torchrun; returns True when distributed."""
+def init_distributed(timeout_min: float = 360.0) -> bool:
+    """Join the process group when launched by torchrun; returns True when distributed.
+
+    `timeout_min` bounds every collective, the barriers where ranks wait for rank 0's single-process
+    stages included (NCCL's default, 10 min, is shorter than GLDv2's retrieval)."""
+    import datetime
+
     import torch
     import torch.distributed as dist
 
@@ -131,9 +161,23 @@ def init_distributed() -> bool:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
-    log.info("distributed: rank %d of %d (%s)", rank(), world_size(), backend)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
+    log.info("distributed: rank %d of %d (%s, timeout %g min)", rank(), world_size(), backend, timeout_min)
     return True
+
+
+def any_rank(flag: bool, device=None) -> bool:
+    """Whether `flag` holds on any rank. Every rank calls it at the same point, so a decision to skip
+    a step (too few readable images, a non-finite loss on one rank) is taken by all ranks together:
+    one rank skipping alone leaves the others waiting in DDP's all-reduce until the timeout."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def barrier() -> None:

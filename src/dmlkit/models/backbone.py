@@ -106,6 +106,21 @@ def feature_layout(backbone: nn.Module, features: torch.Tensor) -> str:
     return "nhwc" if features.shape[-1] == channels and features.shape[1] != channels else "nchw"
 
 
+def reached_parameters(output: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors `output`'s autograd graph reads (what a backward would give a grad)."""
+    reached, seen, stack = set(), set(), [output.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: the leaf it writes into
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return reached
+
+
 class EmbeddingModel(nn.Module):
     def __init__(
         self,
@@ -125,11 +140,11 @@ class EmbeddingModel(nn.Module):
         self.backbone = create_backbone(
             backbone, in_chans, image_size, pretrained, pretrained_tag, pretrained_file, backbone_kwargs
         )
-        with torch.no_grad():  # one forward tells the layout and the channel count
-            was_training = self.backbone.training
-            self.backbone.eval()
+        was_training = self.backbone.training
+        self.backbone.eval()
+        with torch.enable_grad():  # one forward tells the layout, the channel count, the parameters used
             probe = self.backbone.forward_features(torch.zeros(1, in_chans, image_size, image_size))
-            self.backbone.train(was_training)
+        self.backbone.train(was_training)
         self.layout = feature_layout(self.backbone, probe)
         # GeM suits CNN maps (post-ReLU, non-negative). Transformers keep the pooling their hub weights
         # were trained with (class token or token average); from random init GeM over the patch grid
@@ -139,6 +154,7 @@ class EmbeddingModel(nn.Module):
         self.prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0) or 0)
         self.pool = GeM(gem_p, gem_learnable)
         self.neck = nn.Sequential(nn.Linear(channels, embedding_size), nn.BatchNorm1d(embedding_size), nn.PReLU())
+        self.unused_parameters = self._freeze_unreached(probe)
         self.in_chans = in_chans
         self.embedding_size = embedding_size
         self.backbone_frozen = False
@@ -146,6 +162,23 @@ class EmbeddingModel(nn.Module):
         # uint8 images are normalised here, batched on the model's device (not saved in checkpoints)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1) * 255.0, persistent=False)
+
+    def _freeze_unreached(self, features: torch.Tensor) -> list[str]:
+        """Parameters the embedding never reads get requires_grad=False, and their names are returned:
+        ConvNeXt's `head.norm` under GeM, GeM's `p` under the model's own pooling. Under DDP a
+        trainable parameter without a gradient stops training at the second step ("Expected to have
+        finished reduction in the prior iteration"); single-process training is unchanged (such a
+        parameter never had a gradient, so no optimizer ever moved it)."""
+        was_training = self.training
+        self.eval()  # BatchNorm1d on one row
+        with torch.enable_grad():
+            reached = reached_parameters(self.neck(self.pooled(features).float()))
+        self.train(was_training)
+        unused = [name for name, p in self.named_parameters() if p.requires_grad and id(p) not in reached]
+        for name, param in self.named_parameters():
+            if name in unused:
+                param.requires_grad_(False)
+        return unused
 
     def data_config(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Mean and std from the backbone's own timm config (averaged for one channel)."""

@@ -32,6 +32,9 @@ assert (i[:, 0] == np.arange(16)).all()
 """
 
 
+GPU_MAX_K = 2048  # faiss-gpu's largest k (and IVF nprobe): a larger one fails inside the search
+
+
 @functools.lru_cache(maxsize=1)
 def gpu_usable() -> bool:
     """True when faiss sees a GPU and a tiny GPU search succeeds in a child process."""
@@ -155,6 +158,10 @@ def knn(
     k = min(k, len(gallery))
     if kind == "flat_bf16":
         return flat_bf16_knn(queries, gallery, k, min(batch, 2048), progress=progress)
+    if use_gpu != "no" and (k > GPU_MAX_K or (kind == "ivf" and nprobe > GPU_MAX_K)):
+        if use_gpu == "yes" or getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+            log.info("faiss: k=%d / nprobe=%d over faiss-gpu's limit of %d; searching on CPU", k, nprobe, GPU_MAX_K)
+        use_gpu = "no"
     index = build_index(gallery, kind, nlist, nprobe, hnsw_m, use_gpu)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     sims = np.empty((len(queries), k), np.float32)

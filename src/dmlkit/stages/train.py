@@ -9,6 +9,7 @@ resumed run on CPU ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -37,7 +38,7 @@ from ..models.heads import MarginHead
 from ..models.objective import MarginModel
 from ..models.optim import make_optimizer, make_scheduler
 from ..models.see import epoch_value
-from ..runtime import is_main_process, progress_bar, rank, seed_everything, world_size
+from ..runtime import any_rank, is_main_process, progress_bar, rank, seed_everything, world_size
 from .folds import fold_parts
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,18 @@ def build_networks(
         model = model.to(memory_format=torch.channels_last)
     if member.train.sync_bn and world_size() > 1:
         if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = sync_batchnorm(model)
         else:
             log.warning("%s: train.sync_bn needs GPUs (torch's SyncBatchNorm is CUDA-only); ignored", member.name)
     return model, head
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """SyncBatchNorm for every BatchNorm, by timm's converter: torch's turns timm's `BatchNormAct2d`
+    (EfficientNet, NFNet, ...) into a plain SyncBatchNorm whose forward drops the fused activation."""
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
 
 
 # ---------------------------------------------------------------------------------- optimisation
@@ -261,19 +270,23 @@ def train_epoch(
         if not ok.all():
             run.skipped_images.update(dataset.paths[int(r)] for r in rows[~ok])
             images, labels = images[ok], labels[ok]
-            if len(images) < 2:
-                continue
+        if any_rank(len(images) < 2, device):  # every rank skips, or none (DDP steps in lockstep)
+            continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         dtype = run.dtype
-        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, expanded = run.train_model(images, labels, see_value, generator)
-        if not torch.isfinite(loss):
+        steps = (batch_index + 1) % t.grad_accum == 0
+        with gradient_sync(run, steps):
+            with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss, expanded = run.train_model(images, labels, see_value, generator)
+            finite = not any_rank(not torch.isfinite(loss), device)
+            if finite:
+                run.scaler.scale(loss / t.grad_accum).backward()
+        if not finite:
             _non_finite(member, run, loss, epoch, batch_index, checkpoint_path)
             continue
-        run.scaler.scale(loss / t.grad_accum).backward()
-        if (batch_index + 1) % t.grad_accum == 0:
+        if steps:
             _optimizer_step(member, run)
         running += float(loss.detach())
         n_batches += 1
@@ -287,13 +300,23 @@ def train_epoch(
     }
 
 
+def gradient_sync(run: TrainingRun, sync: bool) -> contextlib.AbstractContextManager:
+    """Around a micro-batch's forward and backward: under DDP its gradients are all-reduced only
+    when `sync` (the micro-batch before an optimizer step), not once per micro-batch. The forward
+    belongs inside: DDP decides there whether the backward reduces."""
+    if sync or not isinstance(run.train_model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return run.train_model.no_sync()
+
+
 def _non_finite(
     member: MemberConfig, run: TrainingRun, loss: torch.Tensor, epoch: int, batch_index: int, checkpoint_path: Path
 ) -> None:
     """Stop with the step's coordinates, or (nan_policy=skip) drop the step's gradient and go on."""
     run.nonfinite_steps += 1
+    value = f"({loss.item()})" if not torch.isfinite(loss) else f"on another rank (here {loss.item():.4f})"
     message = (
-        f"{member.name}: non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {batch_index}; "
+        f"{member.name}: non-finite loss {value} at epoch {epoch + 1}, batch {batch_index}; "
         f"the last good checkpoint is {checkpoint_path if checkpoint_path.exists() else 'none'}"
     )
     if member.train.nan_policy == "stop":
