@@ -162,3 +162,28 @@ def test_exported_module_equals_the_pipeline_embeddings(tmp_path, backbone):
         exported = module(batch).numpy()
     pipeline = np.load(run_embed(ctx, "m0").file("embeddings.npy"))[:12]
     assert (exported * pipeline).sum(axis=1).min() >= 0.999
+
+
+def test_flip_tta_is_the_mean_over_the_image_and_its_mirror(tmp_path):
+    """The mirrored view is flipped on the device from the one decode: the same embedding as
+    embedding mirrored copies of the files (32 px files at 32 px: no resize to differ)."""
+    import cv2
+
+    from dmlkit.models.backbone import EmbeddingModel
+
+    rng = np.random.default_rng(1)
+    originals, mirrors = [], []
+    for i in range(5):
+        image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        for name, pixels, paths in (("a", image, originals), ("b", image[:, ::-1], mirrors)):
+            cv2.imwrite(str(tmp_path / f"{name}{i}.png"), np.ascontiguousarray(pixels))
+            paths.append(str(tmp_path / f"{name}{i}.png"))
+    torch.manual_seed(0)
+    model = EmbeddingModel("resnet18", 16, image_size=32)
+    kwargs = {"image_size": 32, "batch_size": 2, "device": torch.device("cpu"), "amp": "off", "progress": False}
+    both = embed_paths(model, originals, flip=True, **kwargs)
+    plain = embed_paths(model, originals, flip=False, **kwargs)
+    mirrored = embed_paths(model, mirrors, flip=False, **kwargs)
+    expected = (plain + mirrored) / np.linalg.norm(plain + mirrored, axis=1, keepdims=True)
+    assert np.abs(both - expected).max() < 1e-5
+    assert np.abs(plain - mirrored).max() > 1e-2  # the mirror is a different view

@@ -105,6 +105,7 @@ def test_semantic_errors(configs):
         ("threads=-1", "threads"),
         ("threads=0", "threads"),
         ("folds.seed=-1", "folds.seed"),
+        ("retrieve.index=flat_bf16", "retrieve.index"),  # removed: slower than faiss on every CPU measured
     ],
 )
 def test_values_that_crashed_later_stop_at_load_naming_the_key(configs, override, key):
@@ -124,6 +125,7 @@ def test_values_that_crashed_later_stop_at_load_naming_the_key(configs, override
         (["member_defaults.head.dynamic_lambda=-0.3"], "humpback-2019", "members.0.head.dynamic_lambda: only"),
         (["ensemble.pca_dim=64"], "humpback-2019", "ensemble.pca_dim: no effect while ensemble.pca_whiten"),
         (["retrieve.nprobe=8"], "humpback-2019", "retrieve.nprobe: only retrieve.index 'ivf'"),
+        (["member_defaults.train.lr_scaling=linear"], "humpback-2019", "members.0.train.lr_scaling: no effect while"),
         (["retrieve.unknown_threshold=0.3"], "landmark-recognition-2020", "retrieve.unknown_threshold: only MAP@5"),
         (["retrieve.voting.head_weight=0.5"], "landmark-retrieval", "retrieve.voting.head_weight"),
         (["retrieve.penalty.enabled=true"], "landmark-retrieval", "retrieve.penalty.enabled"),

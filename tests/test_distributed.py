@@ -5,6 +5,7 @@ the warning for a CUDA build that finds no GPU."""
 import datetime
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,134 @@ def test_gradient_accumulation_all_reduces_once_per_optimizer_step():
     # the one reduction averaged the ranks' summed micro-batch gradients: d/dW sum(W·x·m)/4 = x·m/4 per row
     expected = torch.full((3, 4), (1 + 2) / 2 * (1 + 2 + 3 + 4) / 4 * 2)  # batch of 2 rows
     assert torch.allclose(g0, expected) and torch.allclose(g1, expected)
+
+
+class _UnreadableFirstOnRank1:
+    """Rank 1's first `count` images read as unreadable (its first batch has too few to train on)."""
+
+    def __init__(self, dataset, count: int):
+        self.dataset, self.count, self.calls = dataset, count, 0
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label, row, ok = self.dataset[index]
+        self.calls += 1
+        if os.environ["RANK"] == "1" and self.calls <= self.count:
+            return torch.zeros_like(image), label, row, False
+        return image, label, row, ok
+
+
+class _NanOnRank1(torch.nn.Module):
+    """The objective, with rank 1's loss made NaN at its `at`-th forward."""
+
+    def __init__(self, inner: torch.nn.Module, at: int):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, *args):
+        loss, expanded = self.inner(*args)
+        self.calls += 1
+        if os.environ["RANK"] == "1" and self.calls == self.at:
+            loss = loss * float("nan")
+        return loss, expanded
+
+
+def _train_epoch_with_skips(rank: int, port: int, folder: str, out: dict) -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from dmlkit.config import MemberConfig
+    from dmlkit.data.dataset import ImageDataset
+    from dmlkit.data.transforms import make_pipeline
+    from dmlkit.models.build import build_member_head, build_model
+    from dmlkit.stages import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        member = MemberConfig.model_validate(
+            {
+                "name": "m",
+                "backbone": "test_resnet",
+                "fold": 0,
+                "image_size": 32,
+                "embedding_size": 16,
+                "train": {"epochs": 1, "batch_size": 16, "nan_policy": "skip", "amp": "off", "freeze_bn": True},
+            }
+        )
+        paths = sorted(str(p) for p in Path(folder).glob("*.png"))
+        labels = [i % 4 for i in range(len(paths))]
+        dataset = _UnreadableFirstOnRank1(ImageDataset(paths, labels, make_pipeline(32), 3, 32, True), count=7)
+        torch.manual_seed(0)
+        model, head = build_model(member), build_member_head(member, np.bincount(labels))
+        run = train.training_run(member, model, head, dataset, torch.device("cpu"))
+        run.train_model = _NanOnRank1(run.train_model, at=1)  # rank 1's first forward is batch 1
+        steps = []
+        run.optimizer.register_step_post_hook(lambda *_: steps.append(1))
+        row = train.train_epoch(
+            SimpleNamespace(seed=0), member, run, dataset, 0, torch.device("cpu"), Path(folder) / "x.pt", False
+        )
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        out[rank] = (run.nonfinite_steps, len(steps), row["loss"], weights)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_unreadable_batch_and_nan_loss_are_skipped_by_both(tmp_path):
+    """Through the training loop: rank 1 alone cannot train batch 0 (7 of its 8 images unreadable)
+    and alone gets a NaN loss on batch 1. Both ranks skip both batches and take the one optimizer
+    step of batch 2 together, ending with the same weights; a rank skipping alone would leave the
+    other waiting in DDP's all-reduce until the 60 s timeout."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(48):  # 24 per rank: 3 batches of 8
+        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    with mp.Manager() as manager:
+        out = manager.dict()
+        context = mp.spawn(_train_epoch_with_skips, args=(free_port(), str(tmp_path), out), nprocs=2, join=False)
+        while not context.join(timeout=180):
+            pass
+        (bad0, steps0, loss0, w0), (bad1, steps1, loss1, w1) = out[0], out[1]
+    assert bad0 == bad1 == 1  # the NaN step, counted on both ranks
+    assert steps0 == steps1 == 1  # batches 0 and 1 skipped, batch 2 trained
+    assert np.isfinite(loss0) and np.isfinite(loss1)
+    assert torch.equal(w0, w1)
+
+
+@pytest.mark.parametrize(
+    ("batch_per", "scaling", "world", "expected"),
+    [
+        ("global", "none", 8, (4, 1e-3)),  # glr2020.yaml's 32 on 8 GPUs: 4 images each, same optimisation
+        ("gpu", "none", 8, (32, 1e-3)),
+        ("gpu", "linear", 8, (32, 8e-3)),
+        ("gpu", "sqrt", 4, (32, 2e-3)),
+        ("gpu", "linear", 1, (32, 1e-3)),
+    ],
+)
+def test_batch_per_gpu_gives_each_rank_the_batch_and_scales_the_lr(batch_per, scaling, world, expected):
+    from dmlkit.config import TrainConfig
+    from dmlkit.stages.train import batch_plan
+
+    t = TrainConfig(batch_size=32, lr=1e-3, batch_per=batch_per, lr_scaling=scaling)
+    per_rank, lr = batch_plan(t, world)
+    assert per_rank == expected[0] and lr == pytest.approx(expected[1])
+
+
+def test_cuda_flags_follow_the_runtime_config():
+    before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        runtime.configure_cuda(benchmark=True, tf32=False)
+        assert torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.allow_tf32
+        runtime.configure_cuda(benchmark=False, tf32=True)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -89,23 +89,61 @@ def test_image_smaller_than_the_crop_is_resized(tmp_path):
     assert tuple(tensor.shape) == (3, 32, 32)
 
 
-def test_image_check_agrees_with_the_decoder(tmp_path):
-    """The folds stage's cheap check (1/8-scale decode) refuses exactly what read_image refuses."""
+def _check_cases(folder: Path) -> list[Path]:
     good = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))[1].tobytes()
     files = {"empty.jpg": b"", "text.jpg": b"not an image", "head.jpg": good[:600]}
     files.update({f"cut{n}.jpg": good[: len(good) * n // 10] for n in (3, 9)})
     files["good.jpg"] = good
+    # an APP2 segment of 10 kB before the frame header (as large EXIF/ICC data puts it past the first read)
+    files["late-frame.jpg"] = good[:2] + b"\xff\xe2" + (10002).to_bytes(2, "big") + bytes(10000) + good[2:]
+    files["appended.jpg"] = good + b"ftypmp42" + bytes(5000)  # a motion photo's video after the image
+    sof = good.index(b"\xff\xc0")
+    files["zero-width.jpg"] = good[: sof + 7] + b"\x00\x00" + good[sof + 9 :]
+    png = cv2.imencode(".png", np.full((7, 9, 3), 40, np.uint8))[1].tobytes()
+    files.update({"good.png": png, "cut.png": png[: len(png) - 20], "text.png": b"\x89PNG\r\n\x1a\n garbage"})
     for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    _png(tmp_path / "deep.png", np.full((5, 5, 3), 65535, np.uint16))
-    _png(tmp_path / "gray.png", np.full((5, 6), 9, np.uint8))
-    for path in [*sorted(tmp_path.iterdir()), tmp_path / "missing.jpg"]:
+        (folder / name).write_bytes(data)
+    _png(folder / "deep.png", np.full((5, 5, 3), 65535, np.uint16))
+    _png(folder / "gray.png", np.full((5, 6), 9, np.uint8))
+    return [*sorted(folder.iterdir()), folder / "missing.jpg"]
+
+
+def test_image_check_agrees_with_the_decoder(tmp_path):
+    """The folds stage's check (1/8-scale decode) refuses exactly what read_image refuses."""
+    for path in _check_cases(tmp_path):
         try:
             read_image(path)
             expected = None
         except UnreadableImageError as exc:
             expected = str(exc)
         assert image_problem(path) == expected, path.name
+
+
+def test_header_check_refuses_what_the_decoder_refuses(tmp_path):
+    """check_images: header reads a header and the end marker, not the pixels: the same verdict as
+    decoding on empty, missing, truncated and non-image files, a frame header 10 kB in and a video
+    appended after the image."""
+    from dmlkit.data.images import image_header_problem
+
+    verdicts = {}
+    for path in _check_cases(tmp_path):
+        problem = image_header_problem(path)
+        verdicts[path.name] = problem is None
+        assert (problem is None) == (image_problem(path) is None), (path.name, problem)
+        assert problem is None or str(path) in problem
+    assert verdicts["late-frame.jpg"] and verdicts["appended.jpg"] and verdicts["good.png"]
+    assert not verdicts["cut9.jpg"] and not verdicts["cut.png"] and not verdicts["zero-width.jpg"]
+
+
+def test_check_images_off_and_header_modes_in_the_folds_stage(tmp_path):
+    from dmlkit.stages.folds import find_unreadable
+
+    paths = _check_cases(tmp_path)
+    table = pd.DataFrame({"id": [p.name for p in paths], "role": "train", "path": [str(p) for p in paths]})
+    decoded = find_unreadable(table, 2, progress=False, mode="decode")
+    header = find_unreadable(table, 2, progress=False, mode="header")
+    assert header["id"].tolist() == decoded["id"].tolist() and len(decoded) >= 8
+    assert find_unreadable(table, 2, progress=False, mode="off").empty
 
 
 def _corrupt_demo(tmp_path: Path, role_folder: str, *overrides: str) -> tuple[Context, Path]:

@@ -130,6 +130,20 @@ def test_two_gloo_processes_match_one_process(tmp_path, backbone, epochs):
     a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
     worst = max((a[p][k].float() - b[p][k].float()).abs().max().item() for p in ("model", "head") for k in a[p])
     assert worst < 1e-4, f"largest weight difference between 1 and 2 processes: {worst}"
+    # validation is sharded over the ranks (each embeds half, rank 0 scores): the same scores as one process
+    one, two = (_metrics(tmp_path / name) for name in ("one", "two"))
+    val_columns = [c for c in one.columns if c.startswith("val_") and c != "val_s"]
+    assert "val_score" in val_columns and list(two.columns) == list(one.columns)
+    for column in val_columns:
+        assert two[column].tolist() == pytest.approx(one[column].tolist(), abs=1e-6), column
+    assert "sharded validation: 2 ranks" in double.stderr
+
+
+def _metrics(artifacts: Path):
+    import pandas as pd
+
+    (path,) = artifacts.glob("*/train/m0/*/metrics.csv")
+    return pd.read_csv(path)
 
 
 def _margin_model(matmul: str, see: bool, sample_rate: float = 1.0):

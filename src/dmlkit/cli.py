@@ -76,12 +76,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def _setup(cfg_path: str | None, overrides: list[str], experiment_hint: str = "run"):
     from .config import load_config
-    from .runtime import init_distributed, seed_everything, set_threads, setup_logging
+    from .runtime import configure_cuda, init_distributed, seed_everything, set_threads, setup_logging
 
     cfg = load_config(cfg_path, overrides) if cfg_path else None
     log_file = setup_logging(Path("logs"), cfg.experiment if cfg else experiment_hint)
     if cfg is not None:
         init_distributed(cfg.runtime.dist_timeout_min)
+        configure_cuda(cfg.runtime.cudnn_benchmark, cfg.runtime.tf32)
         threads = set_threads(cfg.threads)
         seed_everything(cfg.seed)
         log.info("config %s (experiment '%s'), %d thread(s), log %s", cfg_path, cfg.experiment, threads, log_file)

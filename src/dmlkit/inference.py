@@ -60,6 +60,13 @@ def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     return _cpu_auto_dtype() if amp == "auto" else torch.bfloat16
 
 
+def loader_options(device: torch.device, num_workers: int) -> dict:
+    """DataLoader arguments for feeding `device`: pinned host memory for a GPU (without it
+    `non_blocking` copies are synchronous). Workers are not kept between epochs (persistent_workers):
+    each epoch's loader seeds its workers from (seed, epoch), which keeps a resumed run exact."""
+    return {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
+
+
 @torch.no_grad()
 def embed_paths(
     model: EmbeddingModel,
@@ -76,7 +83,8 @@ def embed_paths(
     skip_unreadable: bool = False,
     channels_last: bool = False,
 ) -> np.ndarray:
-    """(N, E) L2-normalised embeddings, averaged over the TTA views (flip × scales).
+    """(N, E) L2-normalised embeddings, averaged over the TTA views (flip × scales). Each scale is
+    decoded once; the mirrored view is the batch flipped on the device.
 
     With `skip_unreadable`, rows of unreadable images are NaN instead of an error.
     """
@@ -85,21 +93,22 @@ def embed_paths(
         model = model.to(memory_format=torch.channels_last)
     dtype = autocast_dtype(device, amp)
     total = None
-    views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
-    for scale, flipped in views:
+    for scale in scales:
         size = max(16, int(round(image_size * scale)))
-        pipeline = make_pipeline(size, flip=flipped)
-        dataset = ImageDataset(paths, None, pipeline, model.in_chans, size, skip_unreadable=skip_unreadable)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        dataset = ImageDataset(paths, None, make_pipeline(size), model.in_chans, size, skip_unreadable=skip_unreadable)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(device, num_workers))
         chunks = []
         for images, _, _, ok in progress_bar(
-            loader, f"{desc} {size}px{' flip' if flipped else ''}", progress, unit="batch"
+            loader, f"{desc} {size}px{' +flip' if flip else ''}", progress, unit="batch"
         ):
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = model(images).float().cpu()
+                out = model(images).float()
+                if flip:
+                    out = out + model(images.flip(-1)).float()
+            out = out.cpu()
             out[~ok] = float("nan")
             chunks.append(out)
         view = torch.cat(chunks) if chunks else torch.zeros(0, model.embedding_size)
@@ -107,14 +116,18 @@ def embed_paths(
     return torch.nn.functional.normalize(total, dim=1).numpy().astype(np.float32)
 
 
-def gather_rows(part: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray:
-    """Reassemble per-rank shards (rows[i] is the global row of part[i]) on every rank."""
+def gather_rows(part: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray | None:
+    """Reassemble per-rank shards (rows[i] is the global row of part[i]) on rank 0, which alone
+    writes and searches them; the other ranks get None. Without torchrun, `part` itself."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return part
-    pieces: list = [None] * dist.get_world_size()
-    dist.all_gather_object(pieces, (rows, part))
+    main = dist.get_rank() == 0
+    pieces: list | None = [None] * dist.get_world_size() if main else None
+    dist.gather_object((rows, part), pieces, dst=0)
+    if not main:
+        return None
     out = np.zeros((total, part.shape[1]), dtype=part.dtype)
     for piece_rows, piece in pieces:
         out[piece_rows] = piece

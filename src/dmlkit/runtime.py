@@ -162,22 +162,50 @@ def init_distributed(timeout_min: float = 360.0) -> bool:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
+    if backend == "nccl":  # flags travel between CPUs: agreeing on a skip does not wait for the GPU
+        _FLAG_GROUP.append(dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_min)))
     log.info("distributed: rank %d of %d (%s, timeout %g min)", rank(), world_size(), backend, timeout_min)
     return True
+
+
+_FLAG_GROUP: list = []  # a gloo group beside NCCL's, for flags held by the CPU
 
 
 def any_rank(flag: bool, device=None) -> bool:
     """Whether `flag` holds on any rank. Every rank calls it at the same point, so a decision to skip
     a step (too few readable images, a non-finite loss on one rank) is taken by all ranks together:
-    one rank skipping alone leaves the others waiting in DDP's all-reduce until the timeout."""
+    one rank skipping alone leaves the others waiting in DDP's all-reduce until the timeout. Under
+    NCCL the flag goes through a gloo group on the CPU (no device tensor, no wait for the GPU's queue);
+    `device` is used only where the process group is NCCL's alone."""
     import torch
     import torch.distributed as dist
 
     if world_size() <= 1 or not (dist.is_available() and dist.is_initialized()):
         return bool(flag)
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    group = _FLAG_GROUP[0] if _FLAG_GROUP else None
+    value = torch.tensor([1 if flag else 0], device="cpu" if group is not None or device is None else device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())
+
+
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (itself without torchrun)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def configure_cuda(benchmark: bool, tf32: bool) -> None:
+    """cuDNN's per-shape algorithm search and TF32 for fp32 matmuls/convolutions (no effect off CUDA)."""
+    import torch
+
+    torch.backends.cudnn.benchmark = benchmark
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def barrier() -> None:

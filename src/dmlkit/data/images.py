@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -46,6 +47,45 @@ def image_problem(path: str | Path) -> str | None:
     if image is None or image.size == 0:
         return f"{path}: {_UNDECODABLE}"
     return None
+
+
+_JPEG, _PNG = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
+_ENDS = {_JPEG: b"\xff\xd9", _PNG: b"IEND\xaeB`\x82"}  # end-of-image marker, IEND chunk type and CRC
+
+
+def image_header_problem(path: str | Path, first: int = 4096) -> str | None:
+    """`image_problem`'s verdict at the cost of a header read for whole JPEG and PNG files: None when
+    the file exists, is non-empty, its header gives an image size (a JPEG's frame header, a PNG's IHDR)
+    and it ends with its format's end marker. A file that does not end so (truncated, or data appended
+    after the image, as motion photos do) and other formats are decoded (`image_problem`). Reads the
+    first `first` bytes and the last few; the rest only where EXIF data holds a JPEG's frame header
+    further on."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(first)
+            if not head:
+                return f"{path}: image file is empty (0 bytes)"
+            magic = _JPEG if head[:3] == _JPEG else _PNG if head[:8] == _PNG else None
+            if magic is None:
+                return image_problem(path)
+            size = os.fstat(handle.fileno()).st_size
+            handle.seek(max(0, size - len(_ENDS[magic])))
+            if handle.read() != _ENDS[magic]:
+                return image_problem(path)
+            if magic == _PNG:
+                wide, high = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+                ok = len(head) >= 24 and head[12:16] == b"IHDR" and wide > 0 and high > 0
+                return None if ok else f"{path}: PNG without a valid IHDR header"
+            shape = jpeg_size(head)
+            if shape is None and size > len(head):
+                handle.seek(0)
+                shape = jpeg_size(handle.read())
+            return None if shape is not None and min(shape) > 0 else f"{path}: JPEG without a frame size in its header"
+    except FileNotFoundError:
+        return f"{path}: image file not found"
+    except OSError as exc:
+        return f"{path}: cannot read: {exc}"
 
 
 _REDUCED = {  # OpenCV decodes JPEGs at 1/2, 1/4, 1/8 scale (libjpeg's scaled IDCT): far less work

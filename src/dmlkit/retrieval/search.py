@@ -14,7 +14,6 @@ import sys
 
 import faiss
 import numpy as np
-import torch
 
 from ..runtime import progress_bar
 
@@ -91,54 +90,6 @@ def build_index(
     return index
 
 
-def bf16_product_error(norms: torch.Tensor, rough: torch.Tensor, dim: int) -> torch.Tensor:
-    """Bound on |bf16 product − exact inner product| for vectors whose norms multiply to at most
-    `norms`, given the bf16 result `rough`: each input rounded to bf16 (unit roundoff u = 2⁻⁸) errs by
-    at most (2u + u²)·Σ|qᵢgᵢ| ≤ (2u + u²)·|q|·|g|, the fp32 accumulation by dim·2⁻²⁴·|q|·|g|, and
-    the bf16 output rounding by u·|exact| ≤ u·(|rough| + the rest)."""
-    inputs = (2.0**-7 + 2.0**-16 + dim * 2.0**-24) * norms
-    return inputs + 2.0**-8 * (rough.abs() + inputs)
-
-
-def flat_bf16_knn(
-    queries: np.ndarray, gallery: np.ndarray, k: int, batch: int = 2048, candidates: int | None = None, progress=True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k: bf16 products over the gallery pick each query's `candidates`
-    (default 2k) best, which are re-scored in fp32; the top k of those, best first.
-
-    A bf16 product is within `bf16_product_error` of the exact one. A neighbour outside the
-    candidates scores at most the last candidate's bf16 score plus that bound; where this reaches
-    the k-th exact score (near-duplicates crowding the boundary) the query is searched in fp32
-    instead, so the result is exact either way. Memory: the gallery once
-    more in bf16, and batch × N bf16 scores."""
-    k = min(k, len(gallery))
-    wanted = min(len(gallery), max(k, candidates or 2 * k))
-    exact = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32))
-    low = exact.to(torch.bfloat16)
-    largest = float(exact.norm(dim=1).max())
-    sims = np.empty((len(queries), k), np.float32)
-    ids = np.empty((len(queries), k), np.int64)
-    starts = range(0, len(queries), batch)
-    for start in progress_bar(starts, "knn (bf16)", progress and len(starts) >= 4, unit="batch"):
-        q = torch.from_numpy(np.ascontiguousarray(queries[start : start + batch], dtype=np.float32))
-        rough, picked = (q.to(torch.bfloat16) @ low.T).topk(wanted, dim=1, sorted=False)
-        scores = torch.empty(picked.shape, dtype=torch.float32)
-        for row in range(0, len(q), 256):  # fp32 re-scoring, a few hundred MB at a time
-            block = picked[row : row + 256]
-            scores[row : row + 256] = torch.einsum("qd,qkd->qk", q[row : row + 256], exact[block])
-        best, order = scores.topk(k, dim=1)
-        found = picked.gather(1, order)
-        if wanted < len(gallery):
-            last = rough.float().min(dim=1).values
-            bound = bf16_product_error(q.norm(dim=1) * largest, last, q.shape[1])
-            unsure = (last + bound >= best[:, -1]).nonzero().flatten()
-            if len(unsure):
-                best[unsure], found[unsure] = (q[unsure] @ exact.T).topk(k, dim=1)
-        sims[start : start + batch] = best.numpy()
-        ids[start : start + batch] = found.numpy()
-    return sims, ids
-
-
 def knn(
     queries: np.ndarray,
     gallery: np.ndarray,
@@ -153,11 +104,8 @@ def knn(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, indices), each (Q, k), best first; indices -1 where fewer than k exist.
 
-    `kind`: flat (faiss, exact), flat_bf16 (exact top-k from bf16 candidates, fp32 scores; CPU; slower
-    than faiss on the 2-core CPU measured, see the README), ivf or hnsw."""
+    `kind`: flat (faiss, exact), ivf or hnsw."""
     k = min(k, len(gallery))
-    if kind == "flat_bf16":
-        return flat_bf16_knn(queries, gallery, k, min(batch, 2048), progress=progress)
     if use_gpu != "no" and (k > GPU_MAX_K or (kind == "ivf" and nprobe > GPU_MAX_K)):
         if use_gpu == "yes" or getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
             log.info("faiss: k=%d / nprobe=%d over faiss-gpu's limit of %d; searching on CPU", k, nprobe, GPU_MAX_K)

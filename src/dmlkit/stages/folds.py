@@ -2,7 +2,8 @@
 
 Classes with one image always stay in training (fold −1); unknown rows (new_whale) never
 become a training class: they are spread over the folds as validation queries whose answer is
-unknown. Every image is checked first: unreadable training (and distractor) images are dropped
+unknown. Every image is checked first (`folds.check_images`: decoded, or its header read for millions
+of images): unreadable training (and distractor) images are dropped
 and listed, an unreadable test or index image stops the run. Writes `table.csv` (every readable
 row of the competition), `folds.csv` (the training rows with their fold) and `unreadable.csv`.
 """
@@ -20,7 +21,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from ..cache import file_fingerprint, files_fingerprint, stage_key
 from ..config import FoldsConfig
-from ..data.images import UnreadableImageError, image_problem
+from ..data.images import UnreadableImageError, image_header_problem, image_problem
 from ..runtime import progress_bar
 
 log = logging.getLogger(__name__)
@@ -95,14 +96,18 @@ def fold_parts(folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFra
     return train, val.reset_index(drop=True)
 
 
-def find_unreadable(table: pd.DataFrame, threads: int, progress: bool = True) -> pd.DataFrame:
-    """The rows whose image is missing, empty or does not decode: `id, role, path, problem`."""
-    paths = table["path"].tolist()
+CHECKS = {"decode": image_problem, "header": image_header_problem}
+
+
+def find_unreadable(table: pd.DataFrame, threads: int, progress: bool = True, mode: str = "decode") -> pd.DataFrame:
+    """The rows whose image is missing, empty or does not decode (mode decode), or whose header
+    gives no image size (mode header): `id, role, path, problem`. Mode off checks nothing."""
+    paths = table["path"].tolist() if mode != "off" else []
     problems: list[str | None] = []
     chunk = 4096
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # OpenCV decodes without the GIL
-        for start in progress_bar(range(0, len(paths), chunk), "checking images", progress, unit="chunk"):
-            problems.extend(pool.map(image_problem, paths[start : start + chunk]))
+        for start in progress_bar(range(0, len(paths), chunk), f"checking images ({mode})", progress, unit="chunk"):
+            problems.extend(pool.map(CHECKS.get(mode, image_problem), paths[start : start + chunk]))
     bad = [i for i, problem in enumerate(problems) if problem]
     return table.iloc[bad][["id", "role", "path"]].assign(problem=[problems[i] for i in bad])
 
@@ -131,7 +136,7 @@ def make_folds(
     """The stage: check every image of the common table, drop unreadable training (and distractor)
     images, assign folds, write table.csv, folds.csv and unreadable.csv. `train_data` keys what
     training reads: folds.csv and its images (a changed test image does not retrain)."""
-    unreadable = find_unreadable(table, threads, progress)
+    unreadable = find_unreadable(table, threads, progress, cfg.check_images)
     refuse_unreadable(unreadable)
     unreadable.to_csv(work / "unreadable.csv", index=False)
     table = table.drop(index=unreadable.index).reset_index(drop=True)

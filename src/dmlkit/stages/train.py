@@ -26,11 +26,11 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..competitions import Adapter
-from ..config import Config, MemberConfig
+from ..config import Config, MemberConfig, TrainConfig
 from ..data.dataset import ImageDataset, with_rotated_classes
 from ..data.transforms import make_pipeline
 from ..evaluation import knn_validation_scores
-from ..inference import autocast_dtype, embed_paths
+from ..inference import autocast_dtype, embed_paths, gather_rows, loader_options
 from ..models.backbone import EmbeddingModel
 from ..models.build import build_member_head, build_model
 from ..models.checkpoint import load_training_state, save_training_state, save_weights
@@ -38,7 +38,7 @@ from ..models.heads import MarginHead
 from ..models.objective import MarginModel
 from ..models.optim import make_optimizer, make_scheduler
 from ..models.see import epoch_value
-from ..runtime import any_rank, is_main_process, progress_bar, rank, seed_everything, world_size
+from ..runtime import any_rank, broadcast_object, is_main_process, progress_bar, rank, seed_everything, world_size
 from .folds import fold_parts
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,45 @@ class TrainingRun:
         return self.ema.module if self.ema is not None else self.model
 
 
+def batch_plan(t: TrainConfig, world: int) -> tuple[int, float]:
+    """(each rank's batch, the learning rate) for `world` processes: batch_per global splits the
+    batch over the ranks (the single-process optimisation); batch_per gpu gives each rank the whole
+    batch and scales the lr by lr_scaling."""
+    if t.batch_per == "gpu":
+        factor = {"none": 1.0, "linear": float(world), "sqrt": math.sqrt(world)}[t.lr_scaling]
+        return t.batch_size, t.lr * factor
+    return max(2, t.batch_size // world), t.lr
+
+
+def _log_batch_plan(member: MemberConfig, model: nn.Module, per_rank_batch: int, lr: float) -> None:
+    if world_size() <= 1:
+        return
+    t = member.train
+    log.info(
+        "%s: %d ranks × %d images = global batch %d (train.batch_per: %s), lr %.3g",
+        member.name,
+        world_size(),
+        per_rank_batch,
+        per_rank_batch * world_size(),
+        t.batch_per,
+        lr,
+    )
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and per_rank_batch < 16 and not (t.freeze_bn or t.sync_bn):
+        log.warning(
+            "%s: BatchNorm sees %d images per rank: train.batch_per: gpu (each GPU gets batch_size "
+            "images), train.sync_bn or train.freeze_bn",
+            member.name,
+            per_rank_batch,
+        )
+
+
 def training_run(
     member: MemberConfig, model: EmbeddingModel, head: MarginHead, dataset: ImageDataset, device: torch.device
 ) -> TrainingRun:
-    t = member.train
+    per_rank_batch, lr = batch_plan(member.train, world_size())
+    _log_batch_plan(member, model, per_rank_batch, lr)
+    t = member.train.model_copy(update={"lr": lr})
     train_model: nn.Module = MarginModel(model, head, member)
     if world_size() > 1:
         head.persistent_grad = False  # DDP reduces the weight's gradient from its own autograd hook
@@ -161,7 +196,6 @@ def training_run(
     # Partial FC: AdamW updates the sampled classes' rows of the head only
     rows = head.touched_rows if member.head.sample_rate < 1.0 and isinstance(head, MarginHead) else None
     optimizer = make_optimizer(t, model, list(head.parameters()), device, head_rows=rows)
-    per_rank_batch = max(2, t.batch_size // world_size())
     steps_per_epoch = max(1, (len(dataset) // world_size()) // per_rank_batch // t.grad_accum)
     scheduler = make_scheduler(optimizer, steps_per_epoch * t.epochs, int(t.warmup_epochs * steps_per_epoch))
     dtype = autocast_dtype(device, t.amp)
@@ -211,7 +245,7 @@ def epoch_loader(cfg: Config, member: MemberConfig, run: TrainingRun, dataset: I
         batch_size=run.per_rank_batch,
         sampler=sampler,
         drop_last=run.drop_last,
-        num_workers=member.train.num_workers,
+        **loader_options(next(run.model.parameters()).device, member.train.num_workers),
         worker_init_fn=functools.partial(_seed_worker, dataset.transform, worker_seed),
     )
 
@@ -280,15 +314,16 @@ def train_epoch(
         with gradient_sync(run, steps):
             with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss, expanded = run.train_model(images, labels, see_value, generator)
-            finite = not any_rank(not torch.isfinite(loss), device)
+            loss_value = float(loss.detach())  # the step's one wait for the device
+            finite = not any_rank(not math.isfinite(loss_value), device)
             if finite:
                 run.scaler.scale(loss / t.grad_accum).backward()
         if not finite:
-            _non_finite(member, run, loss, epoch, batch_index, checkpoint_path)
+            _non_finite(member, run, loss_value, epoch, batch_index, checkpoint_path)
             continue
         if steps:
             _optimizer_step(member, run)
-        running += float(loss.detach())
+        running += loss_value
         n_batches += 1
         n_expanded += expanded
         bar.set_postfix(loss=f"{running / n_batches:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
@@ -310,11 +345,11 @@ def gradient_sync(run: TrainingRun, sync: bool) -> contextlib.AbstractContextMan
 
 
 def _non_finite(
-    member: MemberConfig, run: TrainingRun, loss: torch.Tensor, epoch: int, batch_index: int, checkpoint_path: Path
+    member: MemberConfig, run: TrainingRun, loss: float, epoch: int, batch_index: int, checkpoint_path: Path
 ) -> None:
     """Stop with the step's coordinates, or (nan_policy=skip) drop the step's gradient and go on."""
     run.nonfinite_steps += 1
-    value = f"({loss.item()})" if not torch.isfinite(loss) else f"on another rank (here {loss.item():.4f})"
+    value = f"({loss})" if not math.isfinite(loss) else f"on another rank (here {loss:.4f})"
     message = (
         f"{member.name}: non-finite loss {value} at epoch {epoch + 1}, batch {batch_index}; "
         f"the last good checkpoint is {checkpoint_path if checkpoint_path.exists() else 'none'}"
@@ -327,6 +362,7 @@ def _non_finite(
 
 # ------------------------------------------------------------------------------------ validation
 def validate(
+    cfg: Config,
     member: MemberConfig,
     model: EmbeddingModel,
     train_part: pd.DataFrame,
@@ -335,39 +371,68 @@ def validate(
     device: torch.device,
     progress: bool,
 ) -> dict:
-    """The competition's metric on the fold: validation images against the training images."""
+    """The competition's metric on the fold: validation images against the training images. Under
+    torchrun each rank embeds its share (with the loader's workers and embed.batch_size), rank 0
+    scores, and every rank gets the scores."""
     if val_part.empty:
         return {}
-
-    def embed(part: pd.DataFrame, desc: str) -> tuple[np.ndarray, pd.DataFrame]:
-        """Embeddings of a part's readable images (unreadable ones are skipped and reported by training)."""
-        emb = embed_paths(
-            model,
-            part["path"].tolist(),
-            member.image_size,
-            128,
-            device,
-            flip=False,
-            amp=member.train.amp,
-            desc=desc,
-            progress=progress,
-            skip_unreadable=not member.train.strict_images,
-            channels_last=member.train.channels_last,
+    if world_size() > 1:
+        log.info(
+            "%s: sharded validation: %d ranks, each embeds ≤%d of %d gallery and ≤%d of %d query images",
+            member.name,
+            world_size(),
+            -(-len(train_part) // world_size()),
+            len(train_part),
+            -(-len(val_part) // world_size()),
+            len(val_part),
         )
-        readable = np.isfinite(emb).all(axis=1)
-        return emb[readable], part[readable]
+    gallery, gallery_part = _embed_part(cfg, member, model, train_part, device, "val gallery", progress)
+    queries, query_part = _embed_part(cfg, member, model, val_part, device, "val queries", progress)
+    scores = {}
+    if is_main_process():
+        found = knn_validation_scores(
+            adapter,
+            queries,
+            query_part["label"].to_numpy(),
+            query_part["known"].to_numpy(),
+            gallery,
+            gallery_part["label"].to_numpy(),
+        )
+        scores = {f"val_{k}": v for k, v in found.items() if isinstance(v, float)}
+    return broadcast_object(scores)
 
-    gallery, train_part = embed(train_part, "val gallery")
-    queries, val_part = embed(val_part, "val queries")
-    scores = knn_validation_scores(
-        adapter,
-        queries,
-        val_part["label"].to_numpy(),
-        val_part["known"].to_numpy(),
-        gallery,
-        train_part["label"].to_numpy(),
+
+def _embed_part(
+    cfg: Config,
+    member: MemberConfig,
+    model: EmbeddingModel,
+    part: pd.DataFrame,
+    device: torch.device,
+    desc: str,
+    progress: bool,
+) -> tuple[np.ndarray | None, pd.DataFrame]:
+    """Embeddings of a part's readable images and their rows, on rank 0 (None elsewhere); unreadable
+    images are skipped here and reported by training."""
+    shard = np.arange(len(part))[rank() :: world_size()]
+    emb = embed_paths(
+        model,
+        part["path"].to_numpy()[shard].tolist(),
+        member.image_size,
+        cfg.embed.batch_size,
+        device,
+        flip=False,
+        amp=member.train.amp,
+        num_workers=member.train.num_workers,
+        desc=desc,
+        progress=progress and is_main_process(),
+        skip_unreadable=not member.train.strict_images,
+        channels_last=member.train.channels_last,
     )
-    return {f"val_{k}": v for k, v in scores.items() if isinstance(v, float)}
+    emb = gather_rows(emb, shard, len(part))
+    if emb is None:
+        return None, part
+    readable = np.isfinite(emb).all(axis=1)
+    return emb[readable], part[readable]
 
 
 # ------------------------------------------------------------------------------------ checkpoint
@@ -445,10 +510,14 @@ def train_member(
     start_epoch, history, best = resume(run, work / "last.pt", device, member.name)
     started = time.time()
     for epoch in range(start_epoch, t.epochs):
+        epoch_started = time.time()
         row = train_epoch(cfg, member, run, dataset, epoch, device, work / "last.pt", progress)
+        row["train_s"] = round(time.time() - epoch_started, 1)
         row["elapsed_s"] = round(time.time() - started, 1)
         if (epoch + 1) % t.validate_every == 0 or epoch + 1 == t.epochs:
-            row.update(validate(member, run.eval_model, data.train_part, data.val_part, adapter, device, progress))
+            validation_started = time.time()
+            row.update(validate(cfg, member, run.eval_model, data.train_part, data.val_part, adapter, device, progress))
+            row["val_s"] = round(time.time() - validation_started, 1)
         history.append(row)
         log.info(
             "%s: %s",
