@@ -33,7 +33,7 @@ ensure_env() {
   echo "[setup] installing pinned requirements: $*"
   "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" "${reqs[@]}"
   "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --no-deps -e .
-  "$VENV/bin/python" -c "import torch, torchvision, timm, faiss, albumentations, cv2" \
+  "$VENV/bin/python" -c "import torch, torchvision, timm, faiss, albumentations, cv2, onnx, onnxruntime" \
     || { echo "[setup] the environment does not import; see README 'Installation'" >&2; exit 1; }
   echo "$want" >"$stamp"
 }

@@ -162,6 +162,13 @@ def test_exported_module_equals_the_pipeline_embeddings(tmp_path, backbone):
         exported = module(batch).numpy()
     pipeline = np.load(run_embed(ctx, "m0").file("embeddings.npy"))[:12]
     assert (exported * pipeline).sum(axis=1).min() >= 0.999
+    # the ONNX file (onnx is a requirement: before, export.onnx's default wrote nothing) runs in onnxruntime
+    import onnxruntime
+
+    assert "onnx" in written, written
+    session = onnxruntime.InferenceSession(str(written["onnx"]), providers=["CPUExecutionProvider"])
+    (from_onnx,) = session.run(None, {"images": batch.numpy()})
+    assert from_onnx.shape == exported.shape and np.abs(from_onnx - exported).max() < 1e-4
 
 
 def test_flip_tta_is_the_mean_over_the_image_and_its_mirror(tmp_path):

@@ -89,6 +89,36 @@ def test_image_smaller_than_the_crop_is_resized(tmp_path):
     assert tuple(tensor.shape) == (3, 32, 32)
 
 
+def _with_orientation(jpeg: bytes, orientation: int, order: str = "big") -> bytes:
+    """The JPEG with an EXIF APP1 segment holding one tag, orientation (0x0112, SHORT)."""
+    mark = b"MM" if order == "big" else b"II"
+    entry = (0x0112).to_bytes(2, order) + (3).to_bytes(2, order) + (1).to_bytes(4, order)
+    entry += orientation.to_bytes(2, order) + b"\x00\x00"
+    tiff = mark + (42).to_bytes(2, order) + (8).to_bytes(4, order) + (1).to_bytes(2, order) + entry + bytes(4)
+    return jpeg[:2] + b"\xff\xe1" + (8 + len(tiff)).to_bytes(2, "big") + b"Exif\x00\x00" + tiff + jpeg[2:]
+
+
+@pytest.mark.parametrize("order", ["big", "little"])
+def test_exif_orientation_is_applied_as_opencv_imread_does(tmp_path, order):
+    """A phone photo stored sideways with EXIF orientation 6 is shown upright: each of the 8
+    orientations decodes to OpenCV's own oriented decode of the same bytes, in full and at 1/2 scale."""
+    from dmlkit.data.images import decode_image, jpeg_orientation, oriented_jpeg_shape
+
+    y, x = np.mgrid[0:48, 0:80]
+    pixels = np.stack([x * 3, y * 5, (x + y) % 256], axis=2).astype(np.uint8)  # no symmetry
+    stored = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    for orientation in range(1, 9):
+        data = _with_orientation(stored, orientation, order)
+        assert jpeg_orientation(data) == orientation
+        buffer = np.frombuffer(data, np.uint8)
+        for min_side, flag in ((None, cv2.IMREAD_COLOR), (24, cv2.IMREAD_REDUCED_COLOR_2)):
+            expected = cv2.cvtColor(cv2.imdecode(buffer, flag), cv2.COLOR_BGR2RGB)
+            got = decode_image(data, "x.jpg", 3, min_side)
+            assert got.shape == expected.shape and np.array_equal(got, expected), (orientation, min_side)
+        assert oriented_jpeg_shape(data) == ((80, 48) if orientation >= 5 else (48, 80))
+    assert jpeg_orientation(stored) == 1 and jpeg_orientation(b"\x89PNG") == 1
+
+
 def _check_cases(folder: Path) -> list[Path]:
     good = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))[1].tobytes()
     files = {"empty.jpg": b"", "text.jpg": b"not an image", "head.jpg": good[:600]}

@@ -235,6 +235,8 @@ def test_ensemble_concatenation_and_whitening():
     assert np.allclose(out[:, :4] * np.sqrt(5), a / 3, atol=1e-6)  # each part normalised, weighted 1 : 2
     with pytest.raises(ValueError, match="different numbers"):
         concatenate([a, b[:5]], [1, 1])
+    blocked = concatenate([a, b], [1.0, 2.0], block=3)  # written 3 rows at a time: row 9 is a block alone
+    assert np.array_equal(blocked, out)
     white = pca_whiten(clustered(rng, 50, 8, 3), np.arange(50) < 40, dim=4)
     assert white.shape == (50, 4) and np.allclose(np.linalg.norm(white, axis=1), 1, atol=1e-5)
 
@@ -256,3 +258,15 @@ def test_head_label_scores_take_each_label_best_over_members():
         {"c": 0.5, "a": 0.6, "d": 0.1},
         {"a": 0.9, "b": 0.7},
     ]
+
+
+def test_few_queries_top_k_matches_the_dense_argsort_over_the_chosen_rows():
+    from dmlkit.stages.retrieve import few_queries_top_k
+
+    rng = np.random.default_rng(7)
+    emb = unit(rng, 300, 8)
+    rows = rng.permutation(300)[:170]  # the gallery is a subset of the table's rows, in any order
+    queries = emb[:4]
+    expected = np.argsort(-(queries @ emb[rows].T), axis=1, kind="stable")[:, :10]
+    assert np.array_equal(few_queries_top_k(queries, emb, rows, 10, block=32), expected)
+    assert np.array_equal(few_queries_top_k(queries, emb, rows, 10), expected)

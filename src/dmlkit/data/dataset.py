@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .images import UnreadableImageError, decode_image, jpeg_shape, read_image_bytes
+from .images import UnreadableImageError, decode_image, oriented_jpeg_shape, read_image_bytes
 from .transforms import CropPlan
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class ImageDataset(Dataset):
         """The sample's crop drawn from the JPEG header (on the image as rotated) when the transform
         can, and the shorter side to decode at: the crop's need, else the transform's fixed one."""
         planner = getattr(self.transform, "plan", None)
-        shape = jpeg_shape(data) if planner is not None else None
+        shape = oriented_jpeg_shape(data) if planner is not None else None
         if shape is not None and turns % 2:
             shape = shape[::-1]
         plan = planner(shape) if shape is not None else None

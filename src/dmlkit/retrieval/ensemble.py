@@ -10,14 +10,25 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
 
-def concatenate(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """L2-normalise each member's embedding, scale by its weight, concatenate, renormalise."""
+def concatenate(parts: list[np.ndarray], weights: list[float], block: int = 65536) -> np.ndarray:
+    """L2-normalise each member's embedding, scale by its weight, concatenate, renormalise.
+
+    Written into the output `block` rows at a time: memory is the output plus one block (at 1.1M
+    rows × 512-d the whole-array version peaked at +6.4 GB for a 2.25 GB result)."""
     if not parts:
         raise ValueError("ensemble: no member embeddings")
     rows = {len(p) for p in parts}
     if len(rows) != 1:
         raise ValueError(f"ensemble: members embed different numbers of images: {sorted(rows)}")
-    return l2_normalise(np.concatenate([l2_normalise(p) * w for p, w in zip(parts, weights, strict=True)], axis=1))
+    out = np.empty((rows.pop(), sum(p.shape[1] for p in parts)), np.float32)
+    for start in range(0, len(out), block):
+        column = 0
+        for part, weight in zip(parts, weights, strict=True):
+            width = part.shape[1]
+            out[start : start + block, column : column + width] = l2_normalise(part[start : start + block]) * weight
+            column += width
+        out[start : start + block] = l2_normalise(out[start : start + block])
+    return out
 
 
 def pca_whiten(embeddings: np.ndarray, fit_rows: np.ndarray, dim: int | None = None) -> np.ndarray:

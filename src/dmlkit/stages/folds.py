@@ -10,6 +10,7 @@ row of the competition), `folds.csv` (the training rows with their fold) and `un
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -96,18 +97,27 @@ def fold_parts(folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFra
     return train, val.reset_index(drop=True)
 
 
-CHECKS = {"decode": image_problem, "header": image_header_problem}
+def _check_all(check, paths: list[str]) -> list[str | None]:
+    return [check(path) for path in paths]
 
 
 def find_unreadable(table: pd.DataFrame, threads: int, progress: bool = True, mode: str = "decode") -> pd.DataFrame:
     """The rows whose image is missing, empty or does not decode (mode decode), or whose header
-    gives no image size (mode header): `id, role, path, problem`. Mode off checks nothing."""
+    gives no image size (mode header): `id, role, path, problem`. Mode off checks nothing.
+
+    Decoding runs on `threads` threads (OpenCV decodes without the GIL), 256 images per task (one
+    future per image cost more than the header check itself); the header check is Python work that
+    threads only slow down (measured: 23 µs per image in one thread, 40 µs on two), so it runs in one."""
     paths = table["path"].tolist() if mode != "off" else []
     problems: list[str | None] = []
-    chunk = 4096
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # OpenCV decodes without the GIL
+    check = image_header_problem if mode == "header" else image_problem
+    chunk, task = 4096, 256
+    with ThreadPoolExecutor(max_workers=max(1, threads if mode == "decode" else 1)) as pool:
         for start in progress_bar(range(0, len(paths), chunk), f"checking images ({mode})", progress, unit="chunk"):
-            problems.extend(pool.map(CHECKS.get(mode, image_problem), paths[start : start + chunk]))
+            block = paths[start : start + chunk]
+            tasks = [block[i : i + task] for i in range(0, len(block), task)]
+            for found in pool.map(functools.partial(_check_all, check), tasks):
+                problems.extend(found)
     bad = [i for i, problem in enumerate(problems) if problem]
     return table.iloc[bad][["id", "role", "path"]].assign(problem=[problems[i] for i in bad])
 
