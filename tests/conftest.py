@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-TINY_LANDMARK = {"n_classes": 12, "head_size": 10, "index_distractors": 10, "image_size": 48}
+TINY_LANDMARK = {"n_classes": 12, "head_size": 10, "index_distractors": 10, "image_size": 48, "scene_size": 128}
 TINY_WHALE = {"n_individuals": 20, "new_whale_train": 6, "image_size": 48}
 
 

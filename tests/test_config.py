@@ -129,6 +129,12 @@ def test_values_that_crashed_later_stop_at_load_naming_the_key(configs, override
         (["retrieve.unknown_threshold=0.3"], "landmark-recognition-2020", "retrieve.unknown_threshold: only MAP@5"),
         (["retrieve.voting.head_weight=0.5"], "landmark-retrieval", "retrieve.voting.head_weight"),
         (["retrieve.penalty.enabled=true"], "landmark-retrieval", "retrieve.penalty.enabled"),
+        (
+            ["retrieve.verify.fusion=calibrated", "retrieve.verify.cap=20"],
+            "landmark-recognition-2020",
+            "retrieve.verify.cap: only retrieve.verify.fusion 'additive'",
+        ),
+        (["retrieve.label_rerank.enabled=true"], "humpback-2019", "retrieve.label_rerank.enabled: it re-ranks index"),
         (["member_defaults.embedding_size=16", "member_defaults.see.enabled=true"], "humpback-2019", "see.n_expansion"),
         (
             ["member_defaults.see.enabled=true", "member_defaults.see.lower_bound=0.3"],
@@ -161,6 +167,8 @@ def test_values_with_effect_pass_and_cpu_fp16_is_a_warning(configs, caplog):
     fixed = ["member_defaults.head.dynamic=none", "member_defaults.head.margin=0.4", "retrieve.unknown_threshold=0.3"]
     Context(load_config(configs / "exp.yaml", fixed))
     Context(load_config(configs / "exp.yaml", ["retrieve.index=ivf", "retrieve.nprobe=8"]))
+    retrieval = ["competition.name=landmark-retrieval", "retrieve.label_rerank.enabled=true"]
+    Context(load_config(configs / "exp.yaml", [*retrieval, "retrieve.verify.weight=0.5", "retrieve.verify.cap=20"]))
     falling = ["schedule=threshold", "start=0.9", "end=0.5", "lower_bound=0.6", "enabled=true", "gradient=backbone"]
     Context(load_config(configs / "exp.yaml", [f"member_defaults.see.{o}" for o in falling]))
     with caplog.at_level("WARNING"):

@@ -304,3 +304,31 @@ def test_forced_stage_invalidates_downstream_only_when_its_output_changed(tmp_pa
     flags = reused(changed)
     assert not any(flags[label] for label in downstream)
     assert all(reused(run_all(cfg, tmp_path, overrides)).values())  # and the new results are cached
+
+
+def test_verification_tunes_a_fusion_and_reuses_cached_features_on_a_rerun(tmp_path, caplog):
+    """retrieve.verify on a tiny landmark demo stored at 192 px: a report row, a tuned fusion that
+    uses the inliers (places share textured detail), both submissions; a rerun with another
+    fusion extracts nothing."""
+    photos = {"image_size": 192, "scene_size": 256, "texture": 0.2}
+    cfg = write_tiny_config(tmp_path, "landmark", demo_params=photos)
+    verify = ["retrieve.verify.enabled=true", "retrieve.verify.image_size=192", "retrieve.verify.workers=2"]
+    with caplog.at_level("INFO"):
+        ctx = run_all(cfg, tmp_path, verify)
+    report = pd.read_csv(ctx.done["retrieve"].file("report.csv"))
+    step = report.step[report.step.str.startswith("+ verification, top 10 (additive")].tolist()
+    assert len(step) == 1, report.step.tolist()
+    tuned = ctx.done["retrieve"].manifest["result"]["tuned"]["verify"]
+    assert tuned["fusion"] == "additive" and tuned["weight"] > 0
+    for name in ("tiny-landmark.csv", "tiny-landmark-retrieval.csv"):
+        assert (tmp_path / "submissions" / name).is_file()
+    shards = sorted((tmp_path / "artifacts" / "local-features").glob("*/shard-*"))
+    assert shards
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again = run_all(cfg, tmp_path, [*verify, "retrieve.verify.fusion=calibrated"])
+    assert not again.done["retrieve"].reused
+    assert "calibrated" in pd.read_csv(again.done["retrieve"].file("report.csv")).step.str.cat()
+    assert sorted((tmp_path / "artifacts" / "local-features").glob("*/shard-*")) == shards
+    extracted = [r.getMessage() for r in caplog.records if "local features:" in r.getMessage()]
+    assert extracted and all(" 0 extracted" in m for m in extracted), extracted

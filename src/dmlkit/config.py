@@ -245,6 +245,40 @@ class VotingConfig(Strict):
     head_weight: float = Field(0.0, ge=0, le=1, description="weight of the head's class cosines in the fusion")
 
 
+class VerifyConfig(Strict):
+    """Second stage: local features on each query's shortlist, verified by a homography."""
+
+    enabled: bool = False
+    extractor: Literal["sift"] = Field("sift", description="OpenCV SIFT with RootSIFT descriptors (no weights)")
+    image_size: int = Field(512, ge=64, description="longer side the features are extracted at (px)")
+    max_keypoints: int = Field(1000, ge=8, description="the strongest keypoints kept per image")
+    top_k: int | None = Field(
+        None, ge=1, description="candidates verified per query; default 10 for labels, 100 for retrieval"
+    )
+    ratio: float = Field(0.8, gt=0.0, le=1.0, description="Lowe's ratio test on RootSIFT distances")
+    ransac_threshold: float = Field(5.0, gt=0.0, description="MAGSAC++ reprojection threshold, px at image_size")
+    fusion: Literal["additive", "calibrated"] = Field(
+        "additive",
+        description="additive: score + weight·min(inliers, cap)/cap; calibrated: isotonic P(same) of the "
+        "cosine and of the inliers, averaged (WildFusion)",
+    )
+    weight: float | Literal["tune"] = Field("tune", description="additive fusion's weight, or tuned on validation")
+    cap: int | Literal["tune"] = Field("tune", description="additive fusion's inlier cap, or tuned on validation")
+    workers: int = Field(0, ge=0, description="processes extracting and matching; 0: every core")
+    shard_images: int = Field(1024, ge=1, description="images per feature-cache shard")
+
+    def top_k_for(self, retrieval: bool) -> int:
+        return self.top_k if self.top_k is not None else (100 if retrieval else 10)
+
+
+class LabelRerankConfig(Strict):
+    enabled: bool = False
+    k: int = Field(5, ge=1, description="neighbours voting each query's and index image's label")
+    min_score: float = Field(
+        0.0, ge=0.0, description="a predicted label below this vote counts as none (not moved ahead)"
+    )
+
+
 class RetrieveConfig(Strict):
     index: Literal["flat", "ivf", "hnsw"] = "flat"
 
@@ -270,6 +304,8 @@ class RetrieveConfig(Strict):
     rerank: RerankConfig = RerankConfig()
     penalty: PenaltyConfig = PenaltyConfig()
     voting: VotingConfig = VotingConfig()
+    verify: VerifyConfig = VerifyConfig()
+    label_rerank: LabelRerankConfig = LabelRerankConfig()
     unknown_threshold: float | Literal["tune"] = "tune"
     unknown_score: Literal["auto", "vote", "cosine"] = Field(
         "auto",
@@ -508,9 +544,10 @@ def config_slice(model: BaseModel | list | dict | Any) -> Any:
 
 
 # --------------------------------------------------------------------------- values without effect
-def ineffective_values(cfg: Config, metric: str) -> list[str]:
+def ineffective_values(cfg: Config, metric: str, ranks_index: bool | None = None) -> list[str]:
     """Keys whose value the loaded config sets but nothing would use, each with the reason; checked
-    before anything runs, so a misread setting costs no training. `metric` is the competition's."""
+    before anything runs, so a misread setting costs no training. `metric` is the competition's;
+    `ranks_index`: whether one of its submission formats ranks index images (None: by the metric)."""
     problems = []
     for i, member in enumerate(cfg.members):
         head, key = member.head, f"members.{i}"
@@ -562,6 +599,20 @@ def ineffective_values(cfg: Config, metric: str) -> list[str]:
         problems.append("retrieve.penalty.pool: no effect while retrieve.penalty.enabled is false")
     if r.penalty.enabled and metric == "map@100":
         problems.append("retrieve.penalty.enabled: the distractor penalty applies to label votes, not to retrieval")
+    return problems + _second_stage_problems(r, metric == "map@100" if ranks_index is None else ranks_index)
+
+
+def _second_stage_problems(r: RetrieveConfig, ranks_index: bool) -> list[str]:
+    problems = [
+        f"retrieve.verify.{name}: only retrieve.verify.fusion 'additive' uses it (got 'calibrated')"
+        for name in ("weight", "cap")
+        if name in r.verify.model_fields_set and r.verify.fusion == "calibrated"
+    ]
+    if r.label_rerank.enabled and not ranks_index:
+        problems.append(
+            "retrieve.label_rerank.enabled: it re-ranks index images, and no submission format here retrieves "
+            "from an index"
+        )
     return problems
 
 

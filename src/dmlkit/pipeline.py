@@ -54,7 +54,8 @@ class Context:
 
     def __post_init__(self) -> None:
         """Refuse values that would have no effect, before anything runs; note device differences."""
-        problems = ineffective_values(self.cfg, self.adapter.metric)
+        ranks_index = any(fmt.gallery_role == "index" for fmt in self.formats)
+        problems = ineffective_values(self.cfg, self.adapter.metric, ranks_index)
         if problems:
             where = self.cfg.source or "config"
             raise ConfigError(f"{where}: value(s) without effect in this config:\n  " + "\n  ".join(problems))
@@ -349,6 +350,13 @@ def _val_fold(ctx: Context) -> int:
     return ctx.cfg.retrieve.val_fold if ctx.cfg.retrieve.val_fold is not None else ctx.cfg.members[0].fold
 
 
+def local_feature_folder(ctx: Context) -> Path:
+    """artifacts/local-features/<feature config key>: shared by the experiments (see stages/verify.py)."""
+    from .stages.verify import feature_key
+
+    return ctx.artifacts / "local-features" / feature_key(ctx.cfg.retrieve.verify)
+
+
 def run_retrieve(ctx: Context) -> cache.Artifact:
     from .stages.retrieve import retrieve, save_retrieval_grid, warn_leaky_members, write_retrieval
 
@@ -381,6 +389,7 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
             ctx.progress,
             heads,
             fold_ensembles(ctx.cfg, members),
+            local_feature_folder(ctx),
         )
         write_retrieval(work, predictions, report)
         save_retrieval_grid(work / "retrievals.png", table, folds, embeddings, val_fold)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..runtime import progress_bar
-from .photo import blur_and_noise, finish, lighting, occlude, random_homography, warp, write_jpeg
+from .photo import blur_and_noise, lighting, occlude, random_homography, write_jpeg
 
 CANVAS = 128
 
@@ -33,7 +33,9 @@ class LandmarkDemoParams:
     index_class_share: float = 0.4
     index_per_class: int = 3
     index_distractors: int = 150
-    image_size: int = 96
+    image_size: int = 384  # stored size: GLDv2 photos are 300-800 px, and local features need pixels
+    scene_size: int = 512  # the scene is drawn at 128 px, enlarged to this and given its texture
+    texture: float = 0.05  # contrast of the scene's own fine texture (stone, brick, foliage)
     difficulty: float = 1.0
     public_share: float = 0.5
     seed: int = 0
@@ -93,20 +95,38 @@ def render_scene(seed: int) -> np.ndarray:
     return img
 
 
+def textured(scene: np.ndarray, seed: int, size: int, strength: float) -> np.ndarray:
+    """The 128-px scene enlarged to `size` and multiplied by a fixed texture of its own: noise at
+    three scales (2-12 px blobs), so that each place has the fine, repeatable detail local
+    features match on, as a real facade has. Deterministic in the seed."""
+    rng = np.random.default_rng([seed, 7])
+    big = cv2.resize(scene, (size, size), interpolation=cv2.INTER_NEAREST)
+    field = np.zeros((size, size), np.float32)
+    for cell, weight in ((2, 0.3), (5, 0.4), (12, 0.3)):
+        coarse = rng.standard_normal((size // cell + 1, size // cell + 1)).astype(np.float32)
+        field += weight * cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+    field /= field.std() + 1e-6
+    factor = np.clip(1.0 + strength * field, 0.3, 1.7)[..., None]
+    return np.clip(big.astype(np.float32) * factor, 0, 255).astype(np.uint8)
+
+
 def take_photo(scene: np.ndarray, rng: np.random.Generator, out_size: int, difficulty: float) -> np.ndarray:
+    """One photo: the scene under a random homography, drawn straight at `out_size` px."""
     matrix = random_homography(
         rng,
-        CANVAS,
+        scene.shape[0],
         rotate=12 * difficulty,
         scale=(1 - 0.2 * difficulty, 1 + 0.35 * difficulty),
         shift=0.1 * difficulty,
         perspective=0.08 * difficulty,
     )
-    img = warp(scene, matrix)
+    to_output = np.diag([out_size / scene.shape[1], out_size / scene.shape[0], 1.0])
+    img = cv2.warpPerspective(
+        scene, to_output @ matrix, (out_size, out_size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT101
+    )
     img = lighting(rng, img, difficulty)
     img = occlude(rng, img, probability=0.5 * difficulty, max_area=0.2)
-    img = blur_and_noise(rng, img, difficulty)
-    return finish(img, out_size)
+    return blur_and_noise(rng, img, difficulty)
 
 
 def _image_id(seed: int, kind: str, n: int) -> str:
@@ -157,10 +177,12 @@ def generate(root: Path, params: LandmarkDemoParams) -> dict:
     for role, image_id, cls, _ in progress_bar(jobs, "landmark-demo", unit="img"):
         photo_rng = np.random.default_rng([params.seed, int(image_id, 16) % (2**32)])
         if cls is None:
-            scene = render_scene(int(photo_rng.integers(2**31, 2**32)))  # a place of no class
+            distractor_seed = int(photo_rng.integers(2**31, 2**32))  # a place of no class
+            scene = textured(render_scene(distractor_seed), distractor_seed, params.scene_size, params.texture)
         else:
             if cls not in scenes:
-                scenes[cls] = render_scene(int(scene_seeds[cls]))
+                seed = int(scene_seeds[cls])
+                scenes[cls] = textured(render_scene(seed), seed, params.scene_size, params.texture)
             scene = scenes[cls]
         image = take_photo(scene, photo_rng, params.image_size, params.difficulty)
         write_jpeg(root / role / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg", image)

@@ -20,6 +20,8 @@ from ..competitions import Adapter, Calibration, Predictions
 from ..config import MemberConfig, RetrieveConfig
 from ..evaluation import RankedQueries, knn_validation_scores, plain_score, rank_queries, score_queries
 from ..retrieval.expansion import database_augmentation, query_expansion
+from ..retrieval.fusion import ADDITIVE_CAPS, ADDITIVE_WEIGHTS, CalibratedFusion, additive_fusion, resort, tune_additive
+from ..retrieval.label_rerank import label_aware_rerank
 from ..retrieval.rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
 from ..retrieval.search import knn
 from ..retrieval.voting import fuse_head, head_label_scores, label_similarities, threshold_for_share, vote
@@ -155,6 +157,104 @@ def validation_split(table: pd.DataFrame, folds: pd.DataFrame, val_fold: int) ->
     )
 
 
+Verifier = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""(query rows, gallery rows, candidate ids (Q, top_k) into the gallery rows) -> inliers (Q, top_k)."""
+
+
+def shortlist_verifier(cfg: RetrieveConfig, table: pd.DataFrame, feature_folder: Path, progress: bool) -> Verifier:
+    """Inlier counts of shortlisted pairs, from the local features cached in `feature_folder`."""
+    from .verify import FeatureStore, verify_shortlists
+
+    paths = table["path"].to_numpy()
+    store = FeatureStore(feature_folder)
+
+    def verifier(query_rows: np.ndarray, gallery_rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        candidates = [[paths[gallery_rows[j]] if j >= 0 else None for j in row] for row in ids]
+        return verify_shortlists(store, cfg.verify, paths[query_rows].tolist(), candidates, progress)
+
+    return verifier
+
+
+@dataclass
+class Fusion:
+    """The global + local fusion tuned on validation, applied to the test shortlists."""
+
+    kind: str
+    weight: float = 0.0
+    cap: float = 1.0
+    calibrated: CalibratedFusion | None = None
+    gain: float | None = None  # the tuned grid point's validation score
+
+    def __call__(self, neighbours: Neighbours, inliers: np.ndarray) -> Neighbours:
+        if self.calibrated is not None:
+            sims = self.calibrated(neighbours.sims, inliers)
+        else:
+            sims = additive_fusion(neighbours.sims, inliers, self.weight, self.cap)
+        sims, ids = resort(sims, neighbours.ids)
+        return Neighbours(sims, ids, neighbours.query_offset)
+
+    def describe(self) -> str:
+        if self.calibrated is not None:
+            return "calibrated: isotonic P(same) of the cosine and of the inliers, averaged"
+        return f"additive: w={self.weight:g}, cap={self.cap:g}"
+
+    def to_json(self) -> dict:
+        out = {"fusion": self.kind, "weight": self.weight, "cap": self.cap}
+        if self.calibrated is not None:
+            out = {"fusion": self.kind, **self.calibrated.to_json()}
+        return out
+
+
+@dataclass
+class SecondStage:
+    """Verification of each query's shortlist and the fusion tuned on validation (None before)."""
+
+    cfg: RetrieveConfig
+    verifier: Verifier
+    fusion: Fusion | None = None
+
+    def inliers(self, neighbours: Neighbours, query_rows, gallery_rows, retrieval: bool) -> np.ndarray:
+        top_k = self.cfg.verify.top_k_for(retrieval)
+        return self.verifier(query_rows, gallery_rows, neighbours.ids[:, :top_k])
+
+    def apply(self, neighbours: Neighbours, query_rows, gallery_rows, retrieval: bool) -> Neighbours:
+        if self.fusion is None:
+            self.fusion = untuned_fusion(self.cfg)
+        return self.fusion(neighbours, self.inliers(neighbours, query_rows, gallery_rows, retrieval))
+
+
+def untuned_fusion(cfg: RetrieveConfig) -> Fusion:
+    """Without validation queries: the configured additive fusion, else GLR2019 3rd's (w 1, cap 70)."""
+    verify = cfg.verify
+    if verify.fusion == "calibrated":
+        raise ValueError("retrieve.verify.fusion 'calibrated' is fitted on validation pairs, and there are none")
+    weight = 1.0 if verify.weight == "tune" else float(verify.weight)
+    cap = 70.0 if verify.cap == "tune" else float(verify.cap)
+    log.warning("retrieve: no validation queries to tune the fusion on; additive w=%g, cap=%g", weight, cap)
+    return Fusion("additive", weight, cap)
+
+
+def tune_fusion(
+    cfg: RetrieveConfig, adapter: Adapter, split: ValidationSplit, neighbours: Neighbours, inliers: np.ndarray
+) -> Fusion:
+    """The fusion for these validation queries' verified shortlists: the additive grid point that
+    scores best, or the isotonic calibrations fitted on the pairs (same label or not)."""
+    verify = cfg.verify
+    if verify.fusion == "calibrated":
+        same = same_label(split, neighbours.ids[:, : inliers.shape[1]])
+        return Fusion("calibrated", calibrated=CalibratedFusion.fit(neighbours.sims, inliers, same))
+
+    def score(sims: np.ndarray, ids: np.ndarray) -> float:
+        return plain_score(adapter, _rank(cfg, adapter, split, Neighbours(sims, ids, neighbours.query_offset)))
+
+    weights = ADDITIVE_WEIGHTS if verify.weight == "tune" else (float(verify.weight),)
+    caps = ADDITIVE_CAPS if verify.cap == "tune" else (float(verify.cap),)
+    if verify.weight != "tune" and float(verify.weight) == 0.0:
+        caps = caps[:1]
+    weight, cap, value = tune_additive(neighbours.sims, neighbours.ids, inliers, score, weights, caps)
+    return Fusion("additive", weight, cap, gain=value)
+
+
 def fixed_calibration(cfg: RetrieveConfig) -> Calibration:
     """The calibration settings the config fixes instead of tuning."""
     return Calibration(
@@ -190,9 +290,11 @@ def validation_report(
     distractors: np.ndarray | None,
     head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
     progress: bool = True,
+    second: SecondStage | None = None,
 ) -> tuple[list[dict], RankedQueries]:
     """The validation score after each step of the chain (members alone first, when several), and
-    the last step's ranked queries, which calibration is tuned on."""
+    the last step's ranked queries, which calibration is tuned on. With `second`, its fusion is
+    tuned here (on these queries: the row says so)."""
     metric = adapter.metric
     report: list[dict] = []
     if len(member_embeddings) > 1:
@@ -217,6 +319,17 @@ def validation_report(
         lambda step, neighbours: steps.append((step, neighbours)),
         progress,
     )
+    if second is not None:
+        retrieval = metric == "map@100"
+        inliers = second.inliers(final, split.query_rows, split.gallery_rows, retrieval)
+        second.fusion = tune_fusion(cfg, adapter, split, final, inliers)
+        log.info(
+            "validation: inliers of verified pairs of one class: median %.1f (%d pairs); of two: %.1f (%d pairs)",
+            *_median_inliers(split, final, inliers),
+        )
+        final = second.fusion(final, inliers)
+        top_k = cfg.verify.top_k_for(retrieval)
+        steps.append((f"+ verification, top {top_k} ({second.fusion.describe()}; tuned on these queries)", final))
     if head_scores is not None and metric != "map@100":
         steps.append((f"+ head fusion (w={cfg.voting.head_weight})", final))
     last = None
@@ -228,6 +341,18 @@ def validation_report(
     return report, last
 
 
+def same_label(split: ValidationSplit, ids: np.ndarray) -> np.ndarray:
+    """Whether each candidate (a gallery position, -1: none) shares its query's label."""
+    return (ids >= 0) & (split.gallery_labels[np.clip(ids, 0, None)] == split.query_labels[:, None])
+
+
+def _median_inliers(split: ValidationSplit, neighbours: Neighbours, inliers: np.ndarray) -> tuple:
+    """For the log: how far apart the inlier counts of same-class and other pairs lie."""
+    same = same_label(split, neighbours.ids[:, : inliers.shape[1]])
+    pos, neg = inliers[same], inliers[~same]
+    return (np.median(pos) if len(pos) else np.nan), len(pos), (np.median(neg) if len(neg) else np.nan), len(neg)
+
+
 def out_of_fold_queries(
     cfg: RetrieveConfig,
     adapter: Adapter,
@@ -237,6 +362,7 @@ def out_of_fold_queries(
     distractors: Callable[[np.ndarray], np.ndarray | None],
     head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
     progress: bool = True,
+    second: SecondStage | None = None,
 ) -> RankedQueries:
     """Every covered fold's validation queries through the whole chain, each against the gallery
     without its fold and embedded by the members that never trained on it; pooled for calibration."""
@@ -248,6 +374,8 @@ def out_of_fold_queries(
         result = run_chain(
             cfg, embeddings[split.query_rows], embeddings[split.gallery_rows], distractors(embeddings), None, progress
         )
+        if second is not None:
+            result = second.apply(result, split.query_rows, split.gallery_rows, adapter.metric == "map@100")
         heads = head_scores(split.query_rows) if head_scores is not None and adapter.metric != "map@100" else None
         parts.append(_rank(cfg, adapter, split, result, heads))
     return RankedQueries.pool(parts)
@@ -289,6 +417,7 @@ def test_predictions(
     calibration: Calibration,
     head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
     progress: bool = True,
+    second: SecondStage | None = None,
 ) -> dict[str, Predictions]:
     """Each format's predictions for the test images: labels voted from the labelled gallery, or
     (retrieval formats) the ranked index images."""
@@ -304,12 +433,18 @@ def test_predictions(
             if len(index_rows) == 0:
                 raise ValueError(f"{fmt.name}: the competition has no index images to retrieve from")
             result = run_chain(cfg, embeddings[test_rows], embeddings[index_rows], progress=progress)
+            if second is not None:
+                result = second.apply(result, test_rows, index_rows, retrieval=True)
+            if cfg.label_rerank.enabled:
+                result = _label_rerank(cfg, embeddings, test_rows, index_rows, gallery_rows, gallery_labels, result)
             index_ids = table["id"].to_numpy()[index_rows]
             neighbours = [[index_ids[j] for j in row if j >= 0] for row in result.ids]
             predictions[fmt.name] = fmt.predict(Predictions(test_ids, neighbours=neighbours), calibration)
             continue
         distractors = embeddings[distractor_rows(table)] if cfg.penalty.enabled else None
         result = run_chain(cfg, embeddings[test_rows], embeddings[gallery_rows], distractors, progress=progress)
+        if second is not None:
+            result = second.apply(result, test_rows, gallery_rows, retrieval=False)
         fill = fmt.max_predictions > 1  # every MAP@5 row carries 5 labels
         labels, scores = vote(result.sims, result.ids, gallery_labels, cfg.voting.k, cfg.voting.power, fill=fill)
         if head_scores is not None:
@@ -318,6 +453,50 @@ def test_predictions(
         ranked = Predictions(test_ids, labels=labels, scores=scores, similarities=similarities)
         predictions[fmt.name] = _unknown_first(cfg, fmt, ranked, calibration, result.query_offset)
     return predictions
+
+
+def predicted_labels(
+    cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray, gallery_codes: np.ndarray
+) -> np.ndarray:
+    """Each row's label code by kNN voting against the labelled gallery (label_rerank.k neighbours);
+    -1 where the best vote is below label_rerank.min_score."""
+    k = min(len(gallery), cfg.label_rerank.k)
+    found = _search(cfg, queries, gallery, k, progress=False)
+    labels, scores = vote(found.sims, found.ids, gallery_codes.astype(object), k, cfg.voting.power, top=1)
+    floor = cfg.label_rerank.min_score
+    best = [row[0] if row and sc[0] >= floor else -1 for row, sc in zip(labels, scores, strict=True)]
+    return np.array(best, np.int64)
+
+
+def _label_rerank(
+    cfg: RetrieveConfig,
+    embeddings: np.ndarray,
+    test_rows: np.ndarray,
+    index_rows: np.ndarray,
+    gallery_rows: np.ndarray,
+    gallery_labels: np.ndarray,
+    result: Neighbours,
+) -> Neighbours:
+    """GLR2019 retrieval 1st: index images voted into the query's landmark come first."""
+    codes = pd.factorize(gallery_labels)[0]
+    gallery = embeddings[gallery_rows]
+    query_labels = predicted_labels(cfg, embeddings[test_rows], gallery, codes)
+    index_labels = predicted_labels(cfg, embeddings[index_rows], gallery, codes)
+    sims, ids = label_aware_rerank(
+        result.sims, result.ids, query_labels, index_labels, embeddings[test_rows], embeddings[index_rows], cfg.k
+    )
+    agree = (ids >= 0) & (index_labels[np.clip(ids, 0, None)] == query_labels[:, None])
+    moved = int((agree & (query_labels >= 0)[:, None]).sum())
+    log.info(
+        "label-aware re-ranking: %d of %d queries and %d of %d index images labelled; %d results ranked first "
+        "by their label",
+        int((query_labels >= 0).sum()),
+        len(query_labels),
+        int((index_labels >= 0).sum()),
+        len(index_labels),
+        moved,
+    )
+    return Neighbours(sims, ids, result.query_offset)
 
 
 def _unknown_first(
@@ -356,13 +535,20 @@ def retrieve(
     progress: bool = True,
     member_heads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     fold_embeddings: dict[int, np.ndarray] | None = None,
+    feature_folder: Path | None = None,
 ) -> tuple[dict[str, Predictions], pd.DataFrame, dict]:
     """Validation report, tuned settings and test predictions for every submission format.
 
     `member_heads` maps a member to (labels, cosines), each (N, k): its head's best classes per row.
     `fold_embeddings` (fold → the embeddings of the members trained without it), when the members
     cover several folds: calibration is tuned on all those folds' queries pooled.
+    `feature_folder`: the local-feature cache retrieve.verify reads and fills.
     """
+    second = None
+    if cfg.verify.enabled:
+        if feature_folder is None:
+            raise ValueError("retrieve.verify.enabled needs a local-feature cache folder")
+        second = SecondStage(cfg, shortlist_verifier(cfg, table, feature_folder, progress))
     head_scores = None
     if cfg.voting.head_weight > 0 and member_heads:
         head_scores = lambda rows: head_label_scores(member_heads, rows)  # noqa: E731
@@ -375,12 +561,12 @@ def retrieve(
         log.warning("retrieve: validation fold %d is empty; no report and default thresholds", val_fold)
     else:
         report, queries = validation_report(
-            cfg, adapter, split, embeddings, member_embeddings, distractors(embeddings), head_scores, progress
+            cfg, adapter, split, embeddings, member_embeddings, distractors(embeddings), head_scores, progress, second
         )
         where = ""
         if fold_embeddings and len(fold_embeddings) > 1:
             queries = out_of_fold_queries(
-                cfg, adapter, table, folds, fold_embeddings, distractors, head_scores, progress
+                cfg, adapter, table, folds, fold_embeddings, distractors, head_scores, progress, second
             )
             where = f" (out-of-fold: folds {sorted(fold_embeddings)}, {len(queries.truths)} queries)"
         calibration, rows, tuned_on = calibrate(cfg, adapter, queries, where)
@@ -396,8 +582,11 @@ def retrieve(
         calibration,
         head_scores,
         progress,
+        second,
     )
     tuned = calibration.tuned()
+    if second is not None and second.fusion is not None:
+        tuned["verify"] = second.fusion.to_json()
     figures = ("unknown_share", "unknown_precision", "unknown_recall", "score_known", "score_unknown")
     tuned.update({f"validation_{k}": tuned_on[k] for k in figures if k in tuned_on})
     return predictions, pd.DataFrame(report), tuned
