@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-HOT_PATHS = ["train_step", "see", "head_memory", "knn", "rerank", "loader", "end_to_end"]
+HOT_PATHS = ["train_step", "see", "head_memory", "knn", "rerank", "loader", "verify", "end_to_end"]
 BENCHMARKS = [*HOT_PATHS, "ablation", "omniglot", "recipe", "scale"]
 
 

@@ -135,6 +135,16 @@ def test_values_that_crashed_later_stop_at_load_naming_the_key(configs, override
             "retrieve.verify.cap: only retrieve.verify.fusion 'additive'",
         ),
         (["retrieve.label_rerank.enabled=true"], "humpback-2019", "retrieve.label_rerank.enabled: it re-ranks index"),
+        (
+            ["retrieve.verify.top_k=20"],
+            "humpback-2019",
+            "retrieve.verify.top_k: no effect while retrieve.verify.enabled",
+        ),
+        (
+            ["retrieve.label_rerank.min_score=0.5"],
+            "landmark-retrieval",
+            "retrieve.label_rerank.min_score: no effect while retrieve.label_rerank.enabled is false",
+        ),
         (["member_defaults.embedding_size=16", "member_defaults.see.enabled=true"], "humpback-2019", "see.n_expansion"),
         (
             ["member_defaults.see.enabled=true", "member_defaults.see.lower_bound=0.3"],
@@ -168,7 +178,8 @@ def test_values_with_effect_pass_and_cpu_fp16_is_a_warning(configs, caplog):
     Context(load_config(configs / "exp.yaml", fixed))
     Context(load_config(configs / "exp.yaml", ["retrieve.index=ivf", "retrieve.nprobe=8"]))
     retrieval = ["competition.name=landmark-retrieval", "retrieve.label_rerank.enabled=true"]
-    Context(load_config(configs / "exp.yaml", [*retrieval, "retrieve.verify.weight=0.5", "retrieve.verify.cap=20"]))
+    verify = ["retrieve.verify.enabled=true", "retrieve.verify.weight=0.5", "retrieve.verify.cap=20"]
+    Context(load_config(configs / "exp.yaml", [*retrieval, *verify, "retrieve.label_rerank.min_score=0.5"]))
     falling = ["schedule=threshold", "start=0.9", "end=0.5", "lower_bound=0.6", "enabled=true", "gradient=backbone"]
     Context(load_config(configs / "exp.yaml", [f"member_defaults.see.{o}" for o in falling]))
     with caplog.at_level("WARNING"):

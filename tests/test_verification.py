@@ -165,6 +165,8 @@ def test_tune_additive_keeps_weight_zero_unless_verification_helps():
 
 
 def test_label_aware_rerank_by_hand():
+    """Query 0 (label 0): the returned agreeing image 0 keeps its place among the agreeing ones
+    (first), the missed 2 and 4 follow by cosine, then the others in the chain's order."""
     index_labels = np.array([0, 1, 0, 2, 0])
     rng = np.random.default_rng(0)
     index = rng.standard_normal((5, 4)).astype(np.float32)
@@ -172,13 +174,25 @@ def test_label_aware_rerank_by_hand():
     sims = np.array([[0.9, 0.8, 0.7]] * 3, np.float32)
     ids = np.array([[1, 0, 3]] * 3)
     query_labels = np.array([0, -1, 7])  # label 0; none; a label no index image has
-    out_sims, out_ids = label_aware_rerank(sims, ids, query_labels, index_labels, queries, index, k=4)
-    agreeing = np.array([0, 2, 4])
-    by_cosine = agreeing[np.argsort(-(index[agreeing] @ queries[0]))]
-    assert out_ids[0].tolist() == [*by_cosine.tolist(), 1]  # 2 and 4 the search missed; then 1 (3 cut at k)
-    np.testing.assert_allclose(out_sims[0, :3], np.sort(index[agreeing] @ queries[0])[::-1], rtol=1e-6)
-    assert out_ids[1].tolist() == [1, 0, 3, -1] and out_ids[2].tolist() == [1, 0, 3, -1]
+    out_sims, out_ids = label_aware_rerank(sims, ids, query_labels, index_labels, queries, index, k=5)
+    missed = np.array([2, 4])
+    by_cosine = missed[np.argsort(-(index[missed] @ queries[0]))]
+    assert out_ids[0].tolist() == [0, *by_cosine.tolist(), 1, 3]
+    np.testing.assert_allclose(out_sims[0, :3], [0.8, *(index[by_cosine] @ queries[0])], rtol=1e-6)
+    assert out_ids[1].tolist() == [1, 0, 3, -1, -1] and out_ids[2].tolist() == [1, 0, 3, -1, -1]
     assert np.isneginf(out_sims[1, 3])
+    _, cut = label_aware_rerank(sims, ids, query_labels, index_labels, queries, index, k=2)
+    assert cut[0].tolist() == [0, by_cosine[0]]
+
+
+def test_label_aware_rerank_keeps_the_order_of_two_returned_agreeing_images():
+    index_labels = np.array([0, 0, 1])
+    index = np.eye(3, dtype=np.float32)
+    queries = np.array([[1.0, 0.0, 0.0]], np.float32)  # cosine prefers 0, the chain put 1 first
+    ids = np.array([[2, 1, 0]])
+    sims = np.array([[0.9, 0.8, 0.7]], np.float32)
+    _, out = label_aware_rerank(sims, ids, np.array([0]), index_labels, queries, index, k=3)
+    assert out[0].tolist() == [1, 0, 2]
 
 
 @pytest.fixture
@@ -218,16 +232,24 @@ def test_features_are_cached_in_shards_and_reused_on_a_rerun(tmp_path, image_fil
     np.testing.assert_allclose(cached.keypoints, direct.keypoints)
 
 
-def test_verify_shortlists_counts_inliers_and_zero_for_unreadable_or_missing(tmp_path, image_files):
+@pytest.mark.parametrize("task_queries", [32, 1])
+def test_verify_shortlists_counts_inliers_and_zero_for_unreadable_or_missing(
+    tmp_path, image_files, monkeypatch, task_queries
+):
+    """Rows of a path table; -1 is no candidate. With one query a task the rows are reassembled
+    in their order."""
+    monkeypatch.setattr("dmlkit.stages.verify.TASK_QUERIES", task_queries)
     cfg = VerifyConfig(enabled=True, image_size=320, max_keypoints=600, workers=2)
     store = FeatureStore(tmp_path / "features")
-    files = image_files
-    candidates = [[files["same"], files["other"], files["corrupt"]], [files["blank"], None, files["query"]]]
-    inliers = verify_shortlists(store, cfg, [files["query"], files["same"]], candidates, progress=False)
-    assert inliers.shape == (2, 3)
+    names = ["query", "same", "other", "corrupt", "blank"]
+    paths = np.array([image_files[name] for name in names], dtype=object)
+    candidates = np.array([[1, 2, 3], [4, -1, 0], [2, 0, -1]])
+    inliers = verify_shortlists(store, cfg, paths, np.array([0, 1, 0]), candidates, progress=False)
+    assert inliers.shape == (3, 3)
     assert inliers[0, 0] > 100 and inliers[1, 2] > 100
-    assert inliers[0, 1] <= 10
-    assert inliers[0, 2] == 0 and inliers[1, 0] == 0 and inliers[1, 1] == 0
+    assert inliers[0, 1] <= 10 and inliers[2, 0] == inliers[0, 1]
+    assert inliers[0, 2] == 0 and inliers[1, 0] == 0 and inliers[1, 1] == 0 and inliers[2, 2] == 0
+    assert inliers[2, 1] > 100  # the query against itself
 
 
 def test_empty_local_features_have_the_descriptor_width():

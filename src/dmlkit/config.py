@@ -608,6 +608,13 @@ def _second_stage_problems(r: RetrieveConfig, ranks_index: bool) -> list[str]:
         for name in ("weight", "cap")
         if name in r.verify.model_fields_set and r.verify.fusion == "calibrated"
     ]
+    for section, name in ((r.verify, "verify"), (r.label_rerank, "label_rerank")):
+        default = type(section)()
+        problems += [
+            f"retrieve.{name}.{key}: no effect while retrieve.{name}.enabled is false"
+            for key in type(section).model_fields
+            if key != "enabled" and not section.enabled and getattr(section, key) != getattr(default, key)
+        ]
     if r.label_rerank.enabled and not ranks_index:
         problems.append(
             "retrieve.label_rerank.enabled: it re-ranks index images, and no submission format here retrieves "

@@ -2,8 +2,10 @@
 
 Every query and index image carries a label predicted by kNN voting against the training set
 (-1: none, e.g. a vote below the confidence floor). For a query with a label, the index images
-predicted to share it come first, ordered by their similarity to the query — those the search
-returned and those it missed alike — and the other candidates follow in their search order.
+predicted to share it come first: those the chain returned in the chain's order (so a verified,
+fused order survives), then those it missed by their cosine to the query; the other candidates
+follow in the chain's order. The returned scores are each image's own (the chain's, or the
+cosine for an inserted one): the order is the ranking, the scores of the groups not comparable.
 """
 
 from __future__ import annotations
@@ -30,17 +32,16 @@ def label_aware_rerank(
     out_ids = np.full((len(ids), k), -1, np.int64)
     out_sims = np.full((len(ids), k), -np.inf, np.float32)
     for q in range(len(ids)):
-        row_ids, row_sims = ids[q], sims[q]
-        valid = row_ids >= 0
-        row_ids, row_sims = row_ids[valid], row_sims[valid]
+        valid = ids[q] >= 0
+        row_ids, row_sims = ids[q][valid], sims[q][valid]
         agreeing = members.get(int(query_labels[q]), np.zeros(0, np.int64)) if query_labels[q] >= 0 else []
         if len(agreeing):
-            agree_sims = index[agreeing] @ queries[q]
-            order = np.argsort(-agree_sims, kind="stable")
-            first_ids, first_sims = agreeing[order], agree_sims[order].astype(np.float32)
-            rest = ~np.isin(row_ids, first_ids)
-            row_ids = np.concatenate([first_ids, row_ids[rest]])
-            row_sims = np.concatenate([first_sims, row_sims[rest]])
+            found = np.isin(row_ids, agreeing)
+            missed = agreeing[~np.isin(agreeing, row_ids)]
+            missed_sims = (index[missed] @ queries[q]).astype(np.float32)
+            order = np.argsort(-missed_sims, kind="stable")
+            row_ids = np.concatenate([row_ids[found], missed[order], row_ids[~found]])
+            row_sims = np.concatenate([row_sims[found], missed_sims[order], row_sims[~found]])
         n = min(k, len(row_ids))
         out_ids[q, :n], out_sims[q, :n] = row_ids[:n], row_sims[:n]
     return out_sims, out_ids

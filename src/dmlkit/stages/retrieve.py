@@ -20,12 +20,12 @@ from ..competitions import Adapter, Calibration, Predictions
 from ..config import MemberConfig, RetrieveConfig
 from ..evaluation import RankedQueries, knn_validation_scores, plain_score, rank_queries, score_queries
 from ..retrieval.expansion import database_augmentation, query_expansion
-from ..retrieval.fusion import ADDITIVE_CAPS, ADDITIVE_WEIGHTS, CalibratedFusion, additive_fusion, resort, tune_additive
 from ..retrieval.label_rerank import label_aware_rerank
 from ..retrieval.rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
 from ..retrieval.search import knn
 from ..retrieval.voting import fuse_head, head_label_scores, label_similarities, threshold_for_share, vote
 from .folds import fold_parts
+from .second_stage import SecondStage, median_inliers, shortlist_verifier, tune_fusion
 
 log = logging.getLogger(__name__)
 
@@ -157,104 +157,6 @@ def validation_split(table: pd.DataFrame, folds: pd.DataFrame, val_fold: int) ->
     )
 
 
-Verifier = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-"""(query rows, gallery rows, candidate ids (Q, top_k) into the gallery rows) -> inliers (Q, top_k)."""
-
-
-def shortlist_verifier(cfg: RetrieveConfig, table: pd.DataFrame, feature_folder: Path, progress: bool) -> Verifier:
-    """Inlier counts of shortlisted pairs, from the local features cached in `feature_folder`."""
-    from .verify import FeatureStore, verify_shortlists
-
-    paths = table["path"].to_numpy()
-    store = FeatureStore(feature_folder)
-
-    def verifier(query_rows: np.ndarray, gallery_rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        candidates = [[paths[gallery_rows[j]] if j >= 0 else None for j in row] for row in ids]
-        return verify_shortlists(store, cfg.verify, paths[query_rows].tolist(), candidates, progress)
-
-    return verifier
-
-
-@dataclass
-class Fusion:
-    """The global + local fusion tuned on validation, applied to the test shortlists."""
-
-    kind: str
-    weight: float = 0.0
-    cap: float = 1.0
-    calibrated: CalibratedFusion | None = None
-    gain: float | None = None  # the tuned grid point's validation score
-
-    def __call__(self, neighbours: Neighbours, inliers: np.ndarray) -> Neighbours:
-        if self.calibrated is not None:
-            sims = self.calibrated(neighbours.sims, inliers)
-        else:
-            sims = additive_fusion(neighbours.sims, inliers, self.weight, self.cap)
-        sims, ids = resort(sims, neighbours.ids)
-        return Neighbours(sims, ids, neighbours.query_offset)
-
-    def describe(self) -> str:
-        if self.calibrated is not None:
-            return "calibrated: isotonic P(same) of the cosine and of the inliers, averaged"
-        return f"additive: w={self.weight:g}, cap={self.cap:g}"
-
-    def to_json(self) -> dict:
-        out = {"fusion": self.kind, "weight": self.weight, "cap": self.cap}
-        if self.calibrated is not None:
-            out = {"fusion": self.kind, **self.calibrated.to_json()}
-        return out
-
-
-@dataclass
-class SecondStage:
-    """Verification of each query's shortlist and the fusion tuned on validation (None before)."""
-
-    cfg: RetrieveConfig
-    verifier: Verifier
-    fusion: Fusion | None = None
-
-    def inliers(self, neighbours: Neighbours, query_rows, gallery_rows, retrieval: bool) -> np.ndarray:
-        top_k = self.cfg.verify.top_k_for(retrieval)
-        return self.verifier(query_rows, gallery_rows, neighbours.ids[:, :top_k])
-
-    def apply(self, neighbours: Neighbours, query_rows, gallery_rows, retrieval: bool) -> Neighbours:
-        if self.fusion is None:
-            self.fusion = untuned_fusion(self.cfg)
-        return self.fusion(neighbours, self.inliers(neighbours, query_rows, gallery_rows, retrieval))
-
-
-def untuned_fusion(cfg: RetrieveConfig) -> Fusion:
-    """Without validation queries: the configured additive fusion, else GLR2019 3rd's (w 1, cap 70)."""
-    verify = cfg.verify
-    if verify.fusion == "calibrated":
-        raise ValueError("retrieve.verify.fusion 'calibrated' is fitted on validation pairs, and there are none")
-    weight = 1.0 if verify.weight == "tune" else float(verify.weight)
-    cap = 70.0 if verify.cap == "tune" else float(verify.cap)
-    log.warning("retrieve: no validation queries to tune the fusion on; additive w=%g, cap=%g", weight, cap)
-    return Fusion("additive", weight, cap)
-
-
-def tune_fusion(
-    cfg: RetrieveConfig, adapter: Adapter, split: ValidationSplit, neighbours: Neighbours, inliers: np.ndarray
-) -> Fusion:
-    """The fusion for these validation queries' verified shortlists: the additive grid point that
-    scores best, or the isotonic calibrations fitted on the pairs (same label or not)."""
-    verify = cfg.verify
-    if verify.fusion == "calibrated":
-        same = same_label(split, neighbours.ids[:, : inliers.shape[1]])
-        return Fusion("calibrated", calibrated=CalibratedFusion.fit(neighbours.sims, inliers, same))
-
-    def score(sims: np.ndarray, ids: np.ndarray) -> float:
-        return plain_score(adapter, _rank(cfg, adapter, split, Neighbours(sims, ids, neighbours.query_offset)))
-
-    weights = ADDITIVE_WEIGHTS if verify.weight == "tune" else (float(verify.weight),)
-    caps = ADDITIVE_CAPS if verify.cap == "tune" else (float(verify.cap),)
-    if verify.weight != "tune" and float(verify.weight) == 0.0:
-        caps = caps[:1]
-    weight, cap, value = tune_additive(neighbours.sims, neighbours.ids, inliers, score, weights, caps)
-    return Fusion("additive", weight, cap, gain=value)
-
-
 def fixed_calibration(cfg: RetrieveConfig) -> Calibration:
     """The calibration settings the config fixes instead of tuning."""
     return Calibration(
@@ -321,13 +223,18 @@ def validation_report(
     )
     if second is not None:
         retrieval = metric == "map@100"
-        inliers = second.inliers(final, split.query_rows, split.gallery_rows, retrieval)
-        second.fusion = tune_fusion(cfg, adapter, split, final, inliers)
+        inliers = second.inliers(final.ids, split.query_rows, split.gallery_rows, retrieval)
+        same = same_label(split, final.ids[:, : inliers.shape[1]])
+
+        def score(sims: np.ndarray, ids: np.ndarray) -> float:
+            return plain_score(adapter, _rank(cfg, adapter, split, Neighbours(sims, ids, final.query_offset)))
+
+        second.fusion = tune_fusion(cfg.verify, final.sims, final.ids, inliers, same, score)
         log.info(
             "validation: inliers of verified pairs of one class: median %.1f (%d pairs); of two: %.1f (%d pairs)",
-            *_median_inliers(split, final, inliers),
+            *median_inliers(inliers, same),
         )
-        final = second.fusion(final, inliers)
+        final = Neighbours(*second.fusion(final.sims, final.ids, inliers), final.query_offset)
         top_k = cfg.verify.top_k_for(retrieval)
         steps.append((f"+ verification, top {top_k} ({second.fusion.describe()}; tuned on these queries)", final))
     if head_scores is not None and metric != "map@100":
@@ -344,13 +251,6 @@ def validation_report(
 def same_label(split: ValidationSplit, ids: np.ndarray) -> np.ndarray:
     """Whether each candidate (a gallery position, -1: none) shares its query's label."""
     return (ids >= 0) & (split.gallery_labels[np.clip(ids, 0, None)] == split.query_labels[:, None])
-
-
-def _median_inliers(split: ValidationSplit, neighbours: Neighbours, inliers: np.ndarray) -> tuple:
-    """For the log: how far apart the inlier counts of same-class and other pairs lie."""
-    same = same_label(split, neighbours.ids[:, : inliers.shape[1]])
-    pos, neg = inliers[same], inliers[~same]
-    return (np.median(pos) if len(pos) else np.nan), len(pos), (np.median(neg) if len(neg) else np.nan), len(neg)
 
 
 def out_of_fold_queries(
@@ -375,7 +275,7 @@ def out_of_fold_queries(
             cfg, embeddings[split.query_rows], embeddings[split.gallery_rows], distractors(embeddings), None, progress
         )
         if second is not None:
-            result = second.apply(result, split.query_rows, split.gallery_rows, adapter.metric == "map@100")
+            result = _second(second, result, split.query_rows, split.gallery_rows, adapter.metric == "map@100")
         heads = head_scores(split.query_rows) if head_scores is not None and adapter.metric != "map@100" else None
         parts.append(_rank(cfg, adapter, split, result, heads))
     return RankedQueries.pool(parts)
@@ -434,7 +334,7 @@ def test_predictions(
                 raise ValueError(f"{fmt.name}: the competition has no index images to retrieve from")
             result = run_chain(cfg, embeddings[test_rows], embeddings[index_rows], progress=progress)
             if second is not None:
-                result = second.apply(result, test_rows, index_rows, retrieval=True)
+                result = _second(second, result, test_rows, index_rows, retrieval=True)
             if cfg.label_rerank.enabled:
                 result = _label_rerank(cfg, embeddings, test_rows, index_rows, gallery_rows, gallery_labels, result)
             index_ids = table["id"].to_numpy()[index_rows]
@@ -444,7 +344,7 @@ def test_predictions(
         distractors = embeddings[distractor_rows(table)] if cfg.penalty.enabled else None
         result = run_chain(cfg, embeddings[test_rows], embeddings[gallery_rows], distractors, progress=progress)
         if second is not None:
-            result = second.apply(result, test_rows, gallery_rows, retrieval=False)
+            result = _second(second, result, test_rows, gallery_rows, retrieval=False)
         fill = fmt.max_predictions > 1  # every MAP@5 row carries 5 labels
         labels, scores = vote(result.sims, result.ids, gallery_labels, cfg.voting.k, cfg.voting.power, fill=fill)
         if head_scores is not None:
@@ -453,6 +353,10 @@ def test_predictions(
         ranked = Predictions(test_ids, labels=labels, scores=scores, similarities=similarities)
         predictions[fmt.name] = _unknown_first(cfg, fmt, ranked, calibration, result.query_offset)
     return predictions
+
+
+def _second(second: SecondStage, result: Neighbours, query_rows, gallery_rows, retrieval: bool) -> Neighbours:
+    return Neighbours(*second.apply(result.sims, result.ids, query_rows, gallery_rows, retrieval), result.query_offset)
 
 
 def predicted_labels(
@@ -548,7 +452,8 @@ def retrieve(
     if cfg.verify.enabled:
         if feature_folder is None:
             raise ValueError("retrieve.verify.enabled needs a local-feature cache folder")
-        second = SecondStage(cfg, shortlist_verifier(cfg, table, feature_folder, progress))
+        verifier = shortlist_verifier(cfg.verify, table["path"].to_numpy(), feature_folder, progress)
+        second = SecondStage(cfg.verify, verifier)
     head_scores = None
     if cfg.voting.head_weight > 0 and member_heads:
         head_scores = lambda rows: head_label_scores(member_heads, rows)  # noqa: E731

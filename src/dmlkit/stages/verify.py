@@ -7,7 +7,7 @@ is a folder of four .npy files (keys, offsets, keypoints, descriptors) written u
 name and renamed, so an interrupted run leaves no half shard; reading memory-maps it, so
 verifying a million pairs holds only the pages the current pairs touch.
 
-Extraction and matching run in worker processes, one OpenCV thread each.
+Extraction and matching run in worker processes, one OpenCV and BLAS thread each.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import hashlib
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -115,7 +116,12 @@ class ExtractionCounts:
 
 
 def _worker_init() -> None:
+    """One thread per worker for OpenCV and for numpy's BLAS (the descriptor products): with its
+    default of every core, the workers' matmuls oversubscribe the machine (measured 2.2× slower)."""
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+
     cv2.setNumThreads(1)
+    threadpool_limits(1)
 
 
 def _extract_chunk(paths: list[str], image_size: int, max_keypoints: int) -> list[LocalFeatures | None]:
@@ -137,26 +143,33 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 def ensure_features(
-    store: FeatureStore, cfg: VerifyConfig, paths: Sequence[str], progress: bool = True
+    store: FeatureStore,
+    cfg: VerifyConfig,
+    paths: Sequence[str],
+    progress: bool = True,
+    keys: Sequence[str] | None = None,
 ) -> ExtractionCounts:
-    """Extract the features of the images the store lacks, a shard at a time."""
+    """Extract the features of the images the store lacks, a shard at a time (`keys`: the paths'
+    image keys, when the caller has them)."""
     counts = ExtractionCounts()
-    wanted = {image_key(path): path for path in paths}
+    keys = [image_key(path) for path in paths] if keys is None else keys
+    wanted = dict(zip(keys, paths, strict=True))
     todo = {key: path for key, path in wanted.items() if key not in store}
     counts.reused = len(wanted) - len(todo)
     if not todo:
         return counts
-    keys, missing = list(todo), list(todo.values())
+    todo_keys, missing = list(todo), list(todo.values())
     workers = min(worker_count(cfg), max(1, len(missing) // 8))
     chunk = max(1, min(64, len(missing) // (4 * workers) or 1))
     done_keys: list[str] = []
     done: list[LocalFeatures] = []
-    tasks = list(_chunks(missing, chunk))
+    tasks = ((part, cfg.image_size, cfg.max_keypoints) for part in _chunks(missing, chunk))
+    n_tasks = -(-len(missing) // chunk)
     with _pool(workers) as pool:
-        jobs = pool.map(_extract_chunk, tasks, [cfg.image_size] * len(tasks), [cfg.max_keypoints] * len(tasks))
-        for part in progress_bar(jobs, f"local features ({chunk} images a step)", progress, len(tasks)):
+        jobs = _in_order(pool, _extract_chunk, tasks, 4 * workers)
+        for part in progress_bar(jobs, f"local features ({chunk} images a step)", progress, n_tasks):
             for features in part:
-                key = keys[len(done_keys)]
+                key = todo_keys[len(done_keys)]
                 if features is None:
                     counts.unreadable += 1
                     features = LocalFeatures.empty()
@@ -177,31 +190,65 @@ _STORES: dict[str, FeatureStore] = {}
 
 
 def _verify_chunk(
-    folder: str, queries: list[str], candidates: list[list[str | None]], ratio: float, threshold: float
+    folder: str, keys: list[str], queries: np.ndarray, candidates: np.ndarray, ratio: float, threshold: float
 ) -> np.ndarray:
-    """Inliers (len(queries), top_k) for a few queries' candidate lists (None: no candidate)."""
+    """Inliers (len(queries), top_k) for a few queries; `queries` and `candidates` index `keys`
+    (-1: no candidate)."""
     store = _STORES.get(folder) or _STORES.setdefault(folder, FeatureStore(Path(folder)))
-    width = max((len(c) for c in candidates), default=0)
-    out = np.zeros((len(queries), width), np.int32)
-    for q, (query_key, row) in enumerate(zip(queries, candidates, strict=True)):
-        query = store.get(query_key)
+    out = np.zeros(candidates.shape, np.int32)
+    for q, (query_at, row) in enumerate(zip(queries, candidates, strict=True)):
+        query = store.get(keys[query_at])
         query_root = root_sift(query.descriptors)
-        for j, candidate_key in enumerate(row):
-            if candidate_key is not None:
-                out[q, j] = verify_pair(query, store.get(candidate_key), ratio, threshold, query_root=query_root)
+        for j, candidate_at in enumerate(row):
+            if candidate_at >= 0:
+                out[q, j] = verify_pair(query, store.get(keys[candidate_at]), ratio, threshold, query_root=query_root)
     return out
+
+
+def _in_order(pool: ProcessPoolExecutor, fn, tasks: Iterable[tuple], window: int) -> Iterator:
+    """fn(*task) for each task, in order, at most `window` in flight: Executor.map submits every
+    task at once, which for 100k queries × 100 candidates would hold all their arguments."""
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.submit(fn, *task))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _verify_tasks(folder: str, keys: dict[int, str], query_rows, candidate_rows, cfg: VerifyConfig) -> Iterator[tuple]:
+    """One task per TASK_QUERIES queries: their keys, and positions into them."""
+    for start in range(0, len(query_rows), TASK_QUERIES):
+        rows = query_rows[start : start + TASK_QUERIES]
+        cands = candidate_rows[start : start + TASK_QUERIES]
+        flat = np.concatenate([rows, cands.ravel()])
+        used = np.unique(flat[flat >= 0])
+        positions = np.where(flat >= 0, np.searchsorted(used, flat), -1)
+        yield (
+            folder,
+            [keys[int(row)] for row in used],
+            positions[: len(rows)],
+            positions[len(rows) :].reshape(cands.shape),
+            cfg.ratio,
+            cfg.ransac_threshold,
+        )
 
 
 def verify_shortlists(
     store: FeatureStore,
     cfg: VerifyConfig,
-    query_paths: Sequence[str],
-    candidate_paths: Sequence[Sequence[str | None]],
+    paths: np.ndarray,
+    query_rows: np.ndarray,
+    candidate_rows: np.ndarray,
     progress: bool = True,
 ) -> np.ndarray:
-    """Inlier counts (Q, top_k) of each query against its candidates, features extracted first."""
-    wanted = list(query_paths) + [p for row in candidate_paths for p in row if p is not None]
-    counts = ensure_features(store, cfg, wanted, progress)
+    """Inlier counts (Q, top_k) of each query row of `paths` against its candidate rows (Q, top_k;
+    -1: none), the features of those images extracted first."""
+    query_rows, candidate_rows = np.asarray(query_rows, np.int64), np.asarray(candidate_rows, np.int64)
+    needed = np.unique(np.concatenate([query_rows, candidate_rows[candidate_rows >= 0]]))
+    keys = {int(row): image_key(str(paths[row])) for row in needed}
+    counts = ensure_features(store, cfg, [str(paths[row]) for row in needed], progress, list(keys.values()))
     log.info(
         "[verify] local features: %d reused from the cache, %d extracted (%d unreadable, %d without keypoints: "
         "their pairs count 0 inliers)",
@@ -210,22 +257,17 @@ def verify_shortlists(
         counts.unreadable,
         counts.featureless,
     )
-    query_keys = [image_key(p) for p in query_paths]
-    candidate_keys = [[None if p is None else image_key(p) for p in row] for row in candidate_paths]
-    width = max((len(r) for r in candidate_keys), default=0)
-    out = np.zeros((len(query_keys), width), np.int32)
-    starts = list(range(0, len(query_keys), TASK_QUERIES))
-    workers = min(worker_count(cfg), len(starts)) or 1
+    out = np.zeros(candidate_rows.shape, np.int32)
+    tasks = _verify_tasks(str(store.folder), keys, query_rows, candidate_rows, cfg)
+    n_tasks = -(-len(query_rows) // TASK_QUERIES)
+    workers = min(worker_count(cfg), n_tasks) or 1
     with _pool(workers) as pool:
-        jobs = pool.map(
-            _verify_chunk,
-            [str(store.folder)] * len(starts),
-            [query_keys[s : s + TASK_QUERIES] for s in starts],
-            [candidate_keys[s : s + TASK_QUERIES] for s in starts],
-            [cfg.ratio] * len(starts),
-            [cfg.ransac_threshold] * len(starts),
+        parts = progress_bar(
+            _in_order(pool, _verify_chunk, tasks, 4 * workers),
+            f"verify ({TASK_QUERIES} queries a step)",
+            progress,
+            n_tasks,
         )
-        steps = zip(starts, jobs, strict=True)
-        for start, part in progress_bar(steps, f"verify ({TASK_QUERIES} queries a step)", progress, len(starts)):
-            out[start : start + len(part), : part.shape[1]] = part
+        for task, part in enumerate(parts):
+            out[task * TASK_QUERIES : task * TASK_QUERIES + len(part)] = part
     return out
