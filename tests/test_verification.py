@@ -22,6 +22,7 @@ from dmlkit.retrieval.local import (
     root_sift,
     sift_features,
     to_gray,
+    unit_descriptors,
     verify_pair,
 )
 from dmlkit.stages.verify import FeatureStore, ensure_features, verify_shortlists
@@ -255,3 +256,89 @@ def test_verify_shortlists_counts_inliers_and_zero_for_unreadable_or_missing(
 def test_empty_local_features_have_the_descriptor_width():
     empty = LocalFeatures.empty()
     assert len(empty) == 0 and empty.keypoints.shape == (0, 2)
+
+
+# ------------------------------------------------------------------ learned features (kornia DISK)
+@pytest.fixture
+def disk_weights(tmp_path):
+    """A randomly initialised DISK saved like kornia's checkpoint (no download here)."""
+    import torch
+    from kornia.feature import DISK
+
+    torch.manual_seed(0)
+    path = tmp_path / "disk-random.pth"
+    torch.save({"extractor": DISK().state_dict()}, path)
+    return str(path)
+
+
+def test_unit_descriptors_root_sift_for_uint8_and_l2_for_learned():
+    sift = np.array([[0, 4, 12], [1, 1, 2]], np.uint8)
+    np.testing.assert_allclose(unit_descriptors(sift), root_sift(sift))
+    learned = np.array([[3.0, 4.0, 0.0]], np.float16)
+    np.testing.assert_allclose(unit_descriptors(learned), [[0.6, 0.8, 0.0]], rtol=1e-3)
+
+
+def test_disk_features_from_a_local_weights_file(disk_weights):
+    import torch
+
+    from dmlkit.retrieval.learned import disk_features, load_disk
+
+    model = load_disk(disk_weights, torch.device("cpu"), "test")
+    rgb = np.repeat(textured(3, 96)[..., None], 3, axis=2)[:64]
+    features = disk_features(model, rgb, max_keypoints=40)
+    assert 0 < len(features) <= 40
+    assert features.descriptors.dtype == np.float16 and features.descriptors.shape == (len(features), 128)
+    np.testing.assert_allclose(np.linalg.norm(features.descriptors.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    assert (features.keypoints >= 0).all() and (features.keypoints[:, 0] < 96).all()
+    assert (features.keypoints[:, 1] < 64).all()
+    assert len(disk_features(model, rgb[:10, :10], 40)) == 0
+
+
+def test_disk_weights_that_cannot_be_had_are_clear_errors(tmp_path, monkeypatch):
+    import urllib.error
+
+    import kornia.feature.disk.disk as kornia_disk
+    import torch
+
+    from dmlkit.retrieval.learned import ExtractorWeightsError, load_disk
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(kornia_disk, "load_state_dict_from_url", offline)
+    cpu = torch.device("cpu")
+    with pytest.raises(ExtractorWeightsError, match=r"cannot get kornia's DISK weights .* Offline"):
+        load_disk(None, cpu, "cfg.yaml: retrieve.verify")
+    with pytest.raises(ExtractorWeightsError, match=r"'missing\.pth' is not a file"):
+        load_disk("missing.pth", cpu, "cfg.yaml: retrieve.verify")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(ExtractorWeightsError, match="holds no DISK weights"):
+        load_disk(str(wrong), cpu, "cfg.yaml: retrieve.verify")
+
+
+def test_disk_features_are_cached_as_float16_and_verified(tmp_path, image_files, disk_weights):
+    """The DISK path end to end in the stage: extracted in this process, a shard of float16
+    descriptors equal to a direct extraction, and inlier counts with 0 for unreadable/missing."""
+    import torch
+
+    from dmlkit.retrieval.learned import disk_features, load_disk
+    from dmlkit.stages.verify import feature_key, image_key, read_for_features
+
+    cfg = VerifyConfig(
+        enabled=True, extractor="disk", weights_file=disk_weights, image_size=96, max_keypoints=60, workers=1
+    )
+    assert feature_key(cfg) != feature_key(VerifyConfig(enabled=True, image_size=96, max_keypoints=60))
+    store = FeatureStore(tmp_path / "features")
+    names = ["query", "same", "other", "corrupt", "blank"]
+    paths = np.array([image_files[name] for name in names], dtype=object)
+    counts = ensure_features(store, cfg, list(paths), progress=False)
+    assert (counts.extracted, counts.unreadable) == (5, 1)
+    cached = FeatureStore(tmp_path / "features").get(image_key(image_files["query"]))
+    model = load_disk(disk_weights, torch.device("cpu"), "test")
+    direct = disk_features(model, read_for_features(image_files["query"], 96, channels=3), 60)
+    assert cached.descriptors.dtype == np.float16
+    np.testing.assert_array_equal(cached.descriptors, direct.descriptors)
+    inliers = verify_shortlists(store, cfg, paths, np.array([0, 1]), np.array([[1, 3], [-1, 0]]), progress=False)
+    assert inliers.shape == (2, 2) and inliers.dtype == np.int32
+    assert inliers[0, 1] == 0 and inliers[1, 0] == 0

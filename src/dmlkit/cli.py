@@ -55,6 +55,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .data.images import UnreadableImageError
     from .data.transforms import TransformConfigError
     from .models.backbone import PretrainedWeightsError
+    from .retrieval.learned import ExtractorWeightsError
     from .stages.train import NonFiniteLossError
 
     return (
@@ -66,6 +67,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         TransformConfigError,
         NonFiniteLossError,
         PretrainedWeightsError,
+        ExtractorWeightsError,
         FileNotFoundError,
         FileExistsError,
         KeyError,
@@ -96,11 +98,20 @@ def _context(cfg, args):
 
 
 def cmd_stage(args) -> int:
-    from .pipeline import check_members, check_outputs, ensure_demo_data, local_scores, run_export, run_stage
+    from .pipeline import (
+        check_extractor,
+        check_members,
+        check_outputs,
+        ensure_demo_data,
+        local_scores,
+        run_export,
+        run_stage,
+    )
     from .stages.score import format_scores
 
     cfg = _setup(args.config, args.overrides)
     check_members(cfg)
+    check_extractor(cfg)
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     args.force_stages = stages if args.force else []
     ctx = _context(cfg, args)

@@ -249,7 +249,12 @@ class VerifyConfig(Strict):
     """Second stage: local features on each query's shortlist, verified by a homography."""
 
     enabled: bool = False
-    extractor: Literal["sift"] = Field("sift", description="OpenCV SIFT with RootSIFT descriptors (no weights)")
+    extractor: Literal["sift", "disk"] = Field(
+        "sift", description="sift: OpenCV SIFT + RootSIFT (no weights); disk: kornia's DISK (a GPU extractor)"
+    )
+    weights_file: str | None = Field(
+        None, description="disk: a local weights file; null: kornia's 'depth' checkpoint, fetched before anything runs"
+    )
     image_size: int = Field(512, ge=64, description="longer side the features are extracted at (px)")
     max_keypoints: int = Field(1000, ge=8, description="the strongest keypoints kept per image")
     top_k: int | None = Field(
@@ -608,6 +613,8 @@ def _second_stage_problems(r: RetrieveConfig, ranks_index: bool) -> list[str]:
         for name in ("weight", "cap")
         if name in r.verify.model_fields_set and r.verify.fusion == "calibrated"
     ]
+    if r.verify.weights_file is not None and r.verify.extractor == "sift":
+        problems.append("retrieve.verify.weights_file: SIFT has no weights (only retrieve.verify.extractor 'disk')")
     for section, name in ((r.verify, "verify"), (r.label_rerank, "label_rerank")):
         default = type(section)()
         problems += [

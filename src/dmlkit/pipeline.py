@@ -491,6 +491,15 @@ def check_members(cfg: Config) -> None:
             )
 
 
+def check_extractor(cfg: Config) -> None:
+    """A learned local-feature extractor's weights, loaded (fetched) before anything trains."""
+    verify = cfg.retrieve.verify
+    if verify.enabled and verify.extractor != "sift":
+        from .stages.verify import load_extractor
+
+        load_extractor(verify, f"{cfg.source}: retrieve.verify")
+
+
 def check_outputs(ctx: Context, stages: list[str]) -> None:
     """Where the run writes a submission: images to predict and a writable folder, checked before
     anything trains (a run without test rows would end in a header-only CSV)."""

@@ -19,8 +19,9 @@ MIN_HOMOGRAPHY_MATCHES = 4
 
 @dataclass(frozen=True)
 class LocalFeatures:
-    """One image's keypoints (n, 2) float32 in pixels of the extracted image, and raw SIFT
-    descriptors (n, 128) uint8 (OpenCV's SIFT values are integers in 0..255: stored exactly)."""
+    """One image's keypoints (n, 2) float32 in pixels of the extracted image, and descriptors
+    (n, 128): SIFT's uint8 (OpenCV's values are integers in 0..255: stored exactly), or a learned
+    extractor's float16."""
 
     keypoints: np.ndarray
     descriptors: np.ndarray
@@ -33,14 +34,19 @@ class LocalFeatures:
         return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, DESCRIPTOR_SIZE), np.uint8))
 
 
-def to_gray(image: np.ndarray, long_side: int) -> np.ndarray:
-    """uint8 grey image resized (area-averaged) so that its longer side is `long_side`; never enlarged."""
-    gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    scale = long_side / max(gray.shape[:2])
+def fit_long_side(image: np.ndarray, long_side: int) -> np.ndarray:
+    """The image resized (area-averaged) so that its longer side is `long_side`; never enlarged."""
+    scale = long_side / max(image.shape[:2])
     if scale < 1.0:
-        size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
-        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(gray)
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(image)
+
+
+def to_gray(image: np.ndarray, long_side: int) -> np.ndarray:
+    """uint8 grey image whose longer side is at most `long_side` (see fit_long_side)."""
+    gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return fit_long_side(gray, long_side)
 
 
 def sift_features(gray: np.ndarray, max_keypoints: int) -> LocalFeatures:
@@ -59,6 +65,15 @@ def root_sift(descriptors: np.ndarray) -> np.ndarray:
     values = descriptors.astype(np.float32)
     values /= np.maximum(values.sum(axis=1, keepdims=True), 1e-7)
     return np.sqrt(values)
+
+
+def unit_descriptors(descriptors: np.ndarray) -> np.ndarray:
+    """The float32 unit vectors matching compares: RootSIFT of SIFT's uint8 descriptors, the
+    learned (float) ones L2-normalised."""
+    if descriptors.dtype == np.uint8:
+        return root_sift(descriptors)
+    values = descriptors.astype(np.float32)
+    return values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-7)
 
 
 def ratio_matches(query: np.ndarray, candidate: np.ndarray, ratio: float) -> np.ndarray:
@@ -109,8 +124,8 @@ def verify_pair(
     """The number of geometrically consistent matches between two images' features."""
     if len(query) < MIN_HOMOGRAPHY_MATCHES or len(candidate) < MIN_HOMOGRAPHY_MATCHES:
         return 0
-    query_root = root_sift(query.descriptors) if query_root is None else query_root
-    candidate_root = root_sift(candidate.descriptors) if candidate_root is None else candidate_root
+    query_root = unit_descriptors(query.descriptors) if query_root is None else query_root
+    candidate_root = unit_descriptors(candidate.descriptors) if candidate_root is None else candidate_root
     pairs = ratio_matches(query_root, candidate_root, ratio)
     if len(pairs) < MIN_HOMOGRAPHY_MATCHES:
         return 0

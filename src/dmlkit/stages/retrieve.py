@@ -64,6 +64,81 @@ def check_finite(name: str, array: np.ndarray) -> None:
         )
 
 
+@dataclass
+class ChainState:
+    """What the chain's steps read and replace: the (expanded) queries and gallery, the ranked
+    neighbours, and the non-landmark pool (None without one)."""
+
+    queries: np.ndarray
+    gallery: np.ndarray
+    result: Neighbours
+    distractors: np.ndarray | None
+    k: int
+
+
+def _expand(cfg: RetrieveConfig, state: ChainState, progress: bool) -> ChainState:
+    """α-QE and DBA (Radenović et al.): the gallery averaged with its neighbours, then the queries."""
+    queries, gallery, result = state.queries, state.gallery, state.result
+    if cfg.dba.enabled:
+        self_graph = _search(cfg, gallery, gallery, min(len(gallery), cfg.dba.k + 1), progress)
+        gallery = database_augmentation(gallery, self_graph.sims, self_graph.ids, cfg.dba.alpha, cfg.dba.k)
+        result = _search(cfg, queries, gallery, state.k, progress)
+    if cfg.qe.enabled:
+        queries = query_expansion(queries, gallery, result.sims, result.ids, cfg.qe.alpha, cfg.qe.k)
+        result = _search(cfg, queries, gallery, state.k, progress)
+    return replace(state, queries=queries, gallery=gallery, result=result)
+
+
+def _rerank(cfg: RetrieveConfig, state: ChainState, progress: bool) -> ChainState:
+    """k-reciprocal re-ranking of each query's own nearest gallery images."""
+    both = np.concatenate([state.queries, state.gallery])
+    # the joint graph only shapes the encoding; the re-scored candidates are each query's own
+    # nearest gallery images (near-duplicate queries would fill each other's graph rows)
+    graph_k = min(len(both), max(cfg.rerank.k1 + 1, cfg.rerank.k2))
+    graph = _search(cfg, both, both, graph_k, progress).ids
+    r = cfg.rerank
+    dist, ids = k_reciprocal_rerank(
+        state.queries, state.gallery, graph, r.k1, r.k2, r.lambda_, state.result.ids, progress
+    )
+    return replace(state, result=Neighbours((1.0 - dist).astype(np.float32), ids))
+
+
+def _penalise(cfg: RetrieveConfig, state: ChainState, progress: bool) -> ChainState:
+    """GLR2020 1st's non-landmark penalty on the gallery side (and the query side's offset)."""
+    pen = cfg.penalty
+    gallery_pen = distractor_penalty(
+        _search(cfg, state.gallery, state.distractors, pen.k_gallery, progress).sims, pen.k_gallery
+    )
+    query_pen = None
+    if pen.query_side:
+        query_pen = distractor_penalty(
+            _search(cfg, state.queries, state.distractors, pen.k_query, progress).sims, pen.k_query
+        )
+    sims = penalised_similarity(state.result.sims, state.result.ids, gallery_pen)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    ids = np.take_along_axis(state.result.ids, order, 1)
+    return replace(state, result=Neighbours(np.take_along_axis(sims, order, 1), ids, query_offset=query_pen))
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    name: str  # the validation report's row
+    applies: Callable[[RetrieveConfig, ChainState], bool]
+    run: Callable[[RetrieveConfig, ChainState, bool], ChainState]
+
+
+# The chain after the kNN search, in order; a new re-ranker is one pure function and one line here.
+CHAIN: tuple[ChainStep, ...] = (
+    ChainStep("+ QE/DBA", lambda cfg, state: cfg.qe.enabled or cfg.dba.enabled, _expand),
+    ChainStep("+ re-ranking", lambda cfg, state: cfg.rerank.enabled, _rerank),
+    ChainStep(
+        "+ distractor penalty",
+        lambda cfg, state: cfg.penalty.enabled and state.distractors is not None and len(state.distractors) > 0,
+        _penalise,
+    ),
+)
+
+
 def run_chain(
     cfg: RetrieveConfig,
     queries: np.ndarray,
@@ -76,50 +151,15 @@ def run_chain(
     check_finite("queries", queries)
     check_finite("gallery", gallery)
     k = min(len(gallery), max(cfg.k, cfg.voting.k, cfg.qe.k + 1, cfg.rerank.k1 + 1))
-    result = _search(cfg, queries, gallery, k, progress)
+    state = ChainState(queries, gallery, _search(cfg, queries, gallery, k, progress), distractors, k)
     if on_step:
-        on_step("kNN", result)
-    if cfg.dba.enabled or cfg.qe.enabled:
-        if cfg.dba.enabled:
-            self_graph = _search(cfg, gallery, gallery, min(len(gallery), cfg.dba.k + 1), progress)
-            gallery = database_augmentation(gallery, self_graph.sims, self_graph.ids, cfg.dba.alpha, cfg.dba.k)
-            result = _search(cfg, queries, gallery, k, progress)
-        if cfg.qe.enabled:
-            queries = query_expansion(queries, gallery, result.sims, result.ids, cfg.qe.alpha, cfg.qe.k)
-            result = _search(cfg, queries, gallery, k, progress)
-        if on_step:
-            on_step("+ QE/DBA", result)
-    if cfg.rerank.enabled:
-        both = np.concatenate([queries, gallery])
-        # the joint graph only shapes the encoding; the re-scored candidates are each query's own
-        # nearest gallery images (near-duplicate queries would fill each other's graph rows)
-        graph_k = min(len(both), max(cfg.rerank.k1 + 1, cfg.rerank.k2))
-        graph = _search(cfg, both, both, graph_k, progress).ids
-        dist, ids = k_reciprocal_rerank(
-            queries, gallery, graph, cfg.rerank.k1, cfg.rerank.k2, cfg.rerank.lambda_, result.ids, progress
-        )
-        result = Neighbours((1.0 - dist).astype(np.float32), ids)
-        if on_step:
-            on_step("+ re-ranking", result)
-    if cfg.penalty.enabled and distractors is not None and len(distractors):
-        gallery_pen = distractor_penalty(
-            _search(cfg, gallery, distractors, cfg.penalty.k_gallery, progress).sims, cfg.penalty.k_gallery
-        )
-        query_pen = (
-            distractor_penalty(
-                _search(cfg, queries, distractors, cfg.penalty.k_query, progress).sims, cfg.penalty.k_query
-            )
-            if cfg.penalty.query_side
-            else None
-        )
-        sims = penalised_similarity(result.sims, result.ids, gallery_pen)
-        order = np.argsort(-sims, axis=1, kind="stable")
-        result = Neighbours(
-            np.take_along_axis(sims, order, 1), np.take_along_axis(result.ids, order, 1), query_offset=query_pen
-        )
-        if on_step:
-            on_step("+ distractor penalty", result)
-    return result
+        on_step("kNN", state.result)
+    for step in CHAIN:
+        if step.applies(cfg, state):
+            state = step.run(cfg, state, progress)
+            if on_step:
+                on_step(step.name, state.result)
+    return state.result
 
 
 @dataclass

@@ -7,7 +7,8 @@ is a folder of four .npy files (keys, offsets, keypoints, descriptors) written u
 name and renamed, so an interrupted run leaves no half shard; reading memory-maps it, so
 verifying a million pairs holds only the pages the current pairs touch.
 
-Extraction and matching run in worker processes, one OpenCV and BLAS thread each.
+SIFT extraction and all matching run in worker processes, one OpenCV and BLAS thread each; a
+learned extractor (DISK through kornia) runs in this process, on the GPU where there is one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -29,7 +31,7 @@ import numpy as np
 from ..cache import canonical_json
 from ..config import VerifyConfig
 from ..data.images import UnreadableImageError, decode_image, jpeg_shape, read_image_bytes
-from ..retrieval.local import LocalFeatures, root_sift, sift_features, to_gray, verify_pair
+from ..retrieval.local import LocalFeatures, fit_long_side, sift_features, unit_descriptors, verify_pair
 from ..runtime import progress_bar
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ TASK_QUERIES = 32  # queries per verification task
 def feature_key(cfg: VerifyConfig) -> str:
     """What the features depend on (not the matching or fusion settings)."""
     payload = {"extractor": cfg.extractor, "size": cfg.image_size, "keypoints": cfg.max_keypoints}
+    if cfg.extractor != "sift":
+        payload["weights"] = image_key(cfg.weights_file) if cfg.weights_file else "kornia:depth"
     payload["version"] = FEATURES_VERSION
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
@@ -54,16 +58,46 @@ def image_key(path: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
-def extract(path: str, image_size: int, max_keypoints: int) -> LocalFeatures | None:
-    """One image's features; None when the file cannot be read (counted by the caller)."""
+def read_for_features(path: str, image_size: int, channels: int) -> np.ndarray | None:
+    """The image decoded (JPEGs at a reduced size where that still covers `image_size`) with its
+    longer side at most `image_size`; None when the file cannot be read (counted by the caller)."""
     try:
         data = read_image_bytes(path)
         shape = jpeg_shape(data)
         min_side = int(np.ceil(image_size * min(shape) / max(shape))) if shape else None
-        image = decode_image(data, path, channels=1, min_side=min_side)
+        image = decode_image(data, path, channels=channels, min_side=min_side)
     except UnreadableImageError:
         return None
-    return sift_features(to_gray(image[..., 0], image_size), max_keypoints)
+    return fit_long_side(image[..., 0] if channels == 1 else image, image_size)
+
+
+def extract(path: str, image_size: int, max_keypoints: int) -> LocalFeatures | None:
+    """One image's SIFT features; None when the file cannot be read."""
+    gray = read_for_features(path, image_size, channels=1)
+    return None if gray is None else sift_features(gray, max_keypoints)
+
+
+def load_extractor(cfg: VerifyConfig, where: str = "retrieve.verify"):
+    """The learned extractor's model on the GPU when there is one (None for SIFT); its weights
+    are fetched here, so a missing download stops the run before anything trains."""
+    if cfg.extractor == "sift":
+        return None
+    import torch
+
+    from ..retrieval.learned import load_disk
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return load_disk(cfg.weights_file, device, where)
+
+
+def _learned_parts(cfg: VerifyConfig, paths: Sequence[str], chunk: int) -> Iterator[list[LocalFeatures | None]]:
+    """A learned extractor in this process (its model on the GPU where there is one)."""
+    from ..retrieval.learned import disk_features
+
+    model = load_extractor(cfg)
+    for part in _chunks(paths, chunk):
+        images = [read_for_features(path, cfg.image_size, channels=3) for path in part]
+        yield [None if image is None else disk_features(model, image, cfg.max_keypoints) for image in images]
 
 
 class FeatureStore:
@@ -90,7 +124,8 @@ class FeatureStore:
         np.save(partial / "keys.npy", np.array(keys, dtype=str))
         np.save(partial / "offsets.npy", offsets)
         np.save(partial / "keypoints.npy", np.concatenate([f.keypoints for f in features]).astype(np.float32))
-        np.save(partial / "descriptors.npy", np.concatenate([f.descriptors for f in features]).astype(np.uint8))
+        # SIFT's uint8 or a learned extractor's float16 (an empty entry's uint8 does not demote it)
+        np.save(partial / "descriptors.npy", np.concatenate([f.descriptors for f in features]))
         final = partial.with_name(partial.name.removesuffix(".partial"))
         partial.rename(final)
         self.where.update({k: (final, i) for i, k in enumerate(keys)})
@@ -132,8 +167,11 @@ def worker_count(cfg: VerifyConfig) -> int:
     return cfg.workers or len(os.sched_getaffinity(0))
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # spawn, not fork: the parent holds faiss's and torch's thread pools
+def _pool(workers: int) -> ProcessPoolExecutor | nullcontext:
+    """Worker processes (none for 0). Spawned, not forked: the parent holds faiss's and torch's
+    thread pools."""
+    if workers == 0:
+        return nullcontext()
     return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init)
 
 
@@ -165,9 +203,14 @@ def ensure_features(
     done: list[LocalFeatures] = []
     tasks = ((part, cfg.image_size, cfg.max_keypoints) for part in _chunks(missing, chunk))
     n_tasks = -(-len(missing) // chunk)
-    with _pool(workers) as pool:
-        jobs = _in_order(pool, _extract_chunk, tasks, 4 * workers)
-        for part in progress_bar(jobs, f"local features ({chunk} images a step)", progress, n_tasks):
+    with _pool(workers if cfg.extractor == "sift" else 0) as pool:
+        parts = (
+            _in_order(pool, _extract_chunk, tasks, 4 * workers)
+            if pool is not None
+            else _learned_parts(cfg, missing, chunk)
+        )
+        label = f"local features ({cfg.extractor}, {chunk} images a step)"
+        for part in progress_bar(parts, label, progress, n_tasks):
             for features in part:
                 key = todo_keys[len(done_keys)]
                 if features is None:
@@ -198,7 +241,7 @@ def _verify_chunk(
     out = np.zeros(candidates.shape, np.int32)
     for q, (query_at, row) in enumerate(zip(queries, candidates, strict=True)):
         query = store.get(keys[query_at])
-        query_root = root_sift(query.descriptors)
+        query_root = unit_descriptors(query.descriptors)
         for j, candidate_at in enumerate(row):
             if candidate_at >= 0:
                 out[q, j] = verify_pair(query, store.get(keys[candidate_at]), ratio, threshold, query_root=query_root)
