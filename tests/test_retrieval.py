@@ -270,3 +270,22 @@ def test_few_queries_top_k_matches_the_dense_argsort_over_the_chosen_rows():
     expected = np.argsort(-(queries @ emb[rows].T), axis=1, kind="stable")[:, :10]
     assert np.array_equal(few_queries_top_k(queries, emb, rows, 10, block=32), expected)
     assert np.array_equal(few_queries_top_k(queries, emb, rows, 10), expected)
+
+
+def test_validation_queries_cap_samples_the_fold_the_same_way_every_time():
+    import pandas as pd
+
+    from dmlkit.stages.retrieve import validation_split
+
+    ids = [f"img{n}" for n in range(30)]
+    labels = [f"c{n % 6}" for n in range(30)]
+    table = pd.DataFrame({"id": ids, "role": "train", "label": labels})
+    folds = pd.DataFrame({"id": ids, "label": labels, "fold": [n % 3 for n in range(30)], "known": True})
+    full = validation_split(table, folds, 1)
+    capped = validation_split(table, folds, 1, max_queries=4)
+    assert len(full.query_rows) == 10 and len(capped.query_rows) == 4
+    assert set(capped.query_rows) <= set(full.query_rows)
+    assert [labels[r] for r in capped.query_rows] == capped.query_labels.tolist()
+    np.testing.assert_array_equal(capped.gallery_rows, full.gallery_rows)
+    np.testing.assert_array_equal(validation_split(table, folds, 1, max_queries=4).query_rows, capped.query_rows)
+    np.testing.assert_array_equal(validation_split(table, folds, 1, max_queries=50).query_rows, full.query_rows)

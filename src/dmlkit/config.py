@@ -304,6 +304,12 @@ class RetrieveConfig(Strict):
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     query_batch: int = Field(16384, ge=1)
     val_fold: int | None = Field(None, description="validation fold (default: the first member's)")
+    validation_queries: int | None = Field(
+        None,
+        ge=1,
+        description="at most this many validation queries per fold (a seeded random sample) for the report, "
+        "the tuning and the verification; null: the whole fold",
+    )
     qe: ExpansionConfig = ExpansionConfig()
     dba: ExpansionConfig = ExpansionConfig()
     rerank: RerankConfig = RerankConfig()

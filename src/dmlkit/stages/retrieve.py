@@ -186,8 +186,15 @@ def distractor_rows(table: pd.DataFrame) -> np.ndarray:
     return np.flatnonzero(pool if pool.any() else (table["role"] == "index").to_numpy())
 
 
-def validation_split(table: pd.DataFrame, folds: pd.DataFrame, val_fold: int) -> ValidationSplit:
+def validation_split(
+    table: pd.DataFrame, folds: pd.DataFrame, val_fold: int, max_queries: int | None = None
+) -> ValidationSplit:
+    """The fold's queries against the other folds; with `max_queries`, a random sample of that
+    many queries (seeded by the fold: the same sample on every rerun)."""
     train_part, val_part = fold_parts(folds, val_fold)
+    if max_queries is not None and len(val_part) > max_queries:
+        keep = np.sort(np.random.default_rng(val_fold).choice(len(val_part), max_queries, replace=False))
+        val_part = val_part.iloc[keep].reset_index(drop=True)
     return ValidationSplit(
         query_rows=table_rows(table, "train", val_part["id"]),
         query_labels=val_part["label"].to_numpy(),
@@ -308,7 +315,7 @@ def out_of_fold_queries(
     without its fold and embedded by the members that never trained on it; pooled for calibration."""
     parts = []
     for fold, embeddings in fold_embeddings.items():
-        split = validation_split(table, folds, fold)
+        split = validation_split(table, folds, fold, cfg.validation_queries)
         if len(split.query_rows) == 0:
             continue
         result = run_chain(
@@ -499,7 +506,7 @@ def retrieve(
         head_scores = lambda rows: head_label_scores(member_heads, rows)  # noqa: E731
     pool = distractor_rows(table)
     distractors = lambda emb: emb[pool] if cfg.penalty.enabled else None  # noqa: E731
-    split = validation_split(table, folds, val_fold)
+    split = validation_split(table, folds, val_fold, cfg.validation_queries)
     report: list[dict] = []
     calibration, tuned_on = Calibration(), {}
     if len(split.query_rows) == 0:
