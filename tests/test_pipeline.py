@@ -320,6 +320,8 @@ def test_verification_tunes_a_fusion_and_reuses_cached_features_on_a_rerun(tmp_p
     assert len(step) == 1, report.step.tolist()
     tuned = ctx.done["retrieve"].manifest["result"]["tuned"]["verify"]
     assert tuned["fusion"] == "additive" and tuned["weight"] > 0
+    verified = report.gap[report.step.str.startswith("+ verification")].iloc[0]
+    assert tuned["validation_score"] == pytest.approx(verified)  # the tuned point's score is the row's
     for name in ("tiny-landmark.csv", "tiny-landmark-retrieval.csv"):
         assert (tmp_path / "submissions" / name).is_file()
     shards = sorted((tmp_path / "artifacts" / "local-features").glob("*/shard-*"))

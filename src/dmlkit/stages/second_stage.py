@@ -62,7 +62,7 @@ class Fusion:
     def to_json(self) -> dict:
         if self.calibrated is not None:
             return {"fusion": self.kind, **self.calibrated.to_json()}
-        return {"fusion": self.kind, "weight": self.weight, "cap": self.cap}
+        return {"fusion": self.kind, "weight": self.weight, "cap": self.cap, "validation_score": self.gain}
 
 
 @dataclass
