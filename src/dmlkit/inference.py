@@ -116,6 +116,15 @@ def embed_paths(
     return torch.nn.functional.normalize(total, dim=1).numpy().astype(np.float32)
 
 
+def embed_sharded(model: EmbeddingModel, paths: Sequence[str], **options) -> np.ndarray | None:
+    """embed_paths (with these options) over this rank's share of `paths` — every world_size-th,
+    from its rank — gathered in order on rank 0; None on the other ranks. One process: all of them."""
+    from .runtime import rank, world_size
+
+    shard = np.arange(len(paths))[rank() :: world_size()]
+    return gather_rows(embed_paths(model, [paths[i] for i in shard], **options), shard, len(paths))
+
+
 def gather_rows(part: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray | None:
     """Reassemble per-rank shards (rows[i] is the global row of part[i]) on rank 0, which alone
     writes and searches them; the other ranks get None. Without torchrun, `part` itself."""

@@ -11,10 +11,10 @@ import pandas as pd
 import torch
 
 from ..config import Config, MemberConfig
-from ..inference import embed_paths, gather_rows, head_topk
+from ..inference import embed_sharded, head_topk
 from ..models.checkpoint import load_member
 from ..retrieval.ensemble import concatenate, pca_whiten
-from ..runtime import is_main_process, rank, world_size
+from ..runtime import is_main_process
 
 
 def embed_member(
@@ -28,13 +28,12 @@ def embed_member(
 ) -> dict:
     """embeddings.npy (one row per table row), head_topk_{index,cos}.npy, head_classes.json, ids.csv."""
     model, head, classes = load_member(weights, member, device)
-    shard = np.arange(len(table))[rank() :: world_size()]  # under torchrun each rank embeds its share
-    emb = embed_paths(
+    emb = embed_sharded(  # under torchrun each rank embeds its share
         model,
-        table["path"].to_numpy()[shard].tolist(),
-        member.image_size,
-        cfg.embed.batch_size,
-        device,
+        table["path"].tolist(),
+        image_size=member.image_size,
+        batch_size=cfg.embed.batch_size,
+        device=device,
         flip=cfg.embed.tta_flip,
         scales=cfg.embed.tta_scales,
         amp=member.train.amp,
@@ -43,7 +42,6 @@ def embed_member(
         progress=progress,
         channels_last=member.train.channels_last,
     )
-    emb = gather_rows(emb, shard, len(table))
     if not is_main_process():
         return {}
     top_index, top_cos = head_topk(head, emb, device)

@@ -30,7 +30,7 @@ from ..config import Config, MemberConfig, TrainConfig
 from ..data.dataset import ImageDataset, with_rotated_classes
 from ..data.transforms import make_pipeline
 from ..evaluation import knn_validation_scores
-from ..inference import autocast_dtype, embed_paths, gather_rows, loader_options
+from ..inference import autocast_dtype, embed_sharded, loader_options
 from ..models.backbone import EmbeddingModel
 from ..models.build import build_member_head, build_model
 from ..models.checkpoint import load_training_state, save_training_state, save_weights
@@ -413,13 +413,12 @@ def _embed_part(
 ) -> tuple[np.ndarray | None, pd.DataFrame]:
     """Embeddings of a part's readable images and their rows, on rank 0 (None elsewhere); unreadable
     images are skipped here and reported by training."""
-    shard = np.arange(len(part))[rank() :: world_size()]
-    emb = embed_paths(
+    emb = embed_sharded(
         model,
-        part["path"].to_numpy()[shard].tolist(),
-        member.image_size,
-        cfg.embed.batch_size,
-        device,
+        part["path"].tolist(),
+        image_size=member.image_size,
+        batch_size=cfg.embed.batch_size,
+        device=device,
         flip=False,
         amp=member.train.amp,
         num_workers=member.train.num_workers,
@@ -428,7 +427,6 @@ def _embed_part(
         skip_unreadable=not member.train.strict_images,
         channels_last=member.train.channels_last,
     )
-    emb = gather_rows(emb, shard, len(part))
     if emb is None:
         return None, part
     readable = np.isfinite(emb).all(axis=1)
