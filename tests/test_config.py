@@ -141,6 +141,11 @@ def test_values_that_crashed_later_stop_at_load_naming_the_key(configs, override
             "retrieve.verify.top_k: no effect while retrieve.verify.enabled",
         ),
         (
+            ["retrieve.verify.enabled=true", "retrieve.verify.top_k=200"],
+            "landmark-recognition-2020",
+            "retrieve.verify.top_k: 200 candidates, but the search keeps retrieve.k = 50 per query",
+        ),
+        (
             ["retrieve.label_rerank.min_score=0.5"],
             "landmark-retrieval",
             "retrieve.label_rerank.min_score: no effect while retrieve.label_rerank.enabled is false",

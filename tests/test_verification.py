@@ -186,6 +186,16 @@ def test_label_aware_rerank_by_hand():
     assert cut[0].tolist() == [0, by_cosine[0]]
 
 
+def test_members_by_label_groups_positions_like_a_scan_per_label():
+    from dmlkit.retrieval.label_rerank import _members_by_label
+
+    labels = np.random.default_rng(0).integers(-1, 7, 200)
+    groups = _members_by_label(labels)
+    assert sorted(groups) == sorted(set(labels[labels >= 0].tolist()))
+    for label, positions in groups.items():
+        np.testing.assert_array_equal(positions, np.flatnonzero(labels == label))
+
+
 def test_label_aware_rerank_keeps_the_order_of_two_returned_agreeing_images():
     index_labels = np.array([0, 0, 1])
     index = np.eye(3, dtype=np.float32)

@@ -619,6 +619,10 @@ def _second_stage_problems(r: RetrieveConfig, ranks_index: bool) -> list[str]:
         for name in ("weight", "cap")
         if name in r.verify.model_fields_set and r.verify.fusion == "calibrated"
     ]
+    if r.verify.enabled and r.verify.top_k is not None and r.verify.top_k > r.k:
+        problems.append(
+            f"retrieve.verify.top_k: {r.verify.top_k} candidates, but the search keeps retrieve.k = {r.k} per query"
+        )
     if r.verify.weights_file is not None and r.verify.extractor == "sift":
         problems.append("retrieve.verify.weights_file: SIFT has no weights (only retrieve.verify.extractor 'disk')")
     for section, name in ((r.verify, "verify"), (r.label_rerank, "label_rerank")):

@@ -13,6 +13,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def _members_by_label(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """label -> the (ascending) positions holding it, for labels ≥ 0: one sort, not a scan per label
+    (GLDv2's index: 762k images over ~100k landmarks)."""
+    order = np.argsort(labels, kind="stable")
+    values, starts = np.unique(labels[order], return_index=True)
+    groups = np.split(order, starts[1:])
+    return {int(v): g for v, g in zip(values, groups, strict=True) if v >= 0}
+
+
 def label_aware_rerank(
     sims: np.ndarray,
     ids: np.ndarray,
@@ -26,9 +35,7 @@ def label_aware_rerank(
 
     `sims`/`ids` are the search's ranked candidates (ids -1 where missing); `queries` and
     `index` the embeddings, used to order the agreeing images the search did not return."""
-    members: dict[int, np.ndarray] = {}
-    for label in np.unique(index_labels[index_labels >= 0]):
-        members[int(label)] = np.flatnonzero(index_labels == label)
+    members = _members_by_label(index_labels)
     out_ids = np.full((len(ids), k), -1, np.int64)
     out_sims = np.full((len(ids), k), -np.inf, np.float32)
     for q in range(len(ids)):

@@ -430,12 +430,10 @@ def _label_rerank(
 ) -> Neighbours:
     """GLR2019 retrieval 1st: index images voted into the query's landmark come first."""
     codes = pd.factorize(gallery_labels)[0]
-    gallery = embeddings[gallery_rows]
-    query_labels = predicted_labels(cfg, embeddings[test_rows], gallery, codes)
-    index_labels = predicted_labels(cfg, embeddings[index_rows], gallery, codes)
-    sims, ids = label_aware_rerank(
-        result.sims, result.ids, query_labels, index_labels, embeddings[test_rows], embeddings[index_rows], cfg.k
-    )
+    gallery, queries, index = embeddings[gallery_rows], embeddings[test_rows], embeddings[index_rows]
+    query_labels = predicted_labels(cfg, queries, gallery, codes)
+    index_labels = predicted_labels(cfg, index, gallery, codes)
+    sims, ids = label_aware_rerank(result.sims, result.ids, query_labels, index_labels, queries, index, cfg.k)
     agree = (ids >= 0) & (index_labels[np.clip(ids, 0, None)] == query_labels[:, None])
     moved = int((agree & (query_labels >= 0)[:, None]).sum())
     log.info(
