@@ -86,7 +86,7 @@ def machine() -> dict:
 
     info = {
         "cpu": cpu_model() or platform.processor() or platform.machine(),
-        "native_bf16": cpu_has_native_bf16(),  # the figures differ several-fold with it (README)
+        "native_bf16": cpu_has_native_bf16(),  # the figures differ several-fold with it (benchmarks/README.md)
         "cores": len(os.sched_getaffinity(0)),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

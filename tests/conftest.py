@@ -18,6 +18,29 @@ TINY_LANDMARK = {"n_classes": 12, "head_size": 10, "index_distractors": 10, "ima
 TINY_WHALE = {"n_individuals": 20, "new_whale_train": 6, "image_size": 48}
 
 
+@pytest.fixture(autouse=True)
+def _cli_leaves_no_trace():
+    """A test that calls `cli.main` in-process gets its environment and log handlers back: main sets
+    MPLBACKEND=Agg (a later notebook kernel would draw no inline PNGs) and points the root logger at
+    the test's captured stderr (closed once the test ends)."""
+    import logging
+
+    backend = os.environ.get("MPLBACKEND")
+    handlers = list(logging.getLogger().handlers)
+    yield
+    if backend is None:
+        os.environ.pop("MPLBACKEND", None)
+    else:
+        os.environ["MPLBACKEND"] = backend
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+
+
 def free_port() -> int:
     """A free local TCP port for a gloo process group."""
     with socket.socket() as probe:

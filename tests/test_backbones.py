@@ -33,7 +33,8 @@ TINY = {  # random-init, a few layers: seconds on a CPU
 def member(kind: str, **extra) -> MemberConfig:
     backbone, kwargs, _ = TINY[kind]
     fields = {"name": kind, "backbone": backbone, "fold": 0, "image_size": 48, "embedding_size": 16}
-    return MemberConfig.model_validate({**fields, "backbone_kwargs": kwargs, "head": {"subcenters": 2}, **extra})
+    fields = {**fields, "backbone_kwargs": kwargs, "head": {"subcenters": 2}, **extra}
+    return MemberConfig.model_validate(fields)
 
 
 def images(tmp_path: Path, n: int = 6) -> list[str]:
@@ -194,3 +195,62 @@ def test_flip_tta_is_the_mean_over_the_image_and_its_mirror(tmp_path):
     expected = (plain + mirrored) / np.linalg.norm(plain + mirrored, axis=1, keepdims=True)
     assert np.abs(both - expected).max() < 1e-5
     assert np.abs(plain - mirrored).max() > 1e-2  # the mirror is a different view
+
+
+def test_an_onnx_export_that_fails_is_an_error_naming_the_members(tmp_path, monkeypatch):
+    """export.onnx: true promises an .onnx file: a model that does not export stops the export
+    (naming the members) instead of a warning and a missing file found in the offline notebook."""
+    from dmlkit.stages.export import ExportError
+
+    cfg = write_tiny_config(tmp_path, "whale")
+
+    def context(*extra: str) -> Context:
+        overrides = ["members.0.train.epochs=1", *extra]
+        return Context(
+            load_config(cfg, overrides), artifacts=tmp_path / "a", submissions=tmp_path / "s", progress=False
+        )
+
+    ctx = context()
+    ensure_demo_data(ctx)
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Unsupported: ONNX export of operator foo")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    with pytest.raises(ExportError, match=r"members \['m0'\] do not export to ONNX .*operator foo.*export\.onnx=false"):
+        run_export(ctx)
+    assert not (tmp_path / "s" / f"{ctx.cfg.experiment}.onnx").exists()
+    assert set(run_export(context("export.onnx=false"))) == {"torchscript"}  # the switch the error names
+
+
+def test_weights_command_saves_the_hub_weights_a_pretrained_file_then_loads(tmp_path, monkeypatch, capsys):
+    """`./run.sh weights` writes what timm's hub gives as a .safetensors file and prints the override
+    that loads it (the hub is a local file here: nothing can be downloaded on this machine)."""
+    import timm
+
+    from dmlkit import cli
+    from dmlkit.models import backbone as backbone_module
+
+    source = timm.create_model("resnet10t", num_classes=0)
+    hub_file = tmp_path / "hub.pth"
+    torch.save(source.state_dict(), hub_file)
+    create = timm.create_model
+
+    def from_local_hub(name, pretrained=False, **kwargs):
+        if pretrained and "pretrained_cfg_overlay" not in kwargs:
+            kwargs["pretrained_cfg_overlay"] = {"file": str(hub_file)}
+        return create(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(backbone_module.timm, "create_model", from_local_hub)
+    cfg = write_tiny_config(tmp_path, "whale")
+    out = tmp_path / "weights"
+    args = ["weights", "-c", str(cfg), "members.0.backbone=resnet10t", "members.0.pretrained=true", "--out", str(out)]
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"members.0.pretrained=false members.0.pretrained_file={out / 'resnet10t.safetensors'}" in printed
+    model = build_model(member("cnn", backbone="resnet10t", pretrained_file=str(out / "resnet10t.safetensors")))
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, model.backbone.state_dict()[key]), key
+    assert cli.main(["weights", "-c", str(cfg), "--out", str(out)]) == 2  # no hub member: says so
+    assert "no member has pretrained: true" in capsys.readouterr().err

@@ -219,7 +219,7 @@ def test_shipped_configs_load(name):
 
 
 def test_demos_train_plain_arcface_and_competition_configs_keep_their_winners_recipe():
-    """Defaults follow the recipe benchmark (README "Does the recipe pay?"): plain ArcFace; the
+    """Defaults follow the recipe benchmark (benchmarks/README.md, "Does the recipe pay?"): plain ArcFace; the
     configs that copy a winner set sub-centers and dynamic margins themselves."""
     configs = Path(__file__).resolve().parents[1] / "configs"
     for name in ("whale-demo", "landmark-demo", "omniglot"):

@@ -243,11 +243,17 @@ class StageWriter:
 
 
 def build_manifest(
-    stage: str, key: str, config_slice: Any, upstream: dict[str, str], fingerprints: dict[str, str]
+    stage: str,
+    key: str,
+    config_slice: Any,
+    upstream: dict[str, str],
+    fingerprints: dict[str, str],
+    version: int | None = None,
 ) -> dict:
     return {
         "stage": stage,
         "key": key,
+        "version": version,
         "config": config_slice,
         "upstream": upstream,
         "inputs": fingerprints,

@@ -26,10 +26,24 @@ usage: ./run.sh [COMMAND] ...
   ./run.sh STAGE -c CONFIG [key=value ...] [--force]
                                         run one stage (and whatever it needs that is not cached yet)
                                         stages: {", ".join(STAGES)}, all
+  ./run.sh plan -c CONFIG [key=value ...] [--force STAGE ...]
+                                        per stage: reuse or recompute, and why (which key part changed); runs nothing
+  ./run.sh runs [--csv]                 every recorded run: its changes, members' and ensemble's validation,
+                                        local leaderboard, wall time, the submission kept for it
+  ./run.sh clean [--keep-current] [--dry-run] [-c CONFIG ...]
+                                        remove artifacts that neither the configs (default configs/*.yaml) nor
+                                        the recorded runs use; --keep-current keeps only what the configs use
   ./run.sh data [-c CONFIG ...]         build the demo competitions (default: both) and print their statistics
   ./run.sh export -c CONFIG [--member NAME ...] [--out FILE]
                                         the trained members as one TorchScript (+ ONNX) embedding module,
                                         uint8 images in, L2-normalised embeddings out (default submissions/)
+  ./run.sh package -c CONFIG --out DIR [--wheels NAME ...]
+                                        an offline package for a code competition's notebook: the trained
+                                        members, the config, the project's wheel and pinned wheels
+                                        (default faiss-gpu timm albumentations albucore), predict.py
+  ./run.sh weights -c CONFIG [--out DIR]
+                                        save each hub-weights member's timm weights as DIR/<backbone>.safetensors
+                                        (default weights/) and print the pretrained_file overrides that use them
   ./run.sh score SUBMISSION SOLUTION [--json]
                                         score a submission like the leaderboard (public / private)
   ./run.sh bench [--quick]              every hot-path benchmark (benchmarks/), a table each
@@ -55,7 +69,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .data.images import UnreadableImageError
     from .data.transforms import TransformConfigError
     from .models.backbone import PretrainedWeightsError
+    from .offline import PackageError
     from .retrieval.learned import ExtractorWeightsError
+    from .stages.export import ExportError
     from .stages.train import NonFiniteLossError
 
     return (
@@ -68,6 +84,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         NonFiniteLossError,
         PretrainedWeightsError,
         ExtractorWeightsError,
+        ExportError,
+        PackageError,
         FileNotFoundError,
         FileExistsError,
         KeyError,
@@ -97,16 +115,36 @@ def _context(cfg, args):
     return Context(cfg, artifacts=Path(args.artifacts), force=set(args.force_stages), progress=not args.no_progress)
 
 
+def run_pipeline(ctx, stages: list[str], config_path: str, overrides: list[str], export: bool = False) -> list[dict]:
+    """Run the stages as one tracked run; where it submits, score locally and record the run."""
+    from . import tracking
+    from .pipeline import local_scores, run_export, run_stage
+    from .runs import record_run
+    from .runtime import is_main_process
+
+    started = time.time()
+    if is_main_process():
+        tracking.start(ctx.cfg.tracking, ctx.artifacts, ctx.cfg.experiment, ctx.cfg.model_dump(mode="json"))
+    try:
+        for stage in stages:
+            run_stage(ctx, stage)
+        if export:
+            run_export(ctx)
+        if "submit" not in stages or not is_main_process():
+            return []
+        scores = local_scores(ctx)
+        for score in scores:
+            tracking.summary(
+                f"leaderboard/{score['competition']}", {"public": score["public"], "private": score["private"]}
+            )
+        log.info("run recorded: %s", record_run(ctx, config_path, overrides, started, scores))
+        return scores
+    finally:
+        tracking.finish()
+
+
 def cmd_stage(args) -> int:
-    from .pipeline import (
-        check_extractor,
-        check_members,
-        check_outputs,
-        ensure_demo_data,
-        local_scores,
-        run_export,
-        run_stage,
-    )
+    from .pipeline import check_extractor, check_members, check_outputs, ensure_demo_data
     from .stages.score import format_scores
 
     cfg = _setup(args.config, args.overrides)
@@ -117,27 +155,117 @@ def cmd_stage(args) -> int:
     ctx = _context(cfg, args)
     ensure_demo_data(ctx)
     check_outputs(ctx, stages)
-    for stage in stages:
+    export = args.stage == "all" and cfg.export.enabled
+    for result in run_pipeline(ctx, stages, args.config, args.overrides, export):
+        print(f"local leaderboard  {format_scores(result)}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .pipeline import check_members, run_stage
+    from .planning import format_plan
+
+    cfg = _setup(args.config, args.overrides)
+    check_members(cfg)
+    args.force_stages = args.force or []
+    ctx = _context(cfg, args)
+    ctx.plan = []
+    for stage in STAGES:
         run_stage(ctx, stage)
-    if args.stage == "all" and cfg.export.enabled:
-        run_export(ctx)
-    if "submit" in stages:
-        for result in local_scores(ctx):
-            print(f"local leaderboard  {format_scores(result)}")
+    print(f"plan for {args.config} (experiment '{cfg.experiment}', artifacts {args.artifacts}):")
+    print(format_plan(ctx.plan))
+    return 0
+
+
+def cmd_runs(args) -> int:
+    import pandas as pd
+
+    from .runs import read_runs, runs_table
+
+    records = read_runs(Path(args.artifacts))
+    if not records:
+        print(f"no recorded runs under {args.artifacts}/ (a run that writes a submission records itself)")
+        return 0
+    table = runs_table(records)
+    if args.csv:
+        table.to_csv(sys.stdout, index=False)
+        return 0
+    with pd.option_context("display.max_colwidth", 60, "display.width", 250):
+        print(table.drop(columns=["submission"]).to_string(index=False))
+    print("\nsubmissions kept per run:")
+    for row in table.itertuples():
+        print(f"  {row.started}  {row.experiment}: {row.submission}")
+    return 0
+
+
+def _needed_artifacts(config_paths: list[str], artifacts: Path) -> tuple[set[Path], set[str], list[str]]:
+    """What the configs would reuse or resume (their plans), the experiments that could not be
+    planned (kept whole), and notes saying why."""
+    from .config import ConfigError, load_config
+    from .pipeline import Context, local_feature_folder, run_stage
+
+    keep, whole, notes = set(), set(), []
+    for path in config_paths:
+        try:
+            cfg = load_config(path)
+        except ConfigError as exc:
+            notes.append(f"{path}: not a runnable config, skipped ({str(exc).splitlines()[0][:120]})")
+            continue
+        ctx = Context(cfg, artifacts=artifacts, progress=False)
+        ctx.plan = []
+        try:
+            for stage in STAGES:
+                run_stage(ctx, stage)
+        except _known_errors() as exc:
+            whole.add(cfg.experiment)
+            notes.append(f"{path}: cannot be planned ({str(exc)[:120]}); experiment '{cfg.experiment}' kept whole")
+            continue
+        keep |= {Path(row["path"]) for row in ctx.plan}
+        if cfg.retrieve.verify.enabled:
+            keep.add(local_feature_folder(ctx))
+    return keep, whole, notes
+
+
+def cmd_clean(args) -> int:
+    import shutil
+
+    from .runs import read_runs, removable, size_of
+
+    _setup(None, [], "clean")
+    artifacts = Path(args.artifacts)
+    if not artifacts.is_dir():
+        print(f"nothing to clean: {artifacts}/ does not exist")
+        return 0
+    configs = args.configs or sorted(str(p) for p in Path("configs").glob("*.yaml"))
+    keep, whole, notes = _needed_artifacts(configs, artifacts)
+    if not args.keep_current:  # the recorded runs' artifacts stay (their rows in `runs` stay true)
+        keep |= {Path(p) for record in read_runs(artifacts) for p in record["artifacts"].values()}
+    for note in notes:
+        print(note)
+    doomed = removable(artifacts, keep, whole)
+    total = 0
+    for artifact, paths in doomed.items():
+        size = sum(size_of(path) for path in paths)
+        total += size
+        print(f"  {'would remove' if args.dry_run else 'removing'} {artifact} ({size / 2**20:.1f} MiB)")
+        for path in paths if not args.dry_run else []:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    kept = "the current configs'" + ("" if args.keep_current else " and the recorded runs'")
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{len(doomed)} artifact(s), {verb} {total / 2**20:.1f} MiB; kept {kept} artifacts")
     return 0
 
 
 def cmd_demo(args) -> int:
     from .config import load_config
-    from .pipeline import Context, check_members, check_outputs, ensure_demo_data, local_scores, run_stage
+    from .pipeline import Context, check_members, check_outputs, ensure_demo_data
+    from .runtime import seed_everything, set_threads
     from .stages.score import format_scores
 
     started = time.time()
     _setup(None, [], "demo")
     summary = []
     for path in DEMO_CONFIGS:
-        from .runtime import seed_everything, set_threads
-
         cfg = load_config(path)
         set_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -145,9 +273,7 @@ def cmd_demo(args) -> int:
         ctx = Context(cfg, artifacts=Path(args.artifacts), progress=not args.no_progress)
         ensure_demo_data(ctx)
         check_outputs(ctx, list(STAGES))
-        for stage in STAGES:
-            run_stage(ctx, stage)
-        summary += local_scores(ctx)
+        summary += run_pipeline(ctx, list(STAGES), path, [])
     print("\nlocal leaderboard (demo competitions):")
     for result in summary:
         print(f"  {format_scores(result)}  ← {result['submission']}")
@@ -185,6 +311,46 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from .models.backbone import save_hub_weights
+
+    cfg = _setup(args.config, args.overrides)
+    hub = [(i, m) for i, m in enumerate(cfg.members) if m.pretrained]
+    if not hub:
+        raise UserError(f"{cfg.source}: no member has pretrained: true (nothing to fetch)")
+    saved = {}
+    for i, member in hub:
+        key = (member.backbone, member.pretrained_tag)
+        if key not in saved:
+            saved[key] = save_hub_weights(*key, Path(args.out), f"{cfg.source}: members.{i} ({member.name})")
+            print(f"wrote {saved[key]}")
+    print("offline, train with:")
+    for i, member in hub:
+        path = saved[member.backbone, member.pretrained_tag]
+        print(f"  members.{i}.pretrained=false members.{i}.pretrained_file={path}")
+    return 0
+
+
+def cmd_package(args) -> int:
+    from .config import config_tree
+    from .offline import DEFAULT_WHEELS, write_package
+    from .pipeline import check_members, ensure_demo_data
+
+    cfg = _setup(args.config, args.overrides)
+    check_members(cfg)
+    args.force_stages = []
+    ctx = _context(cfg, args)
+    ensure_demo_data(ctx)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not empty; name a new folder for the package")
+    wheels = DEFAULT_WHEELS if args.wheels is None else tuple(args.wheels)
+    info = write_package(ctx, config_tree(args.config, args.overrides), out, wheels)
+    print(f"wrote {out}/: members {list(info['members'])}, wheels {info['wheels']}")
+    print("upload it as a Kaggle dataset; the notebook runs: python predict.py --install --input <competition> --out .")
+    return 0
+
+
 def cmd_score(args) -> int:
     from .stages.score import format_scores, score_files
 
@@ -207,6 +373,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--artifacts", default="artifacts")
         p.add_argument("--no-progress", action="store_true")
         p.set_defaults(func=cmd_stage, stage=stage)
+    p = sub.add_parser("plan", add_help=False)
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--force", nargs="+", choices=STAGES, metavar="STAGE")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("runs", add_help=False)
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--csv", action="store_true")
+    p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("clean", add_help=False)
+    p.add_argument("-c", "--config", dest="configs", action="append")
+    p.add_argument("--keep-current", action="store_true")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--artifacts", default="artifacts")
+    p.set_defaults(func=cmd_clean)
     p = sub.add_parser("demo", add_help=False)
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--no-progress", action="store_true")
@@ -223,6 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("weights", add_help=False)
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", default="weights")
+    p.set_defaults(func=cmd_weights)
+    p = sub.add_parser("package", add_help=False)
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", required=True)
+    p.add_argument("--wheels", nargs="*")
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_package)
     p = sub.add_parser("score", add_help=False)
     p.add_argument("submission")
     p.add_argument("solution")

@@ -365,6 +365,9 @@ class Config(Strict):
     retrieve: RetrieveConfig = RetrieveConfig()
     export: ExportConfig = ExportConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    tracking: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
+        "tensorboard", description="experiment tracker of each run (tensorboard: offline, no account)"
+    )
     source: str = Field("", description="the file this config was loaded from (set by the loader)")
 
     @field_validator("experiment")
@@ -506,6 +509,15 @@ def _format_validation_error(exc: ValidationError, sources: dict[str, str]) -> s
             what = f"{err['msg']} (got {err.get('input')!r})"
         lines.append(f"{origin}: key '{key or '<top>'}': {what}")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def config_tree(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The config as one YAML tree: its bases merged and the overrides applied, before validation
+    (so that a file holding it loads to the same config, with the same keys set)."""
+    tree = _read_yaml(Path(path), {})
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return tree
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import cache
+from . import cache, tracking
 from .competitions import Adapter, get_adapter
 from .config import Config, ConfigError, MemberConfig, config_slice, device_notes, ineffective_values
 from .data.images import UnreadableImageError
@@ -51,6 +51,8 @@ class Context:
     progress: bool = True
     done: dict[str, cache.Artifact] = field(default_factory=dict)
     pretrained_checked: bool = False
+    plan: list[dict] | None = None  # planning (`./run.sh plan`): decisions collected, nothing computed
+    trained: dict[str, Path] = field(default_factory=dict)  # member → packaged train artifact (offline.py)
 
     def __post_init__(self) -> None:
         """Refuse values that would have no effect, before anything runs; note device differences."""
@@ -138,11 +140,14 @@ def _run(
     key = cache.stage_key(stage, config_part, upstream, fingerprints, VERSIONS[stage])
     final = _artifact_path(ctx, stage, name, key)
     forced = stage in ctx.force
+    if ctx.plan is not None:
+        ctx.done[label] = _planned(ctx, label, final, forced, config_part, upstream, fingerprints)
+        return ctx.done[label]
     if cache.is_complete(final) and not forced:
         log.info("[%s] reused %s", label, final)
         art = cache.Artifact(stage, key, final, reused=True, manifest=cache.read_manifest(final))
     else:
-        manifest = cache.build_manifest(stage, key, config_part, upstream, fingerprints)
+        manifest = cache.build_manifest(stage, key, config_part, upstream, fingerprints, VERSIONS[stage])
         writer = cache.StageWriter(final, stage, key, manifest, resumable=resumable, outputs=OUTPUTS[stage])
         log.info("[%s] computing %s%s", label, final, " (forced)" if forced else "")
         if is_main_process():
@@ -163,6 +168,27 @@ def _run(
             on_computed(art)
     ctx.done[label] = art
     return art
+
+
+def _planned(
+    ctx: Context, label: str, final: Path, forced: bool, config_part, upstream, fingerprints
+) -> cache.Artifact:
+    """Plan mode: the artifact `_run` would reuse, or a pending one whose output downstream keys
+    hash as `pending:<key>`; the decision and its reason go to `ctx.plan`."""
+    from .planning import recompute_reason
+
+    stage, key = stage_of(label), final.name
+    if cache.is_complete(final) and not forced:
+        ctx.plan.append({"stage": label, "action": "reuse", "path": str(final), "reason": ""})
+        return cache.Artifact(stage, key, final, reused=True, manifest=cache.read_manifest(final))
+    new = {"config": config_part, "upstream": upstream, "inputs": fingerprints, "version": VERSIONS[stage]}
+    reason = "forced (--force)" if forced else recompute_reason(final, new)
+    ctx.plan.append({"stage": label, "action": "recompute", "path": str(final), "reason": reason})
+    return cache.Artifact(stage, key, final, reused=False, manifest={"output": f"pending:{label}"})
+
+
+def stage_of(label: str) -> str:
+    return label.split("/", 1)[0]
 
 
 # ------------------------------------------------------------------------------------ stages
@@ -192,7 +218,8 @@ def run_folds(ctx: Context) -> cache.Artifact:
         return make_folds(table, ctx.cfg.folds, work, threads, ctx.progress, share)
 
     art = _run(ctx, "folds", "", part, {}, fingerprints, compute)
-    _report_unreadable(ctx, art)
+    if ctx.plan is None:
+        _report_unreadable(ctx, art)
     return art
 
 
@@ -220,7 +247,10 @@ def load_table(folds_art: cache.Artifact) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _train_inputs(ctx: Context, member: MemberConfig) -> tuple[dict, dict, dict]:
     """(config part, upstream keys, fingerprints) of a member's training."""
-    upstream = {"train_data": run_folds(ctx).manifest["result"]["train_data"]}  # folds.csv and its images
+    folds = run_folds(ctx)
+    upstream = {
+        "train_data": folds.manifest.get("result", {}).get("train_data", cache.produced(folds))
+    }  # folds.csv, images
     if member.init_from:
         upstream["init"] = _trained_output(ctx, ctx.cfg.member(member.init_from))
     part = {"member": config_slice(member), "seed": ctx.cfg.seed}
@@ -247,7 +277,7 @@ def ensure_pretrained(ctx: Context) -> None:
     """timm's hub weights of every member that still has to train, fetched before anything trains."""
     from .models.backbone import fetch_pretrained
 
-    if ctx.pretrained_checked:
+    if ctx.pretrained_checked or ctx.plan is not None:
         return
     for i, member in enumerate(ctx.cfg.members):
         trained = cache.is_complete(_artifact_path(ctx, "train", member.name, _train_key(ctx, member)))
@@ -260,6 +290,13 @@ def run_train(ctx: Context, member_name: str) -> cache.Artifact:
     from .models.checkpoint import load_weights
     from .stages.train import train_member
 
+    if f"train/{member_name}" in ctx.done:
+        return ctx.done[f"train/{member_name}"]
+    if member_name in ctx.trained:  # an offline package's member stands in for training
+        path = ctx.trained[member_name]
+        manifest = cache.read_manifest(path)
+        ctx.done[f"train/{member_name}"] = cache.Artifact("train", manifest["key"], path, True, manifest)
+        return ctx.done[f"train/{member_name}"]
     member = ctx.cfg.member(member_name)
     folds_art = run_folds(ctx)
     ensure_pretrained(ctx)
@@ -274,7 +311,7 @@ def run_train(ctx: Context, member_name: str) -> cache.Artifact:
     def log_curves(art: cache.Artifact) -> None:
         log.info("[train/%s] training curves: %s", member.name, art.file("curves.png"))
 
-    return _run(
+    art = _run(
         ctx,
         "train",
         member.name,
@@ -286,6 +323,11 @@ def run_train(ctx: Context, member_name: str) -> cache.Artifact:
         all_ranks=True,
         on_computed=log_curves,
     )
+    if ctx.plan is None and is_main_process():
+        if art.reused:  # computed: its epochs were tracked live
+            tracking.replay(member.name, art.file("metrics.csv"))
+        tracking.image(f"train/{member.name}/curves", art.file("curves.png"))
+    return art
 
 
 def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
@@ -358,6 +400,7 @@ def local_feature_folder(ctx: Context) -> Path:
 
 
 def run_retrieve(ctx: Context) -> cache.Artifact:
+    from .runs import headline
     from .stages.retrieve import retrieve, save_retrieval_grid, warn_leaky_members, write_retrieval
 
     if "retrieve" in ctx.done:  # already run (and its report logged) in this process
@@ -403,12 +446,18 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
     # retrieve also reads each member's embeddings and head classes
     upstream.update({f"embed/{m.name}": cache.produced(run_embed(ctx, m.name)) for m in ctx.cfg.members})
     art = _run(ctx, "retrieve", "", part, upstream, {}, compute, on_computed=log_grid)
+    if ctx.plan is not None:
+        return art
     try:
         report = pd.read_csv(art.file("report.csv"))
     except pd.errors.EmptyDataError:  # no validation fold
         report = pd.DataFrame()
     if not report.empty and is_main_process():
         log.info("validation, step by step (fold %d):\n%s", val_fold, report.to_string(index=False))
+        final = headline(report.to_dict(orient="records"))
+        tracking.summary("validation", final, f"```\n{report.to_string(index=False)}\n```")
+    if is_main_process():
+        tracking.image("retrieve/validation-neighbours", art.file("retrievals.png"))
     return art
 
 
@@ -423,7 +472,7 @@ def run_submit(ctx: Context) -> cache.Artifact:
         return write_submissions(ctx.formats, ctx.root, ctx.cfg.experiment, retrieve_art.path, work)
 
     art = _run(ctx, "submit", "", part, {"retrieve": cache.produced(retrieve_art)}, fingerprints, compute)
-    if is_main_process():
+    if is_main_process() and ctx.plan is None:
         ctx.submissions.mkdir(parents=True, exist_ok=True)
         for fmt in ctx.formats:
             name = submission_name(ctx.cfg.experiment, fmt)

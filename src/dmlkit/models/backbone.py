@@ -61,6 +61,21 @@ def fetch_pretrained(backbone: str, tag: str | None, where: str) -> None:
         ) from None
 
 
+def save_hub_weights(backbone: str, tag: str | None, out_dir: Path, where: str) -> Path:
+    """timm's hub weights of `backbone` written to `out_dir/<name>.safetensors`, for a machine that
+    trains offline (`pretrained_file`) or a code competition's weights dataset."""
+    from safetensors.torch import save_file
+
+    fetch_pretrained(backbone, tag, where)  # the clear offline error
+    model = timm.create_model(model_name(backbone, tag), pretrained=True, num_classes=0)
+    path = Path(out_dir) / f"{model_name(backbone, tag)}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
 def create_backbone(
     backbone: str,
     in_chans: int = 3,
@@ -148,7 +163,7 @@ class EmbeddingModel(nn.Module):
         self.layout = feature_layout(self.backbone, probe)
         # GeM suits CNN maps (post-ReLU, non-negative). Transformers keep the pooling their hub weights
         # were trained with (class token or token average); from random init GeM over the patch grid
-        # scored higher on the landmark demo (README, backbone families): `pool: gem`
+        # scored higher on the landmark demo (benchmarks/README.md, "Backbone families"): `pool: gem`
         self.pool_rule = pool if pool != "auto" else ("gem" if self.layout == "nchw" else "model")
         channels = probe.shape[-1] if self.layout != "nchw" else probe.shape[1]
         self.prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0) or 0)

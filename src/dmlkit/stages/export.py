@@ -2,57 +2,21 @@
 module. Input: uint8 RGB (or gray) images (B, C, S, S) at the members' size, resized like the
 pipeline resizes (OpenCV, linear). Output: the L2-normalised embedding the pipeline computes —
 normalisation, backbone, pooling, neck, the configured TTA (flip, scales), the members' weighted
-concatenation. Written as TorchScript (`.pt`), and as ONNX where the model exports (`.onnx`).
+concatenation. Written as TorchScript (`.pt`) and, under `export.onnx` (the default), as ONNX (`.onnx`): a model
+that does not export is an error naming the members, not a missing file found in the notebook.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, EmbedConfig, MemberConfig
+from ..config import Config, MemberConfig
 from ..models.backbone import EmbeddingModel
-
-log = logging.getLogger(__name__)
-
-
-class ExportedEmbedder(nn.Module):
-    """The members' embedding of uint8 images, TTA and ensemble included (see the module docstring)."""
-
-    def __init__(self, models: list[EmbeddingModel], weights: list[float], embed: EmbedConfig, image_size: int):
-        super().__init__()
-        self.models = nn.ModuleList(models)
-        self.weights = [float(w) for w in weights]
-        self.flip = embed.tta_flip
-        self.sizes = [max(16, int(round(image_size * s))) for s in embed.tta_scales]
-        self.image_size = image_size
-
-    def _views(self, images: torch.Tensor) -> list[torch.Tensor]:
-        views = []
-        for size in self.sizes:
-            view = images
-            if size != self.image_size:  # bilinear, no antialiasing: as OpenCV's INTER_LINEAR
-                scaled = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
-                view = scaled.round().clamp(0, 255).to(torch.uint8)
-            views.append(view)
-            if self.flip:
-                views.append(view.flip(-1))
-        return views
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        views = self._views(images)
-        parts = []
-        for model, weight in zip(self.models, self.weights, strict=True):
-            total = model(views[0])
-            for view in views[1:]:
-                total = total + model(view)
-            parts.append(F.normalize(total, dim=1) * weight)
-        return F.normalize(torch.cat(parts, dim=1), dim=1)
+from ..models.embedder import ExportedEmbedder
 
 
 def export_members(
@@ -79,9 +43,7 @@ def export_members(
         tmp.replace(out)
         written["torchscript"] = out
         if onnx:
-            path = _export_onnx(module, example, out.with_suffix(".onnx"))
-            if path:
-                written["onnx"] = path
+            written["onnx"] = _export_onnx(module, example, out.with_suffix(".onnx"), [m.name for m in members])
     meta = {
         "members": [m.name for m in members],
         "input": f"uint8 {'RGB' if channels == 3 else 'gray'} (B, {channels}, {size}, {size}), resized with "
@@ -95,7 +57,11 @@ def export_members(
     return written
 
 
-def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path | None:
+class ExportError(RuntimeError):
+    """export.onnx is on and the members do not export to ONNX."""
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, names: list[str]) -> Path:
     try:
         torch.onnx.export(
             module,
@@ -107,7 +73,10 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path |
             dynamo=False,
         )
     except Exception as exc:  # a missing onnx package or an operator without ONNX export
-        log.warning("export: ONNX not written (%s: %s); the TorchScript file is complete", type(exc).__name__, exc)
         path.unlink(missing_ok=True)
-        return None
+        raise ExportError(
+            f"export: members {names} do not export to ONNX ({type(exc).__name__}: {exc}); the TorchScript "
+            "file is written: set export.onnx=false to export it alone, or export the members one by one "
+            "with --member NAME to find the one that fails"
+        ) from None
     return path

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .. import tracking
 from ..competitions import Adapter
 from ..config import Config, MemberConfig, TrainConfig
 from ..data.dataset import ImageDataset, with_rotated_classes
@@ -524,6 +525,7 @@ def train_member(
         )
         if is_main_process():
             best = end_of_epoch(run, member, data, work, epoch, history, best)
+            tracking.epoch(member.name, row, epoch + 1)
     if run.skipped_images:
         log.warning(
             "%s: skipped %d unreadable training image(s): %s",
