@@ -52,6 +52,7 @@ def test_default_tracker_logs_config_curves_report_and_leaderboard_offline(tmp_p
     report = pd.read_csv(ctx.done["retrieve"].file("report.csv"))
     submitted = report[~report["step"].str.startswith(" ")].iloc[-1]  # not the per-group rows under it
     assert submitted["step"].startswith("+ new_whale threshold")
+    assert submitted["open_set"] == pytest.approx((submitted["baks"] * submitted["baus"]) ** 0.5)  # beside MAP@5
     assert scalars["validation/map@5"][0][1] == pytest.approx(submitted["map@5"], rel=1e-6)
     (score,) = scores
     assert scalars["leaderboard/humpback-2019/public"][0][1] == pytest.approx(score["public"], rel=1e-6)

@@ -357,7 +357,8 @@ def cmd_score(args) -> int:
     result = score_files(Path(args.submission), Path(args.solution))
     print(format_scores(result))
     if args.json:
-        print(json.dumps({"metric": result["metric"], "public": result["public"], "private": result["private"]}))
+        keys = ("metric", "public", "private", "open_set")
+        print(json.dumps({k: result[k] for k in keys if k in result}))
     return 0
 
 

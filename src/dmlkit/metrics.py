@@ -100,3 +100,23 @@ def recall_at_k(neighbour_labels: np.ndarray, query_labels: np.ndarray, k: int) 
         return 0.0
     hits = (neighbour_labels[:, :k] == np.asarray(query_labels)[:, None]).any(axis=1)
     return float(hits.mean())
+
+
+def open_set_scores(top1: Sequence[str], truths: Sequence[str], unknown_label: str) -> dict[str, float | None]:
+    """AnimalCLEF 2025's open-set identification scores from each query's first answer.
+
+    BAKS: accuracy balanced over the known identities (each identity's share of its images answered
+    with it, averaged over identities); BAUS: the share of the unknown images (truth
+    `unknown_label`) answered `unknown_label`; `open_set`: their geometric mean, the leaderboard's
+    score. None where a side has no images."""
+    by_identity: dict[str, list[bool]] = {}
+    unknown_right = []
+    for answer, truth in zip(top1, truths, strict=True):
+        if truth == unknown_label:
+            unknown_right.append(answer == unknown_label)
+        else:
+            by_identity.setdefault(truth, []).append(answer == truth)
+    baks = float(np.mean([np.mean(v) for v in by_identity.values()])) if by_identity else None
+    baus = float(np.mean(unknown_right)) if unknown_right else None
+    both = baks is not None and baus is not None
+    return {"baks": baks, "baus": baus, "open_set": float(np.sqrt(baks * baus)) if both else None}

@@ -143,9 +143,10 @@ def predict(package: Path, input_dir: Path, out: Path) -> list[Path]:
     """The submission(s) of the packaged members over `input_dir` (see the module docstring)."""
     from .config import load_config
     from .pipeline import STAGES, Context, check_outputs, run_stage
-    from .runtime import seed_everything, set_threads
+    from .runtime import seed_everything, set_threads, setup_logging
     from .stages.submit import submission_name
 
+    setup_logging(None, "predict")  # each stage's lines on the notebook's output
     out.mkdir(parents=True, exist_ok=True)
     tree = yaml.safe_load((package / "config.yaml").read_text())
     tree["competition"]["root"] = str(input_dir)
@@ -155,7 +156,7 @@ def predict(package: Path, input_dir: Path, out: Path) -> list[Path]:
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     trained = {m.name: package / "members" / m.name for m in cfg.members}
-    ctx = Context(cfg, artifacts=out / "dmlkit-artifacts", submissions=out, trained=trained, progress=False)
+    ctx = Context(cfg, artifacts=out / "dmlkit-artifacts", submissions=out, trained=trained)
     check_outputs(ctx, list(STAGES))
     for stage in STAGES:
         run_stage(ctx, stage)

@@ -30,7 +30,7 @@ from .runtime import barrier, default_device, is_main_process
 log = logging.getLogger("dmlkit")
 
 STAGES = ("folds", "train", "embed", "ensemble", "retrieve", "submit")
-VERSIONS = {"folds": 3, "train": 4, "embed": 3, "ensemble": 1, "retrieve": 4, "submit": 1}
+VERSIONS = {"folds": 3, "train": 4, "embed": 3, "ensemble": 1, "retrieve": 5, "submit": 1}
 # The files of each stage that later stages read: their digest is the manifest's `output`.
 OUTPUTS = {
     "folds": ("table.csv", "folds.csv", "unreadable.csv", "images.fingerprint"),

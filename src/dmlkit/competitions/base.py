@@ -268,8 +268,8 @@ class Adapter(ABC):
             raise InputError(f"{path}: line {line}: Usage must be one of {USAGES}")
         return solution
 
-    def score_frame(self, frame: pd.DataFrame) -> float:
-        """The metric over rows holding the submission's columns plus the solution's `truth`."""
+    def frame_predictions(self, frame: pd.DataFrame) -> tuple[Predictions, list]:
+        """The predictions and truths of rows holding the submission's columns plus the solution's `truth`."""
         cells = [self.parse_cell(c) for c in frame[self.header[1]].fillna("")]
         predictions = Predictions(
             ids=frame[self.header[0]].tolist(),
@@ -277,7 +277,15 @@ class Adapter(ABC):
             scores=[c[1] for c in cells],
             neighbours=[c[2] for c in cells],
         )
-        return self.score_predictions(predictions, [self.parse_truth(t) for t in frame["truth"].fillna("")])
+        return predictions, [self.parse_truth(t) for t in frame["truth"].fillna("")]
+
+    def score_frame(self, frame: pd.DataFrame) -> float:
+        """The metric over rows holding the submission's columns plus the solution's `truth`."""
+        return self.score_predictions(*self.frame_predictions(frame))
+
+    def open_set_scores(self, predictions: Predictions, truths: Sequence[Any]) -> dict | None:
+        """BAKS / BAUS where the format answers 'new' (identification); None elsewhere."""
+        return None
 
     def score(self, submission: pd.DataFrame, solution: pd.DataFrame, source: str = "submission") -> dict:
         """Public and private scores, as the leaderboard shows them."""
@@ -289,9 +297,13 @@ class Adapter(ABC):
         )
         merged = truth.merge(submission, on=id_col, how="left")
         result: dict = {"metric": self.metric}
+        open_set = {}
         for usage in ("Public", "Private"):
             part = merged[merged["Usage"] == usage]
             result[usage.lower()] = float(self.score_frame(part)) if len(part) else None
+            open_set[usage.lower()] = self.open_set_scores(*self.frame_predictions(part)) if len(part) else None
+        if any(open_set.values()):
+            result["open_set"] = open_set
         return result
 
 

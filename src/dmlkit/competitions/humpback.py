@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..metrics import map_at_5
+from ..metrics import map_at_5, open_set_scores
 from ..retrieval.voting import best_threshold, insert_unknown, threshold_grid
 from .base import Adapter, Calibration, Predictions, check_table, image_path, read_csv_checked, split_cell
 
@@ -116,9 +116,13 @@ class Humpback(Adapter):
                 best = (candidate, value)
         return best
 
+    def open_set_scores(self, predictions: Predictions, truths: Sequence[str]) -> dict:
+        top1 = [row[0] if row else "" for row in predictions.labels]
+        return open_set_scores(top1, list(truths), self.unknown_label)
+
     def unknown_report(self, predictions: Predictions, truths: Sequence[str]) -> dict[str, float]:
         """'unknown first': precision, recall and share of the queries; MAP@5 of known and unknown
-        queries apart."""
+        queries apart; BAKS, BAUS and their geometric mean (AnimalCLEF 2025)."""
         first = np.array([row[:1] == [self.unknown_label] for row in predictions.labels], dtype=bool)
         unknown = np.array([t == self.unknown_label for t in truths], dtype=bool)
 
@@ -133,4 +137,5 @@ class Humpback(Adapter):
             "score_known": subset(~unknown),
             "score_unknown": subset(unknown),
             "queries_unknown": float(unknown.sum()),
+            **{k: v for k, v in self.open_set_scores(predictions, truths).items() if v is not None},
         }

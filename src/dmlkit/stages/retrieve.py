@@ -340,7 +340,8 @@ def calibrate(
     rows = []
     step = calibration.step_name(adapter.unknown_label)
     if step:
-        rows.append({"step": f"{step}{where}", metric: out["score"], "recall@1": out["recall@1"]})
+        open_set = {k: out[k] for k in ("baks", "baus", "open_set") if k in out}  # AnimalCLEF's scores
+        rows.append({"step": f"{step}{where}", metric: out["score"], "recall@1": out["recall@1"], **open_set})
     if "score_known" in out:
         rows.append({"step": "  · known queries", metric: out["score_known"], "recall@1": out["recall@1"]})
         rows.append({"step": f"  · unseen queries ({int(out['queries_unknown'])})", metric: out["score_unknown"]})

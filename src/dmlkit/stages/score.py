@@ -27,7 +27,11 @@ def format_scores(result: dict) -> str:
     def fmt(value):
         return "n/a" if value is None else f"{value:.5f}"
 
-    return (
+    line = (
         f"{result['competition']} ({result['metric']}): public {fmt(result['public'])}  "
         f"private {fmt(result['private'])}"
     )
+    for usage, scores in (result.get("open_set") or {}).items():
+        if scores:
+            line += f"  | {usage} BAKS {fmt(scores['baks'])} BAUS {fmt(scores['baus'])} √ {fmt(scores['open_set'])}"
+    return line
