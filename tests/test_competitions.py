@@ -125,6 +125,7 @@ ROUND_TRIPS = {
     "happywhale-2022": Predictions(ids=["q1", "q2"], labels=[["a", "new_individual"], ["b"]]),
     "generic-csv": Predictions(ids=["q1", "q2"], labels=[["a"], ["b", "new"]]),
     "image-folder": Predictions(ids=["q1", "q2"], labels=[["a/b"], ["c/d", "new"]]),
+    "wildlife": Predictions(ids=["q1", "q2"], labels=[["m1", "new_individual"], ["m2"]]),
 }
 
 
@@ -230,7 +231,10 @@ def test_score_cli_json_and_exit_codes(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     last = json.loads(run.stdout.strip().splitlines()[-1])
-    assert last == {"metric": "map@5", "public": 1.0, "private": 1.0}
+    # every answer right; the private half has no unknown image, so no BAUS and no geometric mean
+    private = {"baks": 1.0, "baus": None, "open_set": None}
+    open_set = {"public": {"baks": 1.0, "baus": 1.0, "open_set": 1.0}, "private": private}
+    assert last == {"metric": "map@5", "public": 1.0, "private": 1.0, "open_set": open_set}
     sub.write_text("Image,Id\na,w1\n")
     run = subprocess.run(
         [sys.executable, "-m", "dmlkit", "score", str(sub), str(solution)], capture_output=True, text=True, cwd=ROOT

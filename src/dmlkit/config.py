@@ -35,6 +35,9 @@ class CompetitionConfig(Strict):
     )
     demo: str | None = Field(None, description="demo generator that builds `root` when it is missing")
     demo_params: dict[str, Any] = Field(default_factory=dict)
+    download: str | None = Field(
+        None, description="wildlife: a wildlife-datasets dataset (MacaqueFaces, ...) fetched if metadata.csv is missing"
+    )
 
 
 class FoldsConfig(Strict):

@@ -580,8 +580,18 @@ def run_stage(ctx: Context, stage: str) -> None:
 
 
 def ensure_demo_data(ctx: Context) -> None:
+    """The demo competition generated, or a wildlife-datasets dataset downloaded, where missing."""
+    from .competitions import wildlife
     from .demo import build_demo
 
-    if ctx.cfg.competition.demo and is_main_process():
-        build_demo(ctx.cfg.competition.demo, ctx.root, ctx.cfg.competition.demo_params)
+    competition = ctx.cfg.competition
+    if competition.download and competition.name != wildlife.Wildlife.name:
+        raise ConfigError(f"{ctx.cfg.source}: competition.download: only the wildlife adapter downloads datasets")
+    if is_main_process():
+        if competition.demo:
+            build_demo(competition.demo, ctx.root, competition.demo_params)
+        if competition.download and not (ctx.root / wildlife.METADATA).is_file():
+            ctx.root.mkdir(parents=True, exist_ok=True)
+            log.info("downloading %s through wildlife-datasets into %s", competition.download, ctx.root)
+            wildlife.download(competition.download, ctx.root, ctx.cfg.folds.seed)
     barrier()

@@ -9,9 +9,19 @@ from .humpback import Humpback
 from .image_folder import ImageFolder
 from .landmark_recognition import LandmarkRecognition
 from .landmark_retrieval import LandmarkRetrieval
+from .wildlife import Wildlife
 
 ADAPTERS: dict[str, type[Adapter]] = {
-    cls.name: cls for cls in (LandmarkRecognition, LandmarkRetrieval, Humpback, Happywhale, GenericCSV, ImageFolder)
+    cls.name: cls
+    for cls in (
+        LandmarkRecognition,
+        LandmarkRetrieval,
+        Humpback,
+        Happywhale,
+        GenericCSV,
+        ImageFolder,
+        Wildlife,
+    )
 }
 
 

@@ -1,0 +1,106 @@
+"""The wildlife adapter on hand-made metadata tables: roles, unknowns, the answers it scores
+against, the open-set split, the download's offline error and a whole run with BAKS/BAUS."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import write_tiny_config
+from dmlkit.competitions import InputError, get_adapter
+from dmlkit.competitions.wildlife import download, split_open_set, usage_of
+from dmlkit.config import load_config
+from dmlkit.pipeline import STAGES, Context, ensure_demo_data, local_scores, run_stage
+
+
+def write_metadata(root: Path, rows: list[tuple[str, str, str]]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["path", "identity", "split"]).assign(species="macaque").to_csv(
+        root / "metadata.csv", index=False
+    )
+
+
+def test_table_roles_unknown_rows_and_the_answers_scored_against(tmp_path):
+    rows = [
+        ("img/a1.jpg", "a", "train"),
+        ("img/a2.jpg", "a", "train"),
+        ("img/u1.jpg", "unknown", "train"),  # the library's unidentified animal: a row, not a class
+        ("img/b1.jpg", "b", "train"),
+        ("img/a3.jpg", "a", "test"),
+        ("img/c1.jpg", "c", "test"),  # an animal no training row holds
+        ("img/x1.jpg", "unknown", "test"),
+    ]
+    write_metadata(tmp_path, rows)
+    adapter = get_adapter("wildlife")
+    table = adapter.read(tmp_path)
+    assert table["role"].tolist() == ["train"] * 4 + ["test"] * 3
+    assert table["known"].tolist() == [True, True, False, True, False, False, False]
+    assert table["path"].iloc[0] == str(tmp_path / "img/a1.jpg")
+    assert table.loc[table.role == "test", "label"].isna().all()  # test identities never reach training
+    assert adapter.submission_ids(tmp_path) == ["img/a3.jpg", "img/c1.jpg", "img/x1.jpg"]
+    solution = adapter.read_solution(tmp_path / "metadata.csv")
+    assert solution["identity"].tolist() == ["a", "new_individual", "new_individual"]
+    assert solution["Usage"].tolist() == [usage_of(p) for p in ["img/a3.jpg", "img/c1.jpg", "img/x1.jpg"]]
+
+    write_metadata(tmp_path, [("img/a1.jpg", "a", "val")])
+    with pytest.raises(InputError, match=r"metadata.csv: line 2: split 'val'"):
+        adapter.read(tmp_path)
+    write_metadata(tmp_path, [("img/a1.jpg", "new_individual", "train")])
+    with pytest.raises(InputError, match=r"line 2: identity 'new_individual' is the answer"):
+        adapter.read(tmp_path)
+
+
+def test_open_set_split_holds_out_whole_identities_and_keeps_one_image_of_the_rest():
+    identities = pd.Series([f"id{i}" for i in range(20) for _ in range(i % 4 + 1)] + ["unknown"] * 3)
+    split = split_open_set(identities, seed=3, unknown_share=0.1, test_share=0.5)
+    frame = pd.DataFrame({"identity": identities, "split": split})
+    per_identity = frame[frame.identity != "unknown"].groupby("identity")["split"].agg(set)
+    held = [name for name, splits in per_identity.items() if splits == {"test"}]
+    assert len(held) == 2  # round(0.1 × 20) identities held out whole
+    for name, splits in per_identity.items():
+        if name not in held:
+            assert "train" in splits  # every other identity keeps a gallery image
+    assert (frame.loc[frame.identity == "unknown", "split"] == "train").all()
+    assert np.array_equal(split, split_open_set(identities, seed=3, unknown_share=0.1, test_share=0.5))
+
+
+def test_download_without_the_library_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wildlife_datasets", None)  # not installed (nor downloadable here)
+    with pytest.raises(InputError, match=r"pip install wildlife-datasets.*metadata\.csv"):
+        download("MacaqueFaces", tmp_path)
+
+
+def test_a_wildlife_table_runs_end_to_end_with_open_set_scores(tmp_path):
+    whale = write_tiny_config(tmp_path, "whale")
+    ensure_demo_data(Context(load_config(whale), artifacts=tmp_path / "a", progress=False))
+    train = pd.read_csv(tmp_path / "input-whale" / "train.csv")
+    metadata = pd.DataFrame(
+        {
+            "path": ["../input-whale/train/" + i for i in train["Image"]],
+            "identity": train["Id"].replace("new_whale", "unknown"),
+        }
+    )
+    metadata["split"] = split_open_set(metadata["identity"], seed=0, unknown_share=0.2)
+    (tmp_path / "wild").mkdir()
+    metadata.to_csv(tmp_path / "wild" / "metadata.csv", index=False)
+    text = (
+        whale.read_text()
+        .replace("name: humpback-2019", "name: wildlife")
+        .replace(str(tmp_path / "input-whale"), str(tmp_path / "wild"))
+    )
+    text = "\n".join(line for line in text.splitlines() if "demo" not in line)
+    cfg = tmp_path / "wild.yaml"
+    cfg.write_text(text)
+    ctx = Context(load_config(cfg), artifacts=tmp_path / "a", submissions=tmp_path / "s", progress=False)
+    for stage in STAGES:
+        run_stage(ctx, stage)
+    submission = pd.read_csv(tmp_path / "s" / "tiny-whale.csv")
+    assert list(submission.columns) == ["image", "identity"]
+    assert submission["image"].tolist() == metadata.loc[metadata.split == "test", "path"].tolist()
+    (score,) = local_scores(ctx)
+    assert score["competition"] == "wildlife" and set(score["open_set"]) == {"public", "private"}
+    public = score["open_set"]["public"]
+    assert public["open_set"] == pytest.approx((public["baks"] * public["baus"]) ** 0.5)
