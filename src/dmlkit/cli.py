@@ -109,10 +109,13 @@ def _setup(cfg_path: str | None, overrides: list[str], experiment_hint: str = "r
     return cfg
 
 
-def _context(cfg, args):
-    from .pipeline import Context
+def _context(cfg, args, plan: list | None = None):
+    """The run's context: the last pseudo-label round's where the config has rounds."""
+    from .pipeline import Context, pseudo_rounds
 
-    return Context(cfg, artifacts=Path(args.artifacts), force=set(args.force_stages), progress=not args.no_progress)
+    ctx = Context(cfg, artifacts=Path(args.artifacts), force=set(args.force_stages), progress=not args.no_progress)
+    ctx.plan = plan
+    return pseudo_rounds(ctx)
 
 
 def run_pipeline(ctx, stages: list[str], config_path: str, overrides: list[str], export: bool = False) -> list[dict]:
@@ -168,8 +171,7 @@ def cmd_plan(args) -> int:
     cfg = _setup(args.config, args.overrides)
     check_members(cfg)
     args.force_stages = args.force or []
-    ctx = _context(cfg, args)
-    ctx.plan = []
+    ctx = _context(cfg, args, plan=[])
     for stage in STAGES:
         run_stage(ctx, stage)
     print(f"plan for {args.config} (experiment '{cfg.experiment}', artifacts {args.artifacts}):")
@@ -202,7 +204,7 @@ def _needed_artifacts(config_paths: list[str], artifacts: Path) -> tuple[set[Pat
     """What the configs would reuse or resume (their plans), the experiments that could not be
     planned (kept whole), and notes saying why."""
     from .config import ConfigError, load_config
-    from .pipeline import Context, local_feature_folder, run_stage
+    from .pipeline import Context, local_feature_folder, pseudo_rounds, run_stage
 
     keep, whole, notes = set(), set(), []
     for path in config_paths:
@@ -213,6 +215,7 @@ def _needed_artifacts(config_paths: list[str], artifacts: Path) -> tuple[set[Pat
             continue
         ctx = Context(cfg, artifacts=artifacts, progress=False)
         ctx.plan = []
+        ctx = pseudo_rounds(ctx)
         try:
             for stage in STAGES:
                 run_stage(ctx, stage)
@@ -258,7 +261,7 @@ def cmd_clean(args) -> int:
 
 def cmd_demo(args) -> int:
     from .config import load_config
-    from .pipeline import Context, check_members, check_outputs, ensure_demo_data
+    from .pipeline import Context, check_members, check_outputs, ensure_demo_data, pseudo_rounds
     from .runtime import seed_everything, set_threads
     from .stages.score import format_scores
 
@@ -270,7 +273,7 @@ def cmd_demo(args) -> int:
         set_threads(cfg.threads)
         seed_everything(cfg.seed)
         check_members(cfg)
-        ctx = Context(cfg, artifacts=Path(args.artifacts), progress=not args.no_progress)
+        ctx = pseudo_rounds(Context(cfg, artifacts=Path(args.artifacts), progress=not args.no_progress))
         ensure_demo_data(ctx)
         check_outputs(ctx, list(STAGES))
         summary += run_pipeline(ctx, list(STAGES), path, [])

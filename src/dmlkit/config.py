@@ -335,6 +335,20 @@ class RetrieveConfig(Strict):
     )
 
 
+class PseudoConfig(Strict):
+    """Pseudo-label rounds (Happywhale 2022 1st/2nd, Humpback 2019 2nd): after a round's retrieval,
+    the test images whose first answer is a known label with a high enough cosine train the next
+    round's members as rows of that label. They never enter validation or the search gallery."""
+
+    rounds: int = Field(0, ge=0, le=10, description="rounds after the first (0: off); the last one submits")
+    min_cosine: float = Field(
+        0.65, gt=-1.0, le=1.0, description="a test image's best cosine to its first answer's gallery images"
+    )
+    top_share: float | None = Field(
+        None, gt=0.0, le=1.0, description="instead of min_cosine: the share of test images with the highest cosine"
+    )
+
+
 class RuntimeConfig(Strict):
     cudnn_benchmark: bool = Field(
         True, description="cuDNN picks the fastest convolution per input shape (fixed image sizes: faster)"
@@ -368,6 +382,7 @@ class Config(Strict):
     retrieve: RetrieveConfig = RetrieveConfig()
     export: ExportConfig = ExportConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    pseudo: PseudoConfig = PseudoConfig()
     tracking: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
         "tensorboard", description="experiment tracker of each run (tensorboard: offline, no account)"
     )
@@ -570,11 +585,25 @@ def config_slice(model: BaseModel | list | dict | Any) -> Any:
 
 
 # --------------------------------------------------------------------------- values without effect
+def _pseudo_problems(pseudo: PseudoConfig, metric: str) -> list[str]:
+    if pseudo.rounds == 0:
+        return [
+            f"pseudo.{k}: no effect while pseudo.rounds is 0"
+            for k in ("min_cosine", "top_share")
+            if k in pseudo.model_fields_set
+        ]
+    if metric == "map@100":
+        return ["pseudo.rounds: pseudo-labels need a labelled answer per test image (not a retrieval competition)"]
+    if pseudo.top_share is not None and "min_cosine" in pseudo.model_fields_set:
+        return ["pseudo.min_cosine: no effect next to pseudo.top_share (the share picks the images)"]
+    return []
+
+
 def ineffective_values(cfg: Config, metric: str, ranks_index: bool | None = None) -> list[str]:
     """Keys whose value the loaded config sets but nothing would use, each with the reason; checked
     before anything runs, so a misread setting costs no training. `metric` is the competition's;
     `ranks_index`: whether one of its submission formats ranks index images (None: by the metric)."""
-    problems = []
+    problems = _pseudo_problems(cfg.pseudo, metric)
     for i, member in enumerate(cfg.members):
         head, key = member.head, f"members.{i}"
         if head.type == "proxy_anchor":

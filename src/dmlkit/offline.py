@@ -117,6 +117,11 @@ def write_package(ctx, tree: dict, out: Path, wheels: tuple[str, ...]) -> dict:
     """The package for the trained members of `ctx` (trained now where not cached) into `out`."""
     from .pipeline import run_train
 
+    if ctx.cfg.pseudo.rounds:
+        raise PackageError(
+            "package: pseudo.rounds trains on the test images it predicts; a code competition's hidden test "
+            "is not there to train on: package with pseudo.rounds=0"
+        )
     out.mkdir(parents=True, exist_ok=True)
     members = {}
     for member in ctx.cfg.members:

@@ -30,14 +30,14 @@ from .runtime import barrier, default_device, is_main_process
 log = logging.getLogger("dmlkit")
 
 STAGES = ("folds", "train", "embed", "ensemble", "retrieve", "submit")
-VERSIONS = {"folds": 3, "train": 4, "embed": 3, "ensemble": 1, "retrieve": 5, "submit": 1}
+VERSIONS = {"folds": 3, "train": 4, "embed": 3, "ensemble": 1, "retrieve": 6, "submit": 1}
 # The files of each stage that later stages read: their digest is the manifest's `output`.
 OUTPUTS = {
     "folds": ("table.csv", "folds.csv", "unreadable.csv", "images.fingerprint"),
     "train": ("best.pt", "final.pt"),
     "embed": ("*.npy", "head_classes.json", "ids.csv"),
     "ensemble": ("*.npy",),
-    "retrieve": ("predictions-*.json", "report.csv"),
+    "retrieve": ("predictions-*.json", "answers-*.csv", "report.csv"),
     "submit": ("*.csv",),
 }
 
@@ -53,6 +53,8 @@ class Context:
     pretrained_checked: bool = False
     plan: list[dict] | None = None  # planning (`./run.sh plan`): decisions collected, nothing computed
     trained: dict[str, Path] = field(default_factory=dict)  # member → packaged train artifact (offline.py)
+    round: int = 0  # pseudo-label round (stages/pseudo.py); its artifacts live under round-<r>/
+    previous: Context | None = None  # the round before this one
 
     def __post_init__(self) -> None:
         """Refuse values that would have no effect, before anything runs; note device differences."""
@@ -111,8 +113,9 @@ class Context:
 
 
 def _artifact_path(ctx: Context, stage: str, name: str, key: str) -> Path:
-    """artifacts/<experiment>/<stage>/[<name>/]<key>"""
-    final = cache.artifact_dir(ctx.artifacts, ctx.cfg.experiment, stage, key)
+    """artifacts/<experiment>/[round-<r>/]<stage>/[<name>/]<key>"""
+    experiment = f"{ctx.cfg.experiment}/round-{ctx.round}" if ctx.round else ctx.cfg.experiment
+    final = cache.artifact_dir(ctx.artifacts, experiment, stage, key)
     return final.parent / name / key if name else final
 
 
@@ -178,12 +181,13 @@ def _planned(
     from .planning import recompute_reason
 
     stage, key = stage_of(label), final.name
+    shown = f"round-{ctx.round}/{label}" if ctx.round else label
     if cache.is_complete(final) and not forced:
-        ctx.plan.append({"stage": label, "action": "reuse", "path": str(final), "reason": ""})
+        ctx.plan.append({"stage": shown, "action": "reuse", "path": str(final), "reason": ""})
         return cache.Artifact(stage, key, final, reused=True, manifest=cache.read_manifest(final))
     new = {"config": config_part, "upstream": upstream, "inputs": fingerprints, "version": VERSIONS[stage]}
     reason = "forced (--force)" if forced else recompute_reason(final, new)
-    ctx.plan.append({"stage": label, "action": "recompute", "path": str(final), "reason": reason})
+    ctx.plan.append({"stage": shown, "action": "recompute", "path": str(final), "reason": reason})
     return cache.Artifact(stage, key, final, reused=False, manifest={"output": f"pending:{label}"})
 
 
@@ -197,6 +201,8 @@ def run_folds(ctx: Context) -> cache.Artifact:
 
     if "folds" in ctx.done:
         return ctx.done["folds"]
+    if ctx.round:
+        return run_pseudo_folds(ctx)
     table = ctx.source_table
     fingerprints = ctx.adapter.fingerprints(ctx.root)
     if (ctx.root / "demo_params.json").exists():  # a regenerated demo can keep identical CSVs
@@ -220,6 +226,74 @@ def run_folds(ctx: Context) -> cache.Artifact:
     art = _run(ctx, "folds", "", part, {}, fingerprints, compute)
     if ctx.plan is None:
         _report_unreadable(ctx, art)
+    return art
+
+
+def pseudo_rounds(ctx: Context) -> Context:
+    """The context of the last pseudo-label round (`ctx` itself without rounds): running its stages
+    runs every earlier round's retrieval first, each round cached on its own."""
+    current = ctx
+    for r in range(1, ctx.cfg.pseudo.rounds + 1):
+        current = Context(
+            ctx.cfg,
+            artifacts=ctx.artifacts,
+            submissions=ctx.submissions,
+            force=ctx.force,
+            progress=ctx.progress,
+            plan=ctx.plan,
+            round=r,
+            previous=current,
+        )
+    return current
+
+
+def run_pseudo_folds(ctx: Context) -> cache.Artifact:
+    """Round r's folds: round 0's plus round r−1's confident test answers as training rows."""
+    from .runs import headline
+    from .stages.pseudo import precision, select_pseudo, with_pseudo_rows, write_round_folds
+
+    first = ctx
+    while first.previous is not None:
+        first = first.previous
+    base, previous = run_folds(first), run_retrieve(ctx.previous)
+    part = {"pseudo": config_slice(ctx.cfg.pseudo), "round": ctx.round, "format": ctx.adapter.name}
+    upstream = {"folds": cache.produced(base), "previous_retrieve": cache.produced(previous)}
+
+    def compute(work: Path) -> dict:
+        table, folds = load_table(base)
+        read = {"dtype": {"id": str, "label": str}, "keep_default_na": False}
+        answers = pd.read_csv(previous.file(f"answers-{ctx.adapter.name}.csv"), **read)
+        answers["cosine"] = pd.to_numeric(answers["cosine"])
+        chosen = select_pseudo(answers, ctx.adapter.unknown_label, ctx.cfg.pseudo)
+        result = dict(base.manifest.get("result", {}))
+        result["train_data"] = write_round_folds(base.path, work, with_pseudo_rows(folds, table, chosen), chosen)
+        solution = ctx.root / ctx.adapter.solution_file
+        truths = {}
+        if solution.is_file():
+            frame = ctx.adapter.read_solution(solution)
+            truths = dict(zip(frame.iloc[:, 0].astype(str), frame.iloc[:, 1].astype(str), strict=True))
+        report = previous.manifest.get("result", {}).get("report") or []
+        result["pseudo"] = {
+            "rows": len(chosen),
+            "of_test_images": len(answers),
+            "precision_against_answers": precision(chosen, truths),
+            "previous_round_validation": {k: v for k, v in headline(report).items() if k != "step"},
+        }
+        return result
+
+    art = _run(ctx, "folds", "", part, upstream, {}, compute)
+    if ctx.plan is None and is_main_process():
+        info = art.manifest.get("result", {}).get("pseudo", {})
+        scored = info.get("precision_against_answers")
+        log.info(
+            "[pseudo round %d] %d of %d test images train as their first answer (round %d's validation: %s)%s",
+            ctx.round,
+            info.get("rows", 0),
+            info.get("of_test_images", 0),
+            ctx.round - 1,
+            ", ".join(f"{k} {v:.4f}" for k, v in info.get("previous_round_validation", {}).items() if v == v),
+            f"; {scored:.3f} of them right by the shipped answers" if scored is not None else "",
+        )
     return art
 
 
@@ -415,12 +489,15 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
     }
 
     def compute(work: Path) -> dict:
+        from .stages.pseudo import without_pseudo_rows
+
         table, folds = load_table(folds_art)
+        folds = without_pseudo_rows(folds)  # a round's pseudo rows train; the gallery is the training images
         warn_leaky_members(ctx.cfg.members, val_fold)
         embeddings = embeddings_of(ensemble_art)
         heads = member_heads(ctx) if ctx.cfg.retrieve.voting.head_weight > 0 else None
         members = member_embeddings(ctx)
-        predictions, report, tuned = retrieve(
+        predictions, report, tuned, answers = retrieve(
             ctx.cfg.retrieve,
             ctx.adapter,
             ctx.formats,
@@ -434,7 +511,7 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
             fold_ensembles(ctx.cfg, members),
             local_feature_folder(ctx),
         )
-        write_retrieval(work, predictions, report)
+        write_retrieval(work, predictions, report, answers)
         save_retrieval_grid(work / "retrievals.png", table, folds, embeddings, val_fold)
         return {"tuned": tuned, "report": report.to_dict(orient="records")}
 

@@ -167,6 +167,8 @@ def removable(artifacts: Path, keep: set[Path], keep_experiments: set[str]) -> d
             entries += sorted(experiment.iterdir())
         elif experiment.name not in keep_experiments:
             entries += _stage_entries(experiment)
+            for round_dir in sorted(experiment.glob("round-*")):  # pseudo-label rounds
+                entries += _stage_entries(round_dir)
     out: dict[Path, list[Path]] = {}
     for path in entries:
         if _artifact_of(path).resolve() not in keep:

@@ -366,9 +366,10 @@ def test_predictions(
     head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
     progress: bool = True,
     second: SecondStage | None = None,
-) -> dict[str, Predictions]:
+) -> tuple[dict[str, Predictions], dict[str, pd.DataFrame]]:
     """Each format's predictions for the test images: labels voted from the labelled gallery, or
-    (retrieval formats) the ranked index images."""
+    (retrieval formats) the ranked index images; and per label format each test image's first
+    answer with its best cosine (`first_answers`: what pseudo-labelling selects from)."""
     test_rows = np.flatnonzero((table["role"] == "test").to_numpy())
     test_ids = table["id"].to_numpy()[test_rows].tolist()
     index_rows = np.flatnonzero((table["role"] == "index").to_numpy())
@@ -376,6 +377,7 @@ def test_predictions(
         default = 0.0 if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold)
         calibration = replace(calibration, threshold=default)
     predictions: dict[str, Predictions] = {}
+    answers: dict[str, pd.DataFrame] = {}
     for fmt in formats:
         if fmt.gallery_role == "index":
             if len(index_rows) == 0:
@@ -400,7 +402,18 @@ def test_predictions(
         similarities = label_similarities(labels, result.sims, result.ids, gallery_labels)
         ranked = Predictions(test_ids, labels=labels, scores=scores, similarities=similarities)
         predictions[fmt.name] = _unknown_first(cfg, fmt, ranked, calibration, result.query_offset)
-    return predictions
+        answers[fmt.name] = first_answers(ranked, predictions[fmt.name])
+    return predictions, answers
+
+
+def first_answers(ranked: Predictions, final: Predictions) -> pd.DataFrame:
+    """id, the first answer of the final predictions and its best cosine among the gallery's
+    neighbours (NaN for an unknown answer or a label without a neighbour)."""
+    cosines = []
+    for labels, sims, answer in zip(ranked.labels, ranked.similarities, final.labels, strict=True):
+        first = answer[0] if answer else ""
+        cosines.append(sims[labels.index(first)] if first in labels else np.nan)
+    return pd.DataFrame({"id": final.ids, "label": [row[0] if row else "" for row in final.labels], "cosine": cosines})
 
 
 def _second(second: SecondStage, result: Neighbours, query_rows, gallery_rows, retrieval: bool) -> Neighbours:
@@ -486,8 +499,9 @@ def retrieve(
     member_heads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     fold_embeddings: dict[int, np.ndarray] | None = None,
     feature_folder: Path | None = None,
-) -> tuple[dict[str, Predictions], pd.DataFrame, dict]:
-    """Validation report, tuned settings and test predictions for every submission format.
+) -> tuple[dict[str, Predictions], pd.DataFrame, dict, dict[str, pd.DataFrame]]:
+    """Validation report, tuned settings, test predictions for every submission format and each
+    label format's first answers with their cosines (see `first_answers`).
 
     `member_heads` maps a member to (labels, cosines), each (N, k): its head's best classes per row.
     `fold_embeddings` (fold → the embeddings of the members trained without it), when the members
@@ -523,7 +537,7 @@ def retrieve(
         calibration, rows, tuned_on = calibrate(cfg, adapter, queries, where)
         report += rows
     known_train = folds[folds["known"]]
-    predictions = test_predictions(
+    predictions, answers = test_predictions(
         cfg,
         formats,
         table,
@@ -540,7 +554,7 @@ def retrieve(
         tuned["verify"] = second.fusion.to_json()
     figures = ("unknown_share", "unknown_precision", "unknown_recall", "score_known", "score_unknown")
     tuned.update({f"validation_{k}": tuned_on[k] for k in figures if k in tuned_on})
-    return predictions, pd.DataFrame(report), tuned
+    return predictions, pd.DataFrame(report), tuned, answers
 
 
 def warn_leaky_members(members: list[MemberConfig], val_fold: int) -> None:
@@ -607,7 +621,11 @@ def few_queries_top_k(queries: np.ndarray, embeddings: np.ndarray, rows: np.ndar
     return best_ids
 
 
-def write_retrieval(work: Path, predictions: dict[str, Predictions], report: pd.DataFrame) -> None:
+def write_retrieval(
+    work: Path, predictions: dict[str, Predictions], report: pd.DataFrame, answers: dict | None = None
+) -> None:
     for name, pred in predictions.items():
         (work / f"predictions-{name}.json").write_text(json.dumps(pred.__dict__))
+    for name, frame in (answers or {}).items():
+        frame.to_csv(work / f"answers-{name}.csv", index=False)
     report.to_csv(work / "report.csv", index=False)
