@@ -302,14 +302,22 @@ def cmd_data(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from .pipeline import check_members, ensure_demo_data, run_export
+def _members_context(args):
+    """The context of a command that reads the trained members (training them where not cached)."""
+    from .pipeline import check_members, ensure_demo_data
 
     cfg = _setup(args.config, args.overrides)
     check_members(cfg)
     args.force_stages = []
     ctx = _context(cfg, args)
     ensure_demo_data(ctx)
+    return ctx
+
+
+def cmd_export(args) -> int:
+    from .pipeline import run_export
+
+    ctx = _members_context(args)
     run_export(ctx, args.member or None, Path(args.out) if args.out else None)
     return 0
 
@@ -337,13 +345,8 @@ def cmd_weights(args) -> int:
 def cmd_package(args) -> int:
     from .config import config_tree
     from .offline import DEFAULT_WHEELS, write_package
-    from .pipeline import check_members, ensure_demo_data
 
-    cfg = _setup(args.config, args.overrides)
-    check_members(cfg)
-    args.force_stages = []
-    ctx = _context(cfg, args)
-    ensure_demo_data(ctx)
+    ctx = _members_context(args)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty; name a new folder for the package")
