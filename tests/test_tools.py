@@ -106,3 +106,22 @@ def test_runs_table_keeps_each_runs_submission_and_clean_removes_what_nothing_us
     assert "2 artifact(s), freed" in clean("--keep-current")
     assert not any(p.exists() for p in second_only)
     assert all(art.path.exists() for art in first.done.values())  # the current config's artifacts
+
+
+def test_a_rounds_curves_get_their_own_tags_and_a_broken_run_record_is_named(tmp_path):
+    from dmlkit import tracking
+
+    tracking.start("tensorboard", tmp_path, "exp", {"experiment": "exp"})
+    tracking.epoch("m0", {"loss": 2.0}, 1)
+    with tracking.scoped("round-1/"):
+        tracking.epoch("m0", {"loss": 1.0, "val_score": 0.5}, 1)
+    tracking.finish()
+    (folder,) = (tmp_path / "exp" / "tensorboard").iterdir()
+    scalars, _ = read_events(folder)
+    assert scalars["train/m0/loss"] == [(1, 2.0)]
+    assert scalars["round-1/train/m0/loss"] == [(1, 1.0)] and scalars["round-1/val/m0/score"] == [(1, 0.5)]
+
+    (tmp_path / "exp" / "runs").mkdir()
+    (tmp_path / "exp" / "runs" / "x.json").write_text("{half")
+    with pytest.raises(ValueError, match=r"x\.json: not a run record"):
+        read_runs(tmp_path)

@@ -385,22 +385,14 @@ def run_train(ctx: Context, member_name: str) -> cache.Artifact:
     def log_curves(art: cache.Artifact) -> None:
         log.info("[train/%s] training curves: %s", member.name, art.file("curves.png"))
 
-    art = _run(
-        ctx,
-        "train",
-        member.name,
-        part,
-        upstream,
-        weights,
-        compute,
-        resumable=True,
-        all_ranks=True,
-        on_computed=log_curves,
-    )
-    if ctx.plan is None and is_main_process():
-        if art.reused:  # computed: its epochs were tracked live
-            tracking.replay(member.name, art.file("metrics.csv"))
-        tracking.image(f"train/{member.name}/curves", art.file("curves.png"))
+    scope = f"round-{ctx.round}/" if ctx.round else ""
+    with tracking.scoped(scope):
+        flags = {"resumable": True, "all_ranks": True, "on_computed": log_curves}
+        art = _run(ctx, "train", member.name, part, upstream, weights, compute, **flags)
+        if ctx.plan is None and is_main_process():
+            if art.reused:  # computed: its epochs were tracked live
+                tracking.replay(member.name, art.file("metrics.csv"))
+            tracking.image(f"{scope}train/{member.name}/curves", art.file("curves.png"))
     return art
 
 

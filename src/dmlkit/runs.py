@@ -78,7 +78,9 @@ def save_run(ctx, record: dict, submissions: list[Path]) -> Path:
     folder = ctx.artifacts / ctx.cfg.experiment / RUNS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{key}.json"
-    path.write_text(json.dumps(record, indent=2, default=str))
+    tmp = path.with_name(path.name + ".tmp")  # a run killed while recording leaves no half file
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(path)
     return path
 
 
@@ -98,7 +100,10 @@ def record_run(ctx, config_path: str, overrides: list[str], started: float, scor
 def read_runs(artifacts: Path) -> list[dict]:
     records = []
     for path in sorted(Path(artifacts).glob(f"*/{RUNS}/*.json")):
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not a run record ({exc}); remove the file") from None
         record["record"] = str(path)
         records.append(record)
     return sorted(records, key=lambda r: r["started_at"])

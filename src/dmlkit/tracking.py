@@ -13,6 +13,7 @@ which do nothing when no run is open (tests, notebooks, `tracking: none`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -122,6 +123,17 @@ class WandbTracker:
 
 
 _active: Tracker | None = None
+_scope = ""  # "round-<r>/" while a pseudo-label round's members train (their tags stay apart)
+
+
+@contextlib.contextmanager
+def scoped(prefix: str):
+    global _scope
+    before, _scope = _scope, prefix
+    try:
+        yield
+    finally:
+        _scope = before
 
 
 def start(kind: str, artifacts: Path, experiment: str, config: dict) -> Tracker | None:
@@ -155,10 +167,11 @@ def epoch(member: str, row: dict[str, Any], step: int) -> None:
     if _active is None:
         return
     values = numeric(row)
-    _active.scalars(f"train/{member}", {k: v for k, v in values.items() if not k.startswith("val_")}, step)
+    train = {k: v for k, v in values.items() if not k.startswith("val_")}
+    _active.scalars(f"{_scope}train/{member}", train, step)
     validation = {k.removeprefix("val_"): v for k, v in values.items() if k.startswith("val_")}
     if validation:
-        _active.scalars(f"val/{member}", validation, step)
+        _active.scalars(f"{_scope}val/{member}", validation, step)
 
 
 def replay(member: str, metrics_csv: Path) -> None:
