@@ -322,9 +322,8 @@ def load_table(folds_art: cache.Artifact) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _train_inputs(ctx: Context, member: MemberConfig) -> tuple[dict, dict, dict]:
     """(config part, upstream keys, fingerprints) of a member's training."""
     folds = run_folds(ctx)
-    upstream = {
-        "train_data": folds.manifest.get("result", {}).get("train_data", cache.produced(folds))
-    }  # folds.csv, images
+    # folds.csv and its images; a folds artifact still pending in `plan` stands for itself
+    upstream = {"train_data": folds.manifest.get("result", {}).get("train_data", cache.produced(folds))}
     if member.init_from:
         upstream["init"] = _trained_output(ctx, ctx.cfg.member(member.init_from))
     part = {"member": config_slice(member), "seed": ctx.cfg.seed}
