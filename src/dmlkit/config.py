@@ -204,6 +204,11 @@ class MemberConfig(Strict):
 class EmbedConfig(Strict):
     batch_size: int = Field(128, ge=1)
     tta_flip: bool = True
+    flip_gallery: bool = Field(
+        False,
+        description="embed each image's mirror too; a pair's kNN similarity is the best over the query's and "
+        "the gallery image's views (Happywhale 2022 1st). Needs tta_flip false",
+    )
     tta_scales: list[Annotated[float, Field(gt=0.0)]] = Field(
         default_factory=lambda: [1.0], min_length=1, description="image-size factors averaged at test time"
     )
@@ -634,6 +639,7 @@ def ineffective_values(cfg: Config, metric: str, ranks_index: bool | None = None
             problems.append(f"{key}.head.dynamic_lambda: only head.dynamic 'power' uses it (got '{head.dynamic}')")
         if member.see.enabled:
             problems.extend(_see_problems(member, key))
+    problems += _flip_gallery_problems(cfg)
     if "pca_dim" in cfg.ensemble.model_fields_set and cfg.ensemble.pca_dim and not cfg.ensemble.pca_whiten:
         problems.append("ensemble.pca_dim: no effect while ensemble.pca_whiten is false")
     r = cfg.retrieve
@@ -655,6 +661,24 @@ def ineffective_values(cfg: Config, metric: str, ranks_index: bool | None = None
     if r.penalty.enabled and metric == "map@100":
         problems.append("retrieve.penalty.enabled: the distractor penalty applies to label votes, not to retrieval")
     return problems + _second_stage_problems(r, metric == "map@100" if ranks_index is None else ranks_index)
+
+
+def _flip_gallery_problems(cfg: Config) -> list[str]:
+    """embed.flip_gallery beside the settings it has no meaning with."""
+    if not cfg.embed.flip_gallery:
+        return []
+    r, problems = cfg.retrieve, []
+    if cfg.embed.tta_flip:
+        problems.append(
+            "embed.tta_flip: averages each image with its mirror, so under embed.flip_gallery the mirror views "
+            "would equal the images; set embed.tta_flip=false"
+        )
+    for key, on in (("qe", r.qe.enabled), ("dba", r.dba.enabled), ("rerank", r.rerank.enabled)):
+        if on:
+            problems.append(
+                f"retrieve.{key}.enabled: not defined over mirrored views (embed.flip_gallery); use one of the two"
+            )
+    return problems
 
 
 def _second_stage_problems(r: RetrieveConfig, ranks_index: bool) -> list[str]:

@@ -82,12 +82,17 @@ def embed_paths(
     progress: bool = True,
     skip_unreadable: bool = False,
     channels_last: bool = False,
+    mirror: bool = False,
 ) -> np.ndarray:
     """(N, E) L2-normalised embeddings, averaged over the TTA views (flip × scales). Each scale is
     decoded once; the mirrored view is the batch flipped on the device.
 
-    With `skip_unreadable`, rows of unreadable images are NaN instead of an error.
+    With `mirror` (embed.flip_gallery; not beside `flip`), (N, 2, E): each image's embedding and
+    its mirror's, from the same decoded batch. With `skip_unreadable`, rows of unreadable images
+    are NaN instead of an error.
     """
+    if mirror and flip:
+        raise ValueError("embed_paths: mirror views need flip=False (flip TTA averages an image with its mirror)")
     model.eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -108,12 +113,15 @@ def embed_paths(
                 out = model(images).float()
                 if flip:
                     out = out + model(images.flip(-1)).float()
+                if mirror:
+                    out = torch.stack([out, model(images.flip(-1)).float()], dim=1)
             out = out.cpu()
             out[~ok] = float("nan")
             chunks.append(out)
-        view = torch.cat(chunks) if chunks else torch.zeros(0, model.embedding_size)
+        empty = (0, 2, model.embedding_size) if mirror else (0, model.embedding_size)
+        view = torch.cat(chunks) if chunks else torch.zeros(empty)
         total = view if total is None else total + view
-    return torch.nn.functional.normalize(total, dim=1).numpy().astype(np.float32)
+    return torch.nn.functional.normalize(total, dim=-1).numpy().astype(np.float32)
 
 
 def embed_sharded(model: EmbeddingModel, paths: Sequence[str], **options) -> np.ndarray | None:
@@ -137,7 +145,7 @@ def gather_rows(part: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray | 
     dist.gather_object((rows, part), pieces, dst=0)
     if not main:
         return None
-    out = np.zeros((total, part.shape[1]), dtype=part.dtype)
+    out = np.zeros((total, *part.shape[1:]), dtype=part.dtype)
     for piece_rows, piece in pieces:
         out[piece_rows] = piece
     return out

@@ -412,7 +412,10 @@ def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
 
 
 def member_embeddings(ctx: Context) -> dict[str, np.ndarray]:
-    return {m.name: np.load(run_embed(ctx, m.name).file("embeddings.npy")) for m in ctx.cfg.members}
+    """Per member, its embeddings: (N, E), or (N, 2, E) with their mirrors (embed.flip_gallery)."""
+    from .stages.embed import read_views
+
+    return {m.name: read_views(run_embed(ctx, m.name).path) for m in ctx.cfg.members}
 
 
 def member_heads(ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -439,17 +442,21 @@ def run_ensemble(ctx: Context) -> cache.Artifact:
 
 
 def embeddings_of(art: cache.Artifact) -> np.ndarray:
-    return np.load(art.file("embeddings.npy"))
+    """The ensemble's embeddings: (N, E), or (N, 2, E) with their mirrors (embed.flip_gallery)."""
+    from .stages.embed import read_views
+
+    return read_views(art.path)
 
 
 def fold_ensembles(cfg: Config, members: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
     """Per fold the members cover, the ensemble of the members trained without it."""
-    from .retrieval.ensemble import concatenate
+    from .retrieval.ensemble import concatenate_views
 
     out = {}
     for fold in sorted({m.fold for m in cfg.members}):
         names = [m.name for m in cfg.members if m.fold == fold]
-        out[fold] = concatenate([members[n] for n in names], [cfg.ensemble.weights.get(n, 1.0) for n in names])
+        weights = [cfg.ensemble.weights.get(n, 1.0) for n in names]
+        out[fold] = concatenate_views([members[n] for n in names], weights)
     return out
 
 
@@ -465,6 +472,7 @@ def local_feature_folder(ctx: Context) -> Path:
 
 
 def run_retrieve(ctx: Context) -> cache.Artifact:
+    from .retrieval.search import as_views
     from .runs import headline
     from .stages.retrieve import retrieve, save_retrieval_grid, warn_leaky_members, write_retrieval
 
@@ -503,7 +511,7 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
             local_feature_folder(ctx),
         )
         write_retrieval(work, predictions, report, answers)
-        save_retrieval_grid(work / "retrievals.png", table, folds, embeddings, val_fold)
+        save_retrieval_grid(work / "retrievals.png", table, folds, as_views(embeddings)[:, 0], val_fold)
         return {"tuned": tuned, "report": report.to_dict(orient="records")}
 
     def log_grid(art: cache.Artifact) -> None:

@@ -31,9 +31,20 @@ def concatenate(parts: list[np.ndarray], weights: list[float], block: int = 6553
     return out
 
 
-def pca_whiten(embeddings: np.ndarray, fit_rows: np.ndarray, dim: int | None = None) -> np.ndarray:
-    """PCA whitening fitted on the rows in `fit_rows` (the training images), applied to all, renormalised."""
+def concatenate_views(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """`concatenate`, view by view where the parts are (N, views, E) (an image and its mirror)."""
+    if parts and parts[0].ndim == 3:
+        return np.stack([concatenate([p[:, v] for p in parts], weights) for v in range(parts[0].shape[1])], axis=1)
+    return concatenate(parts, weights)
+
+
+def pca_whiten(
+    embeddings: np.ndarray, fit_rows: np.ndarray, dim: int | None = None, also: np.ndarray | None = None
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """PCA whitening fitted on the rows in `fit_rows` (the training images), applied to all, renormalised.
+    With `also` (the mirrors' embeddings), that array whitened by the same fit too: (embeddings, also)."""
     fit = embeddings[fit_rows]
     n_components = min(dim or embeddings.shape[1], len(fit) - 1, embeddings.shape[1])
     pca = PCA(n_components=n_components, whiten=True, random_state=0).fit(fit)
-    return l2_normalise(pca.transform(embeddings))
+    whitened = l2_normalise(pca.transform(embeddings))
+    return whitened if also is None else (whitened, l2_normalise(pca.transform(also)))

@@ -104,7 +104,11 @@ def knn(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, indices), each (Q, k), best first; indices -1 where fewer than k exist.
 
-    `kind`: flat (faiss, exact), ivf or hnsw."""
+    `kind`: flat (faiss, exact), ivf or hnsw. Queries or gallery of shape (N, views, E) (each image
+    and its mirror: embed.flip_gallery) are searched view by view: see `knn_over_views`."""
+    options = {"kind": kind, "batch": batch, "use_gpu": use_gpu, "nlist": nlist, "nprobe": nprobe, "hnsw_m": hnsw_m}
+    if queries.ndim == 3 or gallery.ndim == 3:
+        return knn_over_views(queries, gallery, k, progress=progress, **options)
     k = min(k, len(gallery))
     if use_gpu != "no" and (k > GPU_MAX_K or (kind == "ivf" and nprobe > GPU_MAX_K)):
         if use_gpu == "yes" or getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
@@ -119,3 +123,45 @@ def knn(
         s, i = index.search(queries[start : start + batch], k)
         sims[start : start + batch], ids[start : start + batch] = s, i
     return sims, ids
+
+
+MISSING = -np.finfo(np.float32).max  # faiss's similarity where fewer than k neighbours exist
+
+
+def as_views(embeddings: np.ndarray) -> np.ndarray:
+    """(N, views, E): a plain (N, E) array is one view."""
+    return embeddings[:, None, :] if embeddings.ndim == 2 else embeddings
+
+
+def knn_over_views(queries: np.ndarray, gallery: np.ndarray, k: int, progress: bool = True, **options):
+    """kNN where a pair's similarity is the best over the query's and the gallery image's views
+    (Happywhale 2022 1st: original and mirror). (similarities, gallery rows), each (Q, k).
+
+    Each query view searches the gallery's views stacked as rows; a gallery row appears once per
+    view, so k·views hits of each query view hold every row of the true top k (fewer than k rows
+    beat it, each at most `views` times)."""
+    queries, gallery = as_views(queries), as_views(gallery)
+    n_views = gallery.shape[1]
+    stacked = np.concatenate([gallery[:, v] for v in range(n_views)])  # view v of row i at v·N + i
+    hits = [knn(queries[:, v], stacked, k * n_views, progress=progress, **options) for v in range(queries.shape[1])]
+    sims = np.concatenate([h[0] for h in hits], axis=1)
+    ids = np.concatenate([h[1] for h in hits], axis=1)
+    return best_per_row(sims, ids, len(gallery), min(k, len(gallery)))
+
+
+def best_per_row(sims: np.ndarray, ids: np.ndarray, n_rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, each gallery row (id modulo `n_rows`) once with its best similarity; the best k
+    rows, descending (ties by row). Ids -1 (no hit) are dropped; missing places are (MISSING, -1)."""
+    rows = np.where(ids >= 0, ids % n_rows, -1)
+    order = np.lexsort((-sims, rows), axis=-1)  # by row, the row's best hit first
+    rows = np.take_along_axis(rows, order, 1)
+    sims = np.take_along_axis(sims, order, 1)
+    first = np.ones_like(rows, dtype=bool)
+    first[:, 1:] = rows[:, 1:] != rows[:, :-1]
+    kept = np.where(first & (rows >= 0), sims, -np.inf)
+    top = np.argsort(-kept, axis=1, kind="stable")[:, :k]
+    out_sims = np.take_along_axis(kept, top, 1)
+    out_ids = np.take_along_axis(rows, top, 1)
+    missing = ~np.isfinite(out_sims)
+    out_sims[missing], out_ids[missing] = MISSING, -1
+    return out_sims.astype(np.float32), out_ids.astype(np.int64)

@@ -26,7 +26,8 @@ def embed_member(
     work: Path,
     progress: bool = True,
 ) -> dict:
-    """embeddings.npy (one row per table row), head_topk_{index,cos}.npy, head_classes.json, ids.csv."""
+    """embeddings.npy (one row per table row), head_topk_{index,cos}.npy, head_classes.json, ids.csv;
+    with embed.flip_gallery also mirror.npy, the mirrored images' embeddings."""
     model, head, classes = load_member(weights, member, device)
     emb = embed_sharded(  # under torchrun each rank embeds its share
         model,
@@ -35,6 +36,7 @@ def embed_member(
         batch_size=cfg.embed.batch_size,
         device=device,
         flip=cfg.embed.tta_flip,
+        mirror=cfg.embed.flip_gallery,
         scales=cfg.embed.tta_scales,
         amp=member.train.amp,
         num_workers=member.train.num_workers,
@@ -44,6 +46,10 @@ def embed_member(
     )
     if not is_main_process():
         return {}
+    if cfg.embed.flip_gallery:  # (N, 2, E): the images and their mirrors
+        emb, mirror = emb[:, 0], emb[:, 1]
+        np.save(work / "mirror.npy", np.ascontiguousarray(mirror))
+    emb = np.ascontiguousarray(emb)
     top_index, top_cos = head_topk(head, emb, device)
     np.save(work / "embeddings.npy", emb)
     np.save(work / "head_topk_index.npy", top_index)
@@ -60,11 +66,29 @@ def read_head_topk(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ensemble_members(cfg: Config, table: pd.DataFrame, member_files: dict[str, Path], work: Path) -> dict:
-    """The members' embeddings, each L2-normalised and weighted, concatenated (optionally PCA-whitened)."""
-    parts = [np.load(path) for path in member_files.values()]
+    """The members' embeddings, each L2-normalised and weighted, concatenated (optionally PCA-whitened);
+    their mirrors' (mirror.npy beside each member's embeddings) alike, whitened by the same fit."""
     weights = [cfg.ensemble.weights.get(name, 1.0) for name in member_files]
-    emb = concatenate(parts, weights)
+    emb = concatenate([np.load(path) for path in member_files.values()], weights)
+    mirror_files = [path.with_name("mirror.npy") for path in member_files.values()]
+    mirror = None
+    if cfg.embed.flip_gallery:
+        mirror = concatenate([np.load(path) for path in mirror_files], weights)
     if cfg.ensemble.pca_whiten:
-        emb = pca_whiten(emb, (table["role"] == "train").to_numpy(), cfg.ensemble.pca_dim)
+        fit_rows = (table["role"] == "train").to_numpy()
+        if mirror is None:
+            emb = pca_whiten(emb, fit_rows, cfg.ensemble.pca_dim)
+        else:
+            emb, mirror = pca_whiten(emb, fit_rows, cfg.ensemble.pca_dim, also=mirror)
     np.save(work / "embeddings.npy", emb)
+    if mirror is not None:
+        np.save(work / "mirror.npy", mirror)
     return {"dim": int(emb.shape[1]), "members": list(member_files)}
+
+
+def read_views(folder: Path) -> np.ndarray:
+    """A stage folder's embeddings.npy: (N, E), or with its mirror.npy (embed.flip_gallery) (N, 2, E)."""
+    emb = np.load(folder / "embeddings.npy")
+    if not (folder / "mirror.npy").is_file():
+        return emb
+    return np.stack([emb, np.load(folder / "mirror.npy")], axis=1)

@@ -22,7 +22,7 @@ from ..evaluation import RankedQueries, knn_validation_scores, plain_score, rank
 from ..retrieval.expansion import database_augmentation, query_expansion
 from ..retrieval.label_rerank import label_aware_rerank
 from ..retrieval.rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
-from ..retrieval.search import knn
+from ..retrieval.search import as_views, knn
 from ..retrieval.voting import fuse_head, head_label_scores, label_similarities, threshold_for_share, vote
 from .folds import fold_parts
 from .second_stage import SecondStage, median_inliers, shortlist_verifier, tune_fusion
@@ -56,7 +56,7 @@ def _search(cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray, k: in
 
 
 def check_finite(name: str, array: np.ndarray) -> None:
-    bad = ~np.isfinite(array).all(axis=1)
+    bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
     if bad.any():
         raise FloatingPointError(
             f"{name}: {int(bad.sum())} embedding row(s) contain NaN/inf (first rows "
@@ -442,7 +442,9 @@ def _label_rerank(
     gallery_labels: np.ndarray,
     result: Neighbours,
 ) -> Neighbours:
-    """GLR2019 retrieval 1st: index images voted into the query's landmark come first."""
+    """GLR2019 retrieval 1st: index images voted into the query's landmark come first (on the
+    images' own embeddings: their mirrors, under embed.flip_gallery, take no part)."""
+    embeddings = as_views(embeddings)[:, 0]
     codes = pd.factorize(gallery_labels)[0]
     gallery, queries, index = embeddings[gallery_rows], embeddings[test_rows], embeddings[index_rows]
     query_labels = predicted_labels(cfg, queries, gallery, codes)
