@@ -105,3 +105,162 @@ def test_flip_gallery_end_to_end_searches_the_mirrors(tmp_path: Path, monkeypatc
     # switching it off recomputes the embeddings without mirrors
     assert cli.main(["all", "-c", str(config), "embed.tta_flip=false"]) == 0
     assert len(list((tmp_path / "artifacts" / "tiny-whale" / "embed" / "m0").glob("*/embeddings.npy"))) == 2
+
+
+# --------------------------------------------------------------------------- auxiliary head
+def _arcface_ce(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: float, margin: float):
+    """Per-row ArcFace cross-entropy written out: s·cos(θ + m) at the target, s·cos θ elsewhere."""
+    cos = torch.nn.functional.normalize(emb, dim=1) @ torch.nn.functional.normalize(weight, dim=1).T
+    target = cos[torch.arange(len(labels)), labels]
+    logits = cos.clone()
+    logits[torch.arange(len(labels)), labels] = torch.cos(torch.arccos(target) + margin)
+    return -torch.log_softmax(scale * logits, dim=1)[torch.arange(len(labels)), labels]
+
+
+def test_aux_head_loss_is_the_weighted_sum_of_the_identity_and_auxiliary_losses():
+    from dmlkit.config import MemberConfig
+    from dmlkit.models.build import build_aux, build_member_head
+    from dmlkit.models.objective import MarginModel
+
+    aux = {"column": "species", "weight": 0.563, "identity_weight": 0.437, "scale": 10.0, "margin": 0.2}
+    member = MemberConfig(
+        name="m", backbone="test_resnet", fold=0, image_size=32, embedding_size=16, head={"scale": 20.0, "aux": aux}
+    )
+    torch.manual_seed(0)
+    model = EmbeddingModel("test_resnet", 16, image_size=32).eval()  # eval: two forwards give one embedding
+    head, aux_head = build_member_head(member, np.ones(5)), build_aux(member, np.ones(3))
+    objective = MarginModel(model, head, member, aux_head)
+    images = torch.rand(6, 3, 32, 32)
+    labels = torch.tensor([[0, 2], [1, 0], [4, -1], [2, 1], [3, -1], [0, 0]])  # two rows without a species
+    loss, _ = objective(images, labels, see_value=0.0)
+    with torch.no_grad():
+        emb = model(images)
+        identity = _arcface_ce(emb, head.weight, labels[:, 0], 20.0, 0.3).mean()
+        known = labels[:, 1] >= 0
+        species = _arcface_ce(emb[known], aux_head.weight, labels[known, 1], 10.0, 0.2).mean()
+    assert float(loss.detach()) == pytest.approx(float(0.437 * identity + 0.563 * species), rel=1e-5)
+    loss.backward()
+    assert aux_head.weight.grad is not None and aux_head.weight.grad.abs().sum() > 0
+    # one-column labels: the identity loss alone
+    plain, _ = objective(images, labels[:, 0], see_value=0.0)
+    assert float(plain.detach()) == pytest.approx(float(identity), rel=1e-5)
+
+
+def test_aux_column_missing_or_single_valued_is_refused_before_training():
+    import pandas as pd
+
+    from dmlkit.stages.train import aux_targets
+
+    rows = pd.DataFrame({"id": ["a", "b", "c"], "label": ["x", "y", "x"], "species": ["s1", "", "s2"]})
+    classes, targets = aux_targets(rows, "species", "m")
+    assert classes == ["s1", "s2"] and targets.tolist() == [0, -1, 1]
+    with pytest.raises(ValueError, match=r"'kind' is not a column.*species"):
+        aux_targets(rows, "kind", "m")
+    with pytest.raises(ValueError, match="1 class"):
+        aux_targets(rows.assign(species="s1"), "species", "m")
+
+
+# --------------------------------------------------------------------------- per-group thresholds
+def _queries(rows: list[tuple[str, float, str]]):
+    """Validation queries (group, top vote, truth): each ranks label x (vote s), then z (s / 10)."""
+    from dmlkit.competitions import Predictions
+    from dmlkit.evaluation import RankedQueries
+
+    ranked = Predictions(
+        ids=[str(i) for i in range(len(rows))],
+        labels=[["x", "z"] for _ in rows],
+        scores=[[s, s / 10] for _, s, _ in rows],
+        similarities=[[s, s / 10] for _, s, _ in rows],
+        groups=[g for g, _, _ in rows],
+    )
+    return RankedQueries(ranked, [t for _, _, t in rows], None, 1.0, len(rows))
+
+
+def test_per_group_thresholds_against_a_hand_made_case():
+    from dmlkit.competitions import Calibration, get_adapter
+    from dmlkit.evaluation import calibrated_scores, score_queries, tune_group_thresholds
+
+    adapter = get_adapter("humpback-2019")
+    # group a needs new_whale below 0.9 (and above 0.8); group b below 0.5 (above 0.4): no one
+    # threshold serves both; group c has one query, under the minimum of 2
+    queries = _queries(
+        [
+            ("a", 0.9, "x"),
+            ("a", 0.8, "new_whale"),
+            ("a", 0.7, "new_whale"),
+            ("b", 0.5, "x"),
+            ("b", 0.4, "new_whale"),
+            ("c", 0.95, "x"),
+        ]
+    )
+    single = score_queries(adapter, queries, Calibration(unknown_score="vote"))
+    assert single["score"] < 1.0  # the best single threshold misses a query
+    calibration = Calibration(threshold=single["threshold"], unknown_score="vote")
+    thresholds = tune_group_thresholds(adapter, queries, calibration, min_queries=2)
+    assert set(thresholds) == {"a", "b"}  # c keeps the global threshold
+    assert 0.8 < thresholds["a"] <= 0.9 and 0.4 < thresholds["b"] <= 0.5
+    grouped = Calibration(threshold=single["threshold"], unknown_score="vote", group_thresholds=thresholds)
+    assert calibrated_scores(adapter, queries, grouped)["score"] == pytest.approx(
+        1.0 if single["threshold"] <= 0.95 else 5 / 6
+    )
+    # at test, each query takes its group's threshold, an unseen group the global one
+    answers = adapter.predict(_queries([("a", 0.75, "?"), ("b", 0.75, "?"), ("zz", 0.75, "?")]).ranked, grouped)
+    assert [row[0] for row in answers.labels] == ["new_whale", "x", "x" if single["threshold"] <= 0.75 else "new_whale"]
+
+
+def _tiny_happywhale_config(tmp: Path, extra: str = "") -> Path:
+    text = f"""
+experiment: tiny-hw
+seed: 3
+threads: 2
+competition:
+  name: happywhale-2022
+  root: {tmp / "input-hw"}
+  demo: happywhale
+  demo_params: {{n_individuals: 30, image_size: 48}}
+folds: {{n_splits: 3}}
+member_defaults:
+  image_size: 32
+  embedding_size: 32
+  head: {{scale: 16.0, aux: {{column: species, scale: 16.0}}}}
+  train: {{epochs: 2, batch_size: 16, lr: 2.0e-3, amp: "off"}}
+members:
+  - {{name: m0, backbone: test_resnet, fold: 0}}
+embed: {{batch_size: 64}}
+retrieve: {{k: 20, unknown_per: species, unknown_per_min: 5}}
+"""
+    path = tmp / "tiny-hw.yaml"
+    path.write_text(text + extra)
+    return path
+
+
+def test_species_head_and_per_species_thresholds_end_to_end(tmp_path: Path, monkeypatch):
+    import json
+
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    config = _tiny_happywhale_config(tmp_path)
+    assert cli.main(["all", "-c", str(config)]) == 0
+    art = tmp_path / "artifacts" / "tiny-hw"
+    weights = torch.load(next((art / "train" / "m0").glob("*/best.pt")), weights_only=False)
+    assert weights["aux_classes"] == ["beluga", "blue_whale", "humpback_whale"]
+    embed = next((art / "embed" / "m0").glob("*/aux_cos.npy")).parent
+    table = pd.read_csv(next((art / "folds").glob("*/table.csv")))
+    assert np.load(embed / "aux_cos.npy").shape == (len(table), 3)
+    assert json.loads((embed / "aux_classes.json").read_text())["column"] == "species"
+    retrieve = next((art / "retrieve").glob("*/manifest.json"))
+    result = json.loads(retrieve.read_text())["result"]
+    assert any(row["step"].startswith("+ per-species thresholds") for row in result["report"])
+    assert isinstance(result["tuned"]["group_thresholds"], dict)
+    submission = pd.read_csv(tmp_path / "submissions" / "tiny-hw.csv")
+    assert list(submission.columns) == ["image", "predictions"] and len(submission) == (table["role"] == "test").sum()
+
+
+def test_per_species_thresholds_need_a_member_with_that_head(tmp_path: Path):
+    config = _tiny_happywhale_config(tmp_path)
+    cfg = load_config(config, ["member_defaults.head.aux=null"])
+    with pytest.raises(ConfigError, match=r"retrieve\.unknown_per: 'species' needs a member with head\.aux\.column"):
+        Context(cfg)
+    with pytest.raises(ConfigError, match=r"retrieve\.unknown_per: per-group thresholds are tuned"):
+        Context(load_config(config, ["retrieve.unknown_threshold=0.5"]))

@@ -58,6 +58,19 @@ class FoldsConfig(Strict):
     )
 
 
+class AuxHeadConfig(Strict):
+    """A second margin head on another label column of the training table (Happywhale 2022 1st:
+    species, loss weights identity 0.437 and species 0.563). Rows without a value in the column
+    (pseudo-labelled test images, blanks) take no part in its loss."""
+
+    column: str = Field(description="a column of the competition's training table, e.g. species")
+    weight: float = Field(0.563, ge=0.0, description="the auxiliary loss's weight")
+    identity_weight: float = Field(0.437, gt=0.0, description="the identity loss's weight beside it")
+    subcenters: int = Field(1, ge=1)
+    scale: float = Field(30.0, gt=0.0)
+    margin: float = Field(0.3, ge=0.0, description="ArcFace margin of every auxiliary class")
+
+
 class HeadConfig(Strict):
     type: Literal["arcface", "cosface", "none", "proxy_anchor"] = Field(
         "arcface", description="margin softmax (arcface, cosface, none) or pytorch-metric-learning's Proxy-Anchor"
@@ -85,6 +98,7 @@ class HeadConfig(Strict):
         description="Partial FC: the share of classes in each training step's softmax (the batch's "
         "classes plus random others); 0.1 at 100k+ classes costs a tenth of the head's matmuls",
     )
+    aux: AuxHeadConfig | None = Field(None, description="an auxiliary head on a second label column (species)")
 
 
 class SEEConfig(Strict):
@@ -109,6 +123,17 @@ class SEEConfig(Strict):
     )
     end: float = Field(0.4, description="value approached at the last epoch (progress e/E, cosine schedule)")
     lower_bound: float | None = Field(None, description="threshold schedule only: the threshold never goes below it")
+
+
+class TrainStage(Strict):
+    """One stage of progressive resizing (GLR2020 3rd: 256 → 512 → 672 px; GLR2021 1st: 256 → 448 →
+    448 px at a lower LR): the member continues from the previous stage's weights at this size."""
+
+    image_size: int = Field(ge=16)
+    epochs: int = Field(ge=1)
+    lr: float | None = Field(None, gt=0, description="this stage's LR (default: train.lr)")
+    freeze_backbone_epochs: int = Field(0, ge=0, description="GLR2021 1st: one epoch at the new size frozen")
+    reinit_head: bool = Field(False, description="start this stage with a new head (the backbone continues)")
 
 
 class TrainConfig(Strict):
@@ -159,6 +184,12 @@ class TrainConfig(Strict):
     )
     augment: list[dict[str, Any]] = Field(
         default_factory=list, description="albumentations transforms: [{type: HorizontalFlip, p: 0.5}, ...]"
+    )
+    stages: list[TrainStage] = Field(
+        default_factory=list,
+        description="progressive sizes: the member trains through these stages in order (each stage's "
+        "image_size, epochs, lr and freeze_backbone_epochs replace the member's); the last one's size is the "
+        "member's image_size",
     )
 
 
@@ -337,6 +368,14 @@ class RetrieveConfig(Strict):
         lt=1.0,
         description="instead of the tuned threshold, answer unknown first on this share of the test "
         "(Happywhale 1st: 0.165)",
+    )
+    unknown_per: str | None = Field(
+        None,
+        description="tune the unknown threshold per group of a label column, each query grouped by the "
+        "members' head.aux on that column (Happywhale 2nd/4th: per species)",
+    )
+    unknown_per_min: int = Field(
+        20, ge=1, description="validation queries a group needs for its own threshold (smaller: the global one)"
     )
 
 
@@ -580,6 +619,17 @@ def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def member_slice(member: MemberConfig) -> dict:
+    """The member's config as its training key hashes it: `head.aux` and `train.stages` only where
+    they are set (members trained before those existed keep their keys)."""
+    data = config_slice(member)
+    if data["head"].get("aux") is None:
+        data["head"].pop("aux", None)
+    if not data["train"].get("stages"):
+        data["train"].pop("stages", None)
+    return data
+
+
 def config_slice(model: BaseModel | list | dict | Any) -> Any:
     """Plain JSON-able data of a config object (for hashing and manifests)."""
     if isinstance(model, BaseModel):
@@ -623,7 +673,8 @@ def ineffective_values(cfg: Config, metric: str, ranks_index: bool | None = None
             problems.append(f"{key}.pretrained: no effect next to pretrained_file (the local file is loaded)")
         if member.pretrained_tag and not member.pretrained:
             problems.append(f"{key}.pretrained_tag: no effect while pretrained is false")
-        if member.train.freeze_backbone_epochs >= member.train.epochs:
+        problems += _stage_problems(member, key)
+        if member.train.freeze_backbone_epochs >= member.train.epochs and not member.train.stages:
             problems.append(
                 f"{key}.train.freeze_backbone_epochs: the backbone would never train (epochs {member.train.epochs})"
             )
@@ -647,9 +698,11 @@ def ineffective_values(cfg: Config, metric: str, ranks_index: bool | None = None
         if name in r.model_fields_set and r.index != index:
             problems.append(f"retrieve.{name}: only retrieve.index '{index}' uses it (got '{r.index}')")
     if metric != "map@5":
-        for key, unset in (("unknown_threshold", "tune"), ("unknown_score", "auto"), ("unknown_share", None)):
+        unknown_keys = (("unknown_threshold", "tune"), ("unknown_score", "auto"), ("unknown_share", None))
+        for key, unset in (*unknown_keys, ("unknown_per", None)):
             if getattr(r, key) != unset:
                 problems.append(f"retrieve.{key}: only MAP@5 competitions answer 'unknown' (metric: {metric})")
+    problems += _unknown_per_problems(cfg, metric)
     if r.unknown_share is not None and r.unknown_threshold != "tune":
         problems.append("retrieve.unknown_threshold: no effect while retrieve.unknown_share sets the threshold")
     if cfg.folds.unknown_classes and metric == "map@100":
@@ -661,6 +714,45 @@ def ineffective_values(cfg: Config, metric: str, ranks_index: bool | None = None
     if r.penalty.enabled and metric == "map@100":
         problems.append("retrieve.penalty.enabled: the distractor penalty applies to label votes, not to retrieval")
     return problems + _second_stage_problems(r, metric == "map@100" if ranks_index is None else ranks_index)
+
+
+def _stage_problems(member: MemberConfig, key: str) -> list[str]:
+    """train.stages that cannot mean what they say."""
+    stages, problems = member.train.stages, []
+    if stages and stages[-1].image_size != member.image_size:
+        problems.append(
+            f"{key}.train.stages: the last stage trains at {stages[-1].image_size} px but the member embeds at "
+            f"image_size {member.image_size}; make them equal"
+        )
+    for i, stage in enumerate(stages):
+        if stage.freeze_backbone_epochs >= stage.epochs:
+            problems.append(f"{key}.train.stages.{i}.freeze_backbone_epochs: the backbone would never train")
+    if stages and member.train.freeze_backbone_epochs:
+        problems.append(f"{key}.train.freeze_backbone_epochs: no effect under train.stages (each stage sets its own)")
+    return problems
+
+
+def _unknown_per_problems(cfg: Config, metric: str) -> list[str]:
+    """retrieve.unknown_per needs a tuned threshold and a member whose auxiliary head predicts the groups."""
+    r = cfg.retrieve
+    if r.unknown_per is None:
+        if "unknown_per_min" in r.model_fields_set:
+            return ["retrieve.unknown_per_min: no effect while retrieve.unknown_per is unset"]
+        return []
+    if metric != "map@5":
+        return []  # said by the metric check
+    columns = sorted({m.head.aux.column for m in cfg.members if m.head.aux is not None})
+    if r.unknown_per not in columns:
+        return [
+            f"retrieve.unknown_per: '{r.unknown_per}' needs a member with head.aux.column '{r.unknown_per}' "
+            f"to group the queries (members' auxiliary columns: {columns or 'none'})"
+        ]
+    if r.unknown_share is not None or r.unknown_threshold != "tune":
+        return [
+            "retrieve.unknown_per: per-group thresholds are tuned, and retrieve.unknown_threshold / "
+            "unknown_share fix one"
+        ]
+    return []
 
 
 def _flip_gallery_problems(cfg: Config) -> list[str]:

@@ -40,6 +40,7 @@ class RankedQueries:
             scores=[row for p in parts for row in p.ranked.scores],
             neighbours=[row for p in parts for row in p.ranked.neighbours],
             similarities=[row for p in parts for row in p.ranked.similarities],
+            groups=[g for p in parts for g in p.ranked.groups],
         )
         return RankedQueries(
             joined,
@@ -62,9 +63,10 @@ def rank_queries(
     confidence_offset: np.ndarray | None = None,
     head_scores: list[dict[str, float]] | None = None,
     head_weight: float = 0.0,
+    query_groups: np.ndarray | None = None,
 ) -> RankedQueries:
     """Votes of each query's kNN result `(sims, ids)` (best first), restricted to the queries the
-    adapter scores, with their truths."""
+    adapter scores, with their truths (and their groups, for per-group thresholds)."""
     labels, scores = vote(sims, ids, gallery_labels, k, power, fill=adapter.max_predictions > 1)
     if head_scores is not None and head_weight > 0:
         labels, scores = fuse_head(labels, scores, head_scores, head_weight, power)
@@ -78,6 +80,7 @@ def rank_queries(
         scores=[scores[i] for i in rows],
         neighbours=[[str(j) for j in ids[i] if j >= 0] for i in rows],
         similarities=[similarities[i] for i in rows],
+        groups=[] if query_groups is None else [str(query_groups[i]) for i in rows],
     )
     offset = None if confidence_offset is None else confidence_offset[rows]
     return RankedQueries(ranked, truths, offset, recall, int(known.sum()))
@@ -102,6 +105,47 @@ def score_queries(adapter: Adapter, queries: RankedQueries, fixed: Calibration |
     out["plain"] = plain_score(adapter, queries)
     final = adapter.predict(queries.ranked, calibration, queries.offset)
     out.update(adapter.unknown_report(final, queries.truths))
+    return out
+
+
+def calibrated_scores(adapter: Adapter, queries: RankedQueries, calibration: Calibration) -> dict:
+    """Recall@1, the score and the unknown-detection figures under this calibration as it stands."""
+    predictions = adapter.predict(queries.ranked, calibration, queries.offset)
+    score = adapter.score_predictions(predictions, queries.truths)
+    return {"recall@1": queries.recall_at_1, "score": score, **adapter.unknown_report(predictions, queries.truths)}
+
+
+def subset(queries: RankedQueries, rows: np.ndarray) -> RankedQueries:
+    """These rows of the validation queries (Recall@1 kept: it is not tuned on)."""
+    r = queries.ranked
+    pick = lambda values: [values[i] for i in rows] if values else []  # noqa: E731
+    ranked = Predictions(
+        pick(r.ids), pick(r.labels), pick(r.scores), pick(r.neighbours), pick(r.similarities), pick(r.groups)
+    )
+    offset = None if queries.offset is None else queries.offset[rows]
+    return RankedQueries(ranked, pick(queries.truths), offset, queries.recall_at_1, queries.known)
+
+
+def tune_group_thresholds(
+    adapter: Adapter, queries: RankedQueries, calibration: Calibration, min_queries: int
+) -> dict[str, float]:
+    """Per group with at least `min_queries` validation queries, the unknown threshold that scores
+    best on its queries alone (on the score kind the global calibration chose). MAP@5 is a mean over
+    queries, so each group's best threshold is the best for the whole set; smaller groups keep the
+    global threshold."""
+    groups = np.array(queries.ranked.groups, dtype=object)
+    out: dict[str, float] = {}
+    for group in sorted(set(groups)):
+        rows = np.flatnonzero(groups == group)
+        if len(rows) < min_queries:
+            continue
+        part = subset(queries, rows)
+
+        def score(c: Calibration, part: RankedQueries = part) -> float:
+            return adapter.score_predictions(adapter.predict(part.ranked, c, part.offset), part.truths)
+
+        tuned, _ = adapter.calibrate(score, part.ranked, Calibration(unknown_score=calibration.unknown_score))
+        out[str(group)] = float(tuned.threshold)
     return out
 
 

@@ -163,3 +163,13 @@ def head_topk(head, embeddings: np.ndarray, device: torch.device, k: int = 20, b
         index[start : start + batch] = ids.cpu().numpy()
         cos[start : start + batch] = values.cpu().numpy()
     return index, cos
+
+
+@torch.no_grad()
+def head_cosines(head, embeddings: np.ndarray, device: torch.device, batch: int = 4096) -> np.ndarray:
+    """(N, C) float32 class cosines of a (small) head, e.g. head.aux's species."""
+    parts = [
+        head.cosine(torch.from_numpy(embeddings[start : start + batch]).to(device)).cpu().numpy()
+        for start in range(0, len(embeddings), batch)
+    ]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, head.num_classes), np.float32)

@@ -23,7 +23,7 @@ import pandas as pd
 
 from . import cache, tracking
 from .competitions import Adapter, get_adapter
-from .config import Config, ConfigError, MemberConfig, config_slice, device_notes, ineffective_values
+from .config import Config, ConfigError, MemberConfig, config_slice, device_notes, ineffective_values, member_slice
 from .data.images import UnreadableImageError
 from .runtime import barrier, default_device, is_main_process
 
@@ -326,7 +326,7 @@ def _train_inputs(ctx: Context, member: MemberConfig) -> tuple[dict, dict, dict]
     upstream = {"train_data": folds.manifest.get("result", {}).get("train_data", cache.produced(folds))}
     if member.init_from:
         upstream["init"] = _trained_output(ctx, ctx.cfg.member(member.init_from))
-    part = {"member": config_slice(member), "seed": ctx.cfg.seed}
+    part = {"member": member_slice(member), "seed": ctx.cfg.seed}
     weights = {"pretrained_file": cache.file_fingerprint(member.pretrained_file)} if member.pretrained_file else {}
     return part, upstream, weights
 
@@ -425,6 +425,37 @@ def member_heads(ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {m.name: read_head_topk(run_embed(ctx, m.name).path) for m in ctx.cfg.members}
 
 
+def query_groups(ctx: Context) -> np.ndarray | None:
+    """retrieve.unknown_per: per table row, its group by the members' auxiliary heads on that column."""
+    from .stages.embed import read_aux_groups
+
+    column = ctx.cfg.retrieve.unknown_per
+    if column is None:
+        return None
+    groups = read_aux_groups([run_embed(ctx, m.name).path for m in ctx.cfg.members], column)
+    if groups is None:  # the config check requires such a member; its checkpoint must hold the head
+        raise ConfigError(f"{ctx.cfg.source}: retrieve.unknown_per '{column}': no member's embeddings hold that head")
+    table, folds = load_table(run_folds(ctx))
+    val = folds[(folds["fold"] == _val_fold(ctx)) & (folds[column].fillna("").astype(str) != "")]
+    if len(val):
+        from .stages.retrieve import table_rows
+
+        truth = val[column].astype(str).to_numpy()
+        right = float(np.mean(groups[table_rows(table, "train", val["id"])] == truth))
+        majority = float(pd.Series(truth).value_counts(normalize=True).iloc[0])
+        log.info(
+            "retrieve.unknown_per: %s by the members' auxiliary heads, right on %.1f%% of validation fold %d's "
+            "%d images (the most frequent %s: %.1f%%)",
+            column,
+            100 * right,
+            _val_fold(ctx),
+            len(val),
+            column,
+            100 * majority,
+        )
+    return groups
+
+
 def run_ensemble(ctx: Context) -> cache.Artifact:
     from .stages.embed import ensemble_members
 
@@ -496,6 +527,7 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
         embeddings = embeddings_of(ensemble_art)
         heads = member_heads(ctx) if ctx.cfg.retrieve.voting.head_weight > 0 else None
         members = member_embeddings(ctx)
+        groups = query_groups(ctx)
         predictions, report, tuned, answers = retrieve(
             ctx.cfg.retrieve,
             ctx.adapter,
@@ -509,6 +541,7 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
             heads,
             fold_ensembles(ctx.cfg, members),
             local_feature_folder(ctx),
+            groups,
         )
         write_retrieval(work, predictions, report, answers)
         save_retrieval_grid(work / "retrievals.png", table, folds, as_views(embeddings)[:, 0], val_fold)

@@ -123,13 +123,14 @@ class WandbTracker:
 
 
 _active: Tracker | None = None
-_scope = ""  # "round-<r>/" while a pseudo-label round's members train (their tags stay apart)
+_scope = ""  # "round-<r>/" while a pseudo-label round's members train, "stage-<i>/" a train.stages stage
 
 
 @contextlib.contextmanager
 def scoped(prefix: str):
+    """Tags under `prefix` (inside the enclosing scope's) while the block runs."""
     global _scope
-    before, _scope = _scope, prefix
+    before, _scope = _scope, _scope + prefix
     try:
         yield
     finally:

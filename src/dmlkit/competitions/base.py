@@ -35,6 +35,7 @@ class Predictions:
     scores: list[list[float]] = field(default_factory=list)
     neighbours: list[list[str]] = field(default_factory=list)
     similarities: list[list[float]] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)  # retrieve.unknown_per: each query's group
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ class Calibration:
     threshold: float | None = None
     unknown_score: str | None = None
     confidence: str | None = None
+    group_thresholds: dict[str, float] | None = None  # retrieve.unknown_per: a group's own threshold
+
+    def thresholds_for(self, ranked: Predictions) -> float | list[float]:
+        """The threshold, or per query its group's (the global one where its group has none)."""
+        if not self.group_thresholds or not ranked.groups:
+            return self.threshold
+        return [self.group_thresholds.get(group, self.threshold) for group in ranked.groups]
 
     def tuned(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

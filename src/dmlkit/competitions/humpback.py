@@ -47,6 +47,10 @@ class Humpback(Adapter):
             }
             for i, lab in zip(train[image_col], train[label_col], strict=True)
         ]
+        for column in self.train_csv_columns:  # Happywhale's species: head.aux can train on it
+            if column not in (image_col, label_col):
+                for row, value in zip(rows, train[column], strict=True):
+                    row[column] = value
         rows += [
             {
                 "id": i,
@@ -90,11 +94,12 @@ class Humpback(Adapter):
         self, ranked: Predictions, calibration: Calibration, confidence_offset: np.ndarray | None = None
     ) -> Predictions:
         """The voted labels with the unknown label before the first label whose score (vote or best
-        cosine, as calibrated) is below the threshold."""
+        cosine, as calibrated) is below the threshold (the query's group's, with per-group thresholds)."""
         if calibration.threshold is None:
             return Predictions(ids=ranked.ids, labels=[row[: self.max_predictions] for row in ranked.labels])
         scores = ranked.similarities if calibration.unknown_score == "cosine" else ranked.scores
-        labels = insert_unknown(ranked.labels, scores, self.unknown_label, calibration.threshold, self.max_predictions)
+        threshold = calibration.thresholds_for(ranked)
+        labels = insert_unknown(ranked.labels, scores, self.unknown_label, threshold, self.max_predictions)
         return Predictions(ids=ranked.ids, labels=labels)
 
     def calibrate(

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 GENERATORS = {
     "landmark": (landmarks.LandmarkDemoParams, landmarks.generate),
     "whale": (whales.WhaleDemoParams, whales.generate),
+    "happywhale": (whales.HappywhaleDemoParams, whales.generate_happywhale),
 }
 PARAMS_FILE = "demo_params.json"
 STATS_FILE = "demo_stats.json"

@@ -151,53 +151,133 @@ def image_counts(params: WhaleDemoParams, rng: np.random.Generator) -> np.ndarra
 
 
 def generate(root: Path, params: WhaleDemoParams) -> dict:
-    """Write the demo competition under root; returns its statistics."""
-    rng = np.random.default_rng(params.seed)
-    counts = image_counts(params, rng)
-    n_new_test = 0
-    names = [f"w_{hashlib.sha1(f'{params.seed}-{i}'.encode()).hexdigest()[:7]}" for i in range(params.n_individuals)]
-    jobs: list[tuple[str, int, str]] = []  # (role, individual seed, label)
-    ind_seeds = rng.integers(0, 2**31, params.n_individuals)
-    for i, n in enumerate(counts):
-        jobs += [("train", int(ind_seeds[i]), names[i])] * int(n)
-    for _ in range(params.new_whale_train):
-        jobs.append(("train", int(rng.integers(2**31, 2**32)), "new_whale"))
-    with_test = rng.random(params.n_individuals) < params.test_share_of_known
-    for i in np.flatnonzero(with_test):
-        jobs.append(("test", int(ind_seeds[i]), names[i]))
-    n_known_test = int(with_test.sum())
-    n_new_test = int(round(n_known_test * params.new_whale_test_share / (1 - params.new_whale_test_share)))
-    for _ in range(n_new_test):
-        jobs.append(("test", int(rng.integers(2**31, 2**32)), "new_whale"))
-    order = rng.permutation(len(jobs))
-    jobs = [jobs[i] for i in order]
-
-    flukes: dict[int, np.ndarray] = {}
-    records = []
-    for n, (role, ind_seed, label) in enumerate(progress_bar(jobs, "whale-demo", unit="img")):
-        if ind_seed not in flukes:
-            flukes[ind_seed] = render_fluke(individual(ind_seed))
-        image_id = _image_id(params.seed, n)
-        photo = take_photo(
-            flukes[ind_seed], np.random.default_rng([params.seed, n]), params.image_size, params.difficulty
-        )
-        write_jpeg(root / role / image_id, photo)
-        records.append({"Image": image_id, "Id": label, "role": role})
-    frame = pd.DataFrame(records)
+    """Write the demo competition under root (Humpback 2019 layout); returns its statistics."""
+    frame, rng = _photograph(root, params, "train", "test", species=None)
     train = frame[frame.role == "train"][["Image", "Id"]]
     test = frame[frame.role == "test"].reset_index(drop=True)
     train.to_csv(root / "train.csv", index=False)
     pd.DataFrame({"Image": test["Image"], "Id": "new_whale"}).to_csv(root / "sample_submission.csv", index=False)
-    usage = np.where(rng.random(len(test)) < params.public_share, "Public", "Private")
+    usage = _usage(rng, params, len(test))
     pd.DataFrame({"Image": test["Image"], "Id": test["Id"], "Usage": usage}).to_csv(root / "solution.csv", index=False)
+    return _stats(train.rename(columns={"Id": "label"}), test.rename(columns={"Id": "label"}), "new_whale")
 
-    known = train[train.Id != "new_whale"].groupby("Id").size()
+
+def _usage(rng: np.random.Generator, params: WhaleDemoParams, n: int) -> np.ndarray:
+    """Public/Private per test row: the generator's draws after the photos' plan."""
+    return np.where(rng.random(n) < params.public_share, "Public", "Private")
+
+
+def _stats(train: pd.DataFrame, test: pd.DataFrame, unknown: str) -> dict:
+    known = train[train.label != unknown].groupby("label").size()
     return {
         "train_images": len(train),
         "individuals": int(known.size),
         "singleton_share": float((known == 1).mean()),
         "images_per_individual_max": int(known.max()),
-        "train_new_whale_share": float((train.Id == "new_whale").mean()),
+        "train_new_whale_share": float((train.label == unknown).mean()),
         "test_images": len(test),
-        "test_new_whale_share": float((test.Id == "new_whale").mean()),
+        "test_new_whale_share": float((test.label == unknown).mean()),
     }
+
+
+def _photograph(
+    root: Path, params: WhaleDemoParams, train_folder: str, test_folder: str, species: np.ndarray | None
+) -> tuple[pd.DataFrame, np.random.Generator]:
+    """Every photo written: Image, Id, role (and species: `species[i]` of individual i, the unknown
+    animals' drawn alike); and the plan's generator, which the Usage column continues. The draws of
+    the Humpback layout are those it always made."""
+    rng = np.random.default_rng(params.seed)
+    counts = image_counts(params, rng)
+    names = [f"w_{hashlib.sha1(f'{params.seed}-{i}'.encode()).hexdigest()[:7]}" for i in range(params.n_individuals)]
+    jobs: list[tuple[str, int, str, int]] = []  # (role, individual seed, label, species index)
+    ind_seeds = rng.integers(0, 2**31, params.n_individuals)
+    kind = (lambda i: int(species[i])) if species is not None else (lambda i: -1)
+    unknown_kind = np.random.default_rng([params.seed, 99])  # the unknown animals' species
+    draw_kind = (lambda: int(unknown_kind.integers(len(SPECIES)))) if species is not None else (lambda: -1)
+    for i, n in enumerate(counts):
+        jobs += [("train", int(ind_seeds[i]), names[i], kind(i))] * int(n)
+    for _ in range(params.new_whale_train):
+        jobs.append(("train", int(rng.integers(2**31, 2**32)), UNKNOWN, draw_kind()))
+    with_test = rng.random(params.n_individuals) < params.test_share_of_known
+    for i in np.flatnonzero(with_test):
+        jobs.append(("test", int(ind_seeds[i]), names[i], kind(i)))
+    n_known_test = int(with_test.sum())
+    n_new_test = int(round(n_known_test * params.new_whale_test_share / (1 - params.new_whale_test_share)))
+    for _ in range(n_new_test):
+        jobs.append(("test", int(rng.integers(2**31, 2**32)), UNKNOWN, draw_kind()))
+    order = rng.permutation(len(jobs))
+    jobs = [jobs[i] for i in order]
+
+    flukes: dict[tuple[int, int], np.ndarray] = {}
+    folders = {"train": train_folder, "test": test_folder}
+    records = []
+    for n, (role, ind_seed, label, species_index) in enumerate(progress_bar(jobs, "whale-demo", unit="img")):
+        if (ind_seed, species_index) not in flukes:
+            flukes[ind_seed, species_index] = render_fluke(individual_of(ind_seed, species_index))
+        image_id = _image_id(params.seed, n)
+        fluke, photo_rng = flukes[ind_seed, species_index], np.random.default_rng([params.seed, n])
+        photo = take_photo(fluke, photo_rng, params.image_size, params.difficulty)
+        write_jpeg(root / folders[role] / image_id, photo)
+        record = {"Image": image_id, "Id": label, "role": role}
+        if species_index >= 0:
+            record["species"] = SPECIES[species_index]
+        records.append(record)
+    return pd.DataFrame(records), rng
+
+
+UNKNOWN = "new_whale"  # the generator's unknown animal (the Happywhale layout writes new_individual)
+# Happywhale-layout species, each with its look: humpback flukes carry many marks; a blue whale's
+# are wider, darker and carry fewer; a beluga's are small, pale and low in contrast (hardest to tell apart).
+SPECIES = ("humpback_whale", "blue_whale", "beluga")
+SPECIES_SHARES = (0.5, 0.3, 0.2)
+
+
+def individual_of(seed: int, species_index: int) -> dict:
+    """The individual's look, changed by its species (−1: none, the Humpback demo's own)."""
+    ind = individual(seed)
+    if species_index < 0 or SPECIES[species_index] == "humpback_whale":
+        return ind
+    rng = np.random.default_rng([seed, species_index])
+    if SPECIES[species_index] == "blue_whale":
+        return {
+            **ind,
+            "span": min(0.48, ind["span"] * 1.1),
+            "skin": int(rng.integers(5, 30)),
+            "patches": ind["patches"][:2],
+            "white": int(rng.integers(150, 190)),
+        }
+    return {
+        **ind,
+        "span": ind["span"] * 0.85,
+        "depth": ind["depth"] * 1.2,
+        "skin": int(rng.integers(150, 185)),
+        "white": int(rng.integers(205, 230)),
+        "scars": [],
+    }
+
+
+@dataclass(frozen=True)
+class HappywhaleDemoParams(WhaleDemoParams):
+    """The whale demo in the Happywhale 2022 layout, with a species column: every training image
+    identified (no unknown rows), unseen individuals in the test."""
+
+    new_whale_train: int = 0
+
+
+def generate_happywhale(root: Path, params: HappywhaleDemoParams) -> dict:
+    """Write the demo competition under root (Happywhale 2022 layout); returns its statistics."""
+    species = np.random.default_rng([params.seed, 98]).choice(len(SPECIES), params.n_individuals, p=SPECIES_SHARES)
+    frame, rng = _photograph(root, params, "train_images", "test_images", species)
+    frame["Id"] = frame["Id"].replace(UNKNOWN, "new_individual")
+    train = frame[frame.role == "train"]
+    test = frame[frame.role == "test"].reset_index(drop=True)
+    train_csv = pd.DataFrame({"image": train["Image"], "species": train["species"], "individual_id": train["Id"]})
+    train_csv.to_csv(root / "train.csv", index=False)
+    sample = pd.DataFrame({"image": test["Image"], "predictions": "new_individual"})
+    sample.to_csv(root / "sample_submission.csv", index=False)
+    usage = _usage(rng, params, len(test))
+    solution = pd.DataFrame({"image": test["Image"], "individual_id": test["Id"], "Usage": usage})
+    solution.to_csv(root / "solution.csv", index=False)
+    stats = _stats(train.rename(columns={"Id": "label"}), test.rename(columns={"Id": "label"}), "new_individual")
+    stats["species"] = {name: int((train["species"] == name).sum()) for name in SPECIES}
+    return stats

@@ -42,3 +42,10 @@ def build_member_head(member: MemberConfig, class_counts: np.ndarray) -> MarginH
         h.proxy_margin,
         h.proxy_alpha,
     )
+
+
+def build_aux(member: MemberConfig, class_counts: np.ndarray) -> MarginHead:
+    """head.aux's ArcFace head: a fixed margin for every class of the auxiliary column."""
+    aux = member.head.aux
+    size, margin = member.embedding_size, aux.margin
+    return build_head("arcface", size, class_counts, aux.scale, aux.subcenters, "none", 0, 0, 0, margin)

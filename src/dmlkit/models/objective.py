@@ -20,10 +20,18 @@ from .see import see_expand, select_confident
 class MarginModel(nn.Module):
     """Embedding model and head in one module, so one DDP wrapper synchronises both."""
 
-    def __init__(self, model: nn.Module, head: MarginHead | ProxyAnchorHead, member: MemberConfig):
+    def __init__(
+        self,
+        model: nn.Module,
+        head: MarginHead | ProxyAnchorHead,
+        member: MemberConfig,
+        aux_head: MarginHead | None = None,
+    ):
         super().__init__()
         self.model = model
         self.head = head
+        self.aux_head = aux_head  # head.aux: a second margin head on another label column
+        self.aux = member.head.aux
         self.see = member.see
         self.matmul = member.head.matmul
         self.sample_rate = member.head.sample_rate
@@ -31,7 +39,13 @@ class MarginModel(nn.Module):
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, see_value: float, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, int]:
-        """The head's loss, plus λ·(the same loss) on SEE's synthetic embeddings; (loss, #expanded)."""
+        """The head's loss, plus λ·(the same loss) on SEE's synthetic embeddings; (loss, #expanded).
+
+        `labels`: (B,) identity classes, or (B, 2) with the auxiliary head's class in column 1 (−1:
+        none); then the loss is identity_weight × that loss + weight × the auxiliary head's."""
+        aux_labels = None
+        if labels.ndim == 2:
+            labels, aux_labels = labels[:, 0], labels[:, 1]
         embeddings = self.model(images)
         device_type = embeddings.device.type
         matmul_dtype = None
@@ -49,6 +63,9 @@ class MarginModel(nn.Module):
                 extra, expanded = self._see_loss(embeddings, centers, synthetic_loss, see_value, generator)
                 if expanded:
                     loss = loss + self.see.weight * extra
+            if self.aux_head is not None and aux_labels is not None:
+                aux_loss = auxiliary_loss(self.aux_head, embeddings, aux_labels, matmul_dtype)
+                loss = self.aux.identity_weight * loss + self.aux.weight * aux_loss
         return loss, expanded
 
     def _margin_loss(
@@ -101,3 +118,15 @@ class MarginModel(nn.Module):
         synthetic = see_expand(source[mask], centers[mask], n, generator).reshape(-1, embeddings.shape[1])
         rows = mask.nonzero().flatten().repeat_interleave(n)  # each synthetic row's source row
         return synthetic_loss(synthetic, rows), expanded
+
+
+def auxiliary_loss(
+    head: MarginHead, embeddings: torch.Tensor, labels: torch.Tensor, matmul_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The margin head's cross-entropy over the rows with a class (label ≥ 0); every row passes
+    through the head, so under DDP it gets a gradient even in a batch without any class (loss 0)."""
+    known = labels >= 0
+    targets = labels.clamp(min=0)
+    logits = head.margin_logits(head.subcenter_cosines(embeddings, head.center_factors(matmul_dtype)), targets)
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    return (losses * known).sum() / known.sum().clamp(min=1)

@@ -27,13 +27,16 @@ def model_groups(t: TrainConfig, model: nn.Module | list) -> list[dict]:
 
 
 def make_optimizer(
-    t: TrainConfig, model: nn.Module | list, head: list, device: torch.device, head_rows=None
+    t: TrainConfig, model: nn.Module | list, head: list, device: torch.device, head_rows=None, aux: list | None = None
 ) -> torch.optim.Optimizer:
     """AdamW or Nesterov SGD; the head's LR is `head_lr_mult` × the backbone's. Fused kernels where
     torch has them for the device: one pass over the (possibly 100M-parameter) head per step.
     `model`: the embedding model (or a list of its parameters). With `head_rows` (Partial FC: the
-    rows of the head's one weight that took part in the step), AdamW updates only those rows."""
+    rows of the head's one weight that took part in the step), AdamW updates only those rows. `aux`:
+    an auxiliary head's parameters, at the head's LR."""
     groups = model_groups(t, model)
+    if aux:  # head.aux's parameters: a dense group at the head's LR
+        groups.append({"params": aux, "lr": t.lr * t.head_lr_mult})
     if head_rows is not None and t.optimizer == "adamw" and len(head) == 1:
         return PartialFCAdamW(groups, head[0], t.lr * t.head_lr_mult, t.weight_decay, head_rows)
     if head:

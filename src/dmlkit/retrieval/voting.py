@@ -91,12 +91,14 @@ def fuse_head(
 
 
 def insert_unknown(
-    labels: list[list[str]], scores: list[list[float]], unknown: str, threshold: float, top: int = 5
+    labels: list[list[str]], scores: list[list[float]], unknown: str, threshold: float | Sequence[float], top: int = 5
 ) -> list[list[str]]:
-    """Put `unknown` before the first label whose score is below the threshold (whale style)."""
+    """Put `unknown` before the first label whose score is below the threshold (whale style); a
+    sequence gives each row its own threshold."""
+    thresholds = [threshold] * len(labels) if np.isscalar(threshold) else list(threshold)
     out = []
-    for row_labels, row_scores in zip(labels, scores, strict=True):
-        position = next((i for i, s in enumerate(row_scores) if s < threshold), len(row_labels))
+    for row_labels, row_scores, bar in zip(labels, scores, thresholds, strict=True):
+        position = next((i for i, s in enumerate(row_scores) if s < bar), len(row_labels))
         merged = [*row_labels[:position], unknown, *row_labels[position:]]
         out.append(merged[:top])
     return out

@@ -11,8 +11,8 @@ import pandas as pd
 import torch
 
 from ..config import Config, MemberConfig
-from ..inference import embed_sharded, head_topk
-from ..models.checkpoint import load_member
+from ..inference import embed_sharded, head_cosines, head_topk
+from ..models.checkpoint import load_aux_head, load_member
 from ..retrieval.ensemble import concatenate, pca_whiten
 from ..runtime import is_main_process
 
@@ -27,7 +27,8 @@ def embed_member(
     progress: bool = True,
 ) -> dict:
     """embeddings.npy (one row per table row), head_topk_{index,cos}.npy, head_classes.json, ids.csv;
-    with embed.flip_gallery also mirror.npy, the mirrored images' embeddings."""
+    with embed.flip_gallery also mirror.npy, the mirrored images' embeddings; with head.aux
+    aux_cos.npy (every row's cosines to the auxiliary classes) and aux_classes.json."""
     model, head, classes = load_member(weights, member, device)
     emb = embed_sharded(  # under torchrun each rank embeds its share
         model,
@@ -55,6 +56,11 @@ def embed_member(
     np.save(work / "head_topk_index.npy", top_index)
     np.save(work / "head_topk_cos.npy", top_cos)
     (work / "head_classes.json").write_text(json.dumps(classes))
+    aux = load_aux_head(weights, member, device)
+    if aux is not None:  # head.aux: every row's cosines to the auxiliary classes
+        aux_head, aux_classes = aux
+        np.save(work / "aux_cos.npy", head_cosines(aux_head, emb, device))
+        (work / "aux_classes.json").write_text(json.dumps({"column": member.head.aux.column, "classes": aux_classes}))
     table[["id", "role"]].to_csv(work / "ids.csv", index=False)
     return {"rows": len(emb), "dim": int(emb.shape[1])}
 
@@ -92,3 +98,23 @@ def read_views(folder: Path) -> np.ndarray:
     if not (folder / "mirror.npy").is_file():
         return emb
     return np.stack([emb, np.load(folder / "mirror.npy")], axis=1)
+
+
+def read_aux_groups(folders: list[Path], column: str) -> np.ndarray | None:
+    """Per table row, its auxiliary class by the members' heads on `column` (their cosines averaged
+    per class name): what retrieve.unknown_per groups the queries by. None: no member has that head."""
+    totals: dict[str, np.ndarray] = {}
+    for folder in folders:
+        meta_file = folder / "aux_classes.json"
+        if not meta_file.is_file():
+            continue
+        meta = json.loads(meta_file.read_text())
+        if meta["column"] != column:
+            continue
+        cos = np.load(folder / "aux_cos.npy")
+        for j, name in enumerate(meta["classes"]):
+            totals[name] = totals.get(name, 0.0) + cos[:, j]
+    if not totals:
+        return None
+    names = sorted(totals)
+    return np.array(names, dtype=object)[np.argmax(np.stack([totals[n] for n in names], axis=1), axis=1)]

@@ -18,7 +18,15 @@ import pandas as pd
 
 from ..competitions import Adapter, Calibration, Predictions
 from ..config import MemberConfig, RetrieveConfig
-from ..evaluation import RankedQueries, knn_validation_scores, plain_score, rank_queries, score_queries
+from ..evaluation import (
+    RankedQueries,
+    calibrated_scores,
+    knn_validation_scores,
+    plain_score,
+    rank_queries,
+    score_queries,
+    tune_group_thresholds,
+)
 from ..retrieval.expansion import database_augmentation, query_expansion
 from ..retrieval.label_rerank import label_aware_rerank
 from ..retrieval.rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
@@ -172,6 +180,7 @@ class ValidationSplit:
     query_known: np.ndarray
     gallery_rows: np.ndarray
     gallery_labels: np.ndarray
+    query_groups: np.ndarray | None = None  # retrieve.unknown_per: each query's group
 
 
 def table_rows(table: pd.DataFrame, role: str, ids: pd.Series) -> np.ndarray:
@@ -187,20 +196,27 @@ def distractor_rows(table: pd.DataFrame) -> np.ndarray:
 
 
 def validation_split(
-    table: pd.DataFrame, folds: pd.DataFrame, val_fold: int, max_queries: int | None = None
+    table: pd.DataFrame,
+    folds: pd.DataFrame,
+    val_fold: int,
+    max_queries: int | None = None,
+    groups: np.ndarray | None = None,
 ) -> ValidationSplit:
     """The fold's queries against the other folds; with `max_queries`, a random sample of that
-    many queries (seeded by the fold: the same sample on every rerun)."""
+    many queries (seeded by the fold: the same sample on every rerun). `groups`: per table row, its
+    group (retrieve.unknown_per)."""
     train_part, val_part = fold_parts(folds, val_fold)
     if max_queries is not None and len(val_part) > max_queries:
         keep = np.sort(np.random.default_rng(val_fold).choice(len(val_part), max_queries, replace=False))
         val_part = val_part.iloc[keep].reset_index(drop=True)
+    query_rows = table_rows(table, "train", val_part["id"])
     return ValidationSplit(
-        query_rows=table_rows(table, "train", val_part["id"]),
+        query_rows=query_rows,
         query_labels=val_part["label"].to_numpy(),
         query_known=val_part["known"].to_numpy(dtype=bool),
         gallery_rows=table_rows(table, "train", train_part["id"]),
         gallery_labels=train_part["label"].to_numpy(),
+        query_groups=None if groups is None else groups[query_rows],
     )
 
 
@@ -227,6 +243,7 @@ def _rank(
         neighbours.query_offset,
         heads,
         cfg.voting.head_weight,
+        split.query_groups,
     )
 
 
@@ -310,12 +327,13 @@ def out_of_fold_queries(
     head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
     progress: bool = True,
     second: SecondStage | None = None,
+    groups: np.ndarray | None = None,
 ) -> RankedQueries:
     """Every covered fold's validation queries through the whole chain, each against the gallery
     without its fold and embedded by the members that never trained on it; pooled for calibration."""
     parts = []
     for fold, embeddings in fold_embeddings.items():
-        split = validation_split(table, folds, fold, cfg.validation_queries)
+        split = validation_split(table, folds, fold, cfg.validation_queries, groups)
         if len(split.query_rows) == 0:
             continue
         result = run_chain(
@@ -339,8 +357,13 @@ def calibrate(
     )
     rows = []
     step = calibration.step_name(adapter.unknown_label)
+    open_set_keys = ("baks", "baus", "open_set")  # AnimalCLEF's scores
     if step:
-        open_set = {k: out[k] for k in ("baks", "baus", "open_set") if k in out}  # AnimalCLEF's scores
+        open_set = {k: out[k] for k in open_set_keys if k in out}
+        rows.append({"step": f"{step}{where}", metric: out["score"], "recall@1": out["recall@1"], **open_set})
+    if cfg.unknown_per is not None and calibration.threshold is not None:
+        calibration, out, step = _per_group(cfg, adapter, queries, calibration)
+        open_set = {k: out[k] for k in open_set_keys if k in out}
         rows.append({"step": f"{step}{where}", metric: out["score"], "recall@1": out["recall@1"], **open_set})
     if "score_known" in out:
         rows.append({"step": "  · known queries", metric: out["score_known"], "recall@1": out["recall@1"]})
@@ -355,6 +378,27 @@ def calibrate(
     return calibration, rows, out
 
 
+def _per_group(
+    cfg: RetrieveConfig, adapter: Adapter, queries: RankedQueries, calibration: Calibration
+) -> tuple[Calibration, dict, str]:
+    """The calibration with per-group thresholds (retrieve.unknown_per), its scores and report step."""
+    thresholds = tune_group_thresholds(adapter, queries, calibration, cfg.unknown_per_min)
+    calibration = replace(calibration, group_thresholds=thresholds)
+    out = calibrated_scores(adapter, queries, calibration)
+    n_groups = len(set(queries.ranked.groups))
+    log.info(
+        "validation: per-%s unknown thresholds (%d of %d groups have ≥ %d queries; the others %.4f): %s",
+        cfg.unknown_per,
+        len(thresholds),
+        n_groups,
+        cfg.unknown_per_min,
+        calibration.threshold,
+        ", ".join(f"{g} {t:.4f}" for g, t in thresholds.items()) or "none",
+    )
+    step = f"+ per-{cfg.unknown_per} thresholds ({len(thresholds)} of {n_groups} groups, others global)"
+    return calibration, out, step
+
+
 def test_predictions(
     cfg: RetrieveConfig,
     formats: list[Adapter],
@@ -366,6 +410,7 @@ def test_predictions(
     head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
     progress: bool = True,
     second: SecondStage | None = None,
+    groups: np.ndarray | None = None,
 ) -> tuple[dict[str, Predictions], dict[str, pd.DataFrame]]:
     """Each format's predictions for the test images: labels voted from the labelled gallery, or
     (retrieval formats) the ranked index images; and per label format each test image's first
@@ -400,7 +445,8 @@ def test_predictions(
         if head_scores is not None:
             labels, scores = fuse_head(labels, scores, head_scores(test_rows), cfg.voting.head_weight, cfg.voting.power)
         similarities = label_similarities(labels, result.sims, result.ids, gallery_labels)
-        ranked = Predictions(test_ids, labels=labels, scores=scores, similarities=similarities)
+        test_groups = [] if groups is None else [str(g) for g in groups[test_rows]]
+        ranked = Predictions(test_ids, labels=labels, scores=scores, similarities=similarities, groups=test_groups)
         predictions[fmt.name] = _unknown_first(cfg, fmt, ranked, calibration, result.query_offset)
         answers[fmt.name] = first_answers(ranked, predictions[fmt.name])
     return predictions, answers
@@ -501,6 +547,7 @@ def retrieve(
     member_heads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     fold_embeddings: dict[int, np.ndarray] | None = None,
     feature_folder: Path | None = None,
+    groups: np.ndarray | None = None,
 ) -> tuple[dict[str, Predictions], pd.DataFrame, dict, dict[str, pd.DataFrame]]:
     """Validation report, tuned settings, test predictions for every submission format and each
     label format's first answers with their cosines (see `first_answers`).
@@ -509,6 +556,7 @@ def retrieve(
     `fold_embeddings` (fold → the embeddings of the members trained without it), when the members
     cover several folds: calibration is tuned on all those folds' queries pooled.
     `feature_folder`: the local-feature cache retrieve.verify reads and fills.
+    `groups`: per table row, its group by the members' auxiliary heads (retrieve.unknown_per).
     """
     second = None
     if cfg.verify.enabled:
@@ -521,7 +569,7 @@ def retrieve(
         head_scores = lambda rows: head_label_scores(member_heads, rows)  # noqa: E731
     pool = distractor_rows(table)
     distractors = lambda emb: emb[pool] if cfg.penalty.enabled else None  # noqa: E731
-    split = validation_split(table, folds, val_fold, cfg.validation_queries)
+    split = validation_split(table, folds, val_fold, cfg.validation_queries, groups)
     report: list[dict] = []
     calibration, tuned_on = Calibration(), {}
     if len(split.query_rows) == 0:
@@ -533,7 +581,7 @@ def retrieve(
         where = ""
         if fold_embeddings and len(fold_embeddings) > 1:
             queries = out_of_fold_queries(
-                cfg, adapter, table, folds, fold_embeddings, distractors, head_scores, progress, second
+                cfg, adapter, table, folds, fold_embeddings, distractors, head_scores, progress, second, groups
             )
             where = f" (out-of-fold: folds {sorted(fold_embeddings)}, {len(queries.truths)} queries)"
         calibration, rows, tuned_on = calibrate(cfg, adapter, queries, where)
@@ -550,6 +598,7 @@ def retrieve(
         head_scores,
         progress,
         second,
+        groups,
     )
     tuned = calibration.tuned()
     if second is not None and second.fusion is not None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
+import os
 import random
 import time
 import zlib
@@ -33,13 +35,22 @@ from ..data.transforms import make_pipeline
 from ..evaluation import knn_validation_scores
 from ..inference import autocast_dtype, embed_sharded, loader_options
 from ..models.backbone import EmbeddingModel
-from ..models.build import build_member_head, build_model
-from ..models.checkpoint import load_training_state, save_training_state, save_weights
+from ..models.build import build_aux, build_member_head, build_model
+from ..models.checkpoint import load_training_state, load_weights, save_training_state, save_weights
 from ..models.heads import MarginHead
 from ..models.objective import MarginModel
 from ..models.optim import make_optimizer, make_scheduler
 from ..models.see import epoch_value
-from ..runtime import any_rank, broadcast_object, is_main_process, progress_bar, rank, seed_everything, world_size
+from ..runtime import (
+    any_rank,
+    barrier,
+    broadcast_object,
+    is_main_process,
+    progress_bar,
+    rank,
+    seed_everything,
+    world_size,
+)
 from .folds import fold_parts
 
 log = logging.getLogger(__name__)
@@ -61,13 +72,15 @@ class FoldData:
     classes: list[str]  # what the saved head keeps
     counts: np.ndarray
     targets: np.ndarray
+    aux_classes: list[str] = field(default_factory=list)  # head.aux: the auxiliary column's classes
+    aux_targets: np.ndarray | None = None  # per training row, its auxiliary class (−1: none)
 
 
 def fold_data(member: MemberConfig, folds: pd.DataFrame) -> FoldData:
     train_part, val_part = fold_parts(folds, member.fold)
     train_rows, head_classes = with_rotated_classes(train_part, member.train.class_rotations)
     class_index = {c: i for i, c in enumerate(head_classes)}
-    return FoldData(
+    data = FoldData(
         train_part,
         val_part,
         train_rows,
@@ -76,13 +89,35 @@ def fold_data(member: MemberConfig, folds: pd.DataFrame) -> FoldData:
         train_rows["label"].value_counts().reindex(head_classes).to_numpy(),
         train_rows["label"].map(class_index).to_numpy(),
     )
+    if member.head.aux is not None:
+        data.aux_classes, data.aux_targets = aux_targets(train_rows, member.head.aux.column, member.name)
+    return data
+
+
+def aux_targets(rows: pd.DataFrame, column: str, member_name: str) -> tuple[list[str], np.ndarray]:
+    """(classes, per row its class index or −1 where the column is blank) of an auxiliary column."""
+    if column not in rows.columns:
+        extra = sorted(set(rows.columns) - {"id", "path", "label", "role", "known", "fold", "unknown_fold"})
+        raise ValueError(
+            f"{member_name}: head.aux.column '{column}' is not a column of the training table "
+            f"(its extra columns: {extra or 'none'})"
+        )
+    values = rows[column].fillna("").astype(str).str.strip()
+    classes = sorted(set(values) - {""})
+    if len(classes) < 2:
+        raise ValueError(f"{member_name}: head.aux.column '{column}' has {len(classes)} class(es); a head needs 2")
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, values.map(lambda v: index.get(v, -1)).to_numpy(np.int64)
 
 
 def training_dataset(member: MemberConfig, data: FoldData) -> ImageDataset:
     t = member.train
+    targets = data.targets.tolist()
+    if data.aux_targets is not None:  # (identity, auxiliary) per row: batches of (B, 2) labels
+        targets = list(np.stack([data.targets, data.aux_targets], axis=1).astype(np.int64))
     return ImageDataset(
         data.train_rows["path"].tolist(),
-        data.targets.tolist(),
+        targets,
         make_pipeline(member.image_size, augment=t.augment),
         member.in_chans,
         member.image_size,
@@ -99,16 +134,14 @@ def build_networks(
     model = build_model(member, weights=init_state is None).to(device)  # init_from: its weights replace them
     head = build_member_head(member, data.counts).to(device)
     if init_state is not None:
+        source = init_state.get("source") or member.init_from  # train.stages: the previous stage
         model.load_state_dict(init_state["model"])
-        if init_state.get("classes") == data.head_classes:
+        if "head" in init_state and init_state.get("classes") == data.head_classes:
             head.load_state_dict(init_state["head"])
-            log.info("%s: initialised model and head from %s", member.name, member.init_from)
+            log.info("%s: initialised model and head from %s", member.name, source)
         else:
-            log.info(
-                "%s: initialised backbone from %s; head re-initialised (class set differs)",
-                member.name,
-                member.init_from,
-            )
+            why = "class set differs" if "head" in init_state else "train.stages reinit_head"
+            log.info("%s: initialised backbone from %s; head re-initialised (%s)", member.name, source, why)
     if member.train.channels_last:  # faster convolutions with bf16/fp16, on CPUs (oneDNN) and GPUs alike
         model = model.to(memory_format=torch.channels_last)
     if member.train.sync_bn and world_size() > 1:
@@ -117,6 +150,20 @@ def build_networks(
         else:
             log.warning("%s: train.sync_bn needs GPUs (torch's SyncBatchNorm is CUDA-only); ignored", member.name)
     return model, head
+
+
+def build_aux_head(
+    member: MemberConfig, data: FoldData, device: torch.device, init_state: dict | None = None
+) -> MarginHead | None:
+    """head.aux's ArcFace head over the auxiliary column's classes (None without head.aux); it
+    continues from `init_state`'s where that holds one over the same classes (an earlier stage)."""
+    if member.head.aux is None:
+        return None
+    counts = np.bincount(data.aux_targets[data.aux_targets >= 0], minlength=len(data.aux_classes))
+    head = build_aux(member, counts).to(device)
+    if init_state is not None and "head" in init_state and init_state.get("aux_classes") == data.aux_classes:
+        head.load_state_dict(init_state["aux_head"])
+    return head
 
 
 def sync_batchnorm(model: nn.Module) -> nn.Module:
@@ -144,6 +191,7 @@ class TrainingRun:
     drop_last: bool
     skipped_images: set[str] = field(default_factory=set)
     nonfinite_steps: int = 0
+    aux_head: MarginHead | None = None
 
     @property
     def eval_model(self) -> nn.Module:
@@ -184,19 +232,25 @@ def _log_batch_plan(member: MemberConfig, model: nn.Module, per_rank_batch: int,
 
 
 def training_run(
-    member: MemberConfig, model: EmbeddingModel, head: MarginHead, dataset: ImageDataset, device: torch.device
+    member: MemberConfig,
+    model: EmbeddingModel,
+    head: MarginHead,
+    dataset: ImageDataset,
+    device: torch.device,
+    aux_head: MarginHead | None = None,
 ) -> TrainingRun:
     per_rank_batch, lr = batch_plan(member.train, world_size())
     _log_batch_plan(member, model, per_rank_batch, lr)
     t = member.train.model_copy(update={"lr": lr})
-    train_model: nn.Module = MarginModel(model, head, member)
+    train_model: nn.Module = MarginModel(model, head, member, aux_head)
     if world_size() > 1:
         head.persistent_grad = False  # DDP reduces the weight's gradient from its own autograd hook
         frozen_first = member.train.freeze_backbone_epochs > 0  # the frozen backbone gets no gradient
         train_model = nn.parallel.DistributedDataParallel(train_model, find_unused_parameters=frozen_first)
     # Partial FC: AdamW updates the sampled classes' rows of the head only
     rows = head.touched_rows if member.head.sample_rate < 1.0 and isinstance(head, MarginHead) else None
-    optimizer = make_optimizer(t, model, list(head.parameters()), device, head_rows=rows)
+    aux = list(aux_head.parameters()) if aux_head is not None else []
+    optimizer = make_optimizer(t, model, list(head.parameters()), device, head_rows=rows, aux=aux)
     steps_per_epoch = max(1, (len(dataset) // world_size()) // per_rank_batch // t.grad_accum)
     scheduler = make_scheduler(optimizer, steps_per_epoch * t.epochs, int(t.warmup_epochs * steps_per_epoch))
     dtype = autocast_dtype(device, t.amp)
@@ -215,6 +269,7 @@ def training_run(
         dtype,
         per_rank_batch,
         drop_last=len(dataset) // world_size() > per_rank_batch,
+        aux_head=aux_head,
     )
 
 
@@ -442,6 +497,8 @@ def resume(run: TrainingRun, path: Path, device: torch.device, name: str) -> tup
         return 0, [], {"score": -math.inf, "epoch": -1}
     run.model.load_state_dict(state["model"])
     run.head.load_state_dict(state["head"])
+    if run.aux_head is not None:
+        run.aux_head.load_state_dict(state["aux_head"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
@@ -458,10 +515,11 @@ def end_of_epoch(
     row = history[-1]
     if "val_score" in row and row["val_score"] > best["score"]:
         best = {"score": row["val_score"], "epoch": epoch + 1}
-        save_weights(work / "best.pt", run.eval_model, run.head, data.classes, member)
+        save_weights(work / "best.pt", run.eval_model, run.head, data.classes, member, _aux(run, data))
     state = {
         "model": run.model.state_dict(),
         "head": run.head.state_dict(),
+        "aux_head": run.aux_head.state_dict() if run.aux_head is not None else None,
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
@@ -474,13 +532,17 @@ def end_of_epoch(
     return best
 
 
+def _aux(run: TrainingRun, data: FoldData) -> tuple[MarginHead, list[str]] | None:
+    return (run.aux_head, data.aux_classes) if run.aux_head is not None else None
+
+
 def finish(run: TrainingRun, member: MemberConfig, data: FoldData, work: Path, history: list[dict]) -> None:
     """final.pt (best.pt too when nothing was validated), metrics.csv, curves.png; drop last.pt."""
     from ..plots import plot_training_curves
 
-    save_weights(work / "final.pt", run.eval_model, run.head, data.classes, member)
+    save_weights(work / "final.pt", run.eval_model, run.head, data.classes, member, _aux(run, data))
     if not (work / "best.pt").exists():
-        save_weights(work / "best.pt", run.eval_model, run.head, data.classes, member)
+        save_weights(work / "best.pt", run.eval_model, run.head, data.classes, member, _aux(run, data))
     pd.DataFrame(history).to_csv(work / "metrics.csv", index=False)
     plot_training_curves(pd.DataFrame(history), work / "curves.png", title=member.name)
     (work / "last.pt").unlink(missing_ok=True)
@@ -497,7 +559,81 @@ def train_member(
     init_state: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train `member` on its fold; writes best.pt, final.pt, metrics.csv and curves.png into `work`."""
+    """Train `member` on its fold; writes best.pt, final.pt, metrics.csv and curves.png into `work`.
+    With train.stages, each stage trains in `work/stage-<i>/` from the previous stage's final weights;
+    the last stage's files are the member's, metrics.csv holds every stage's epochs."""
+    if not member.train.stages:
+        return train_stage(cfg, member, folds, adapter, work, device, init_state, progress)
+    results, histories, previous = [], [], None
+    for i, (stage, stage_member) in enumerate(zip(member.train.stages, stage_members(member), strict=True)):
+        folder = work / f"stage-{i + 1}"
+        folder.mkdir(exist_ok=True)
+        if (folder / "result.json").is_file():  # a resumed run: this stage finished before the crash
+            log.info("%s: stage %d already trained (%s)", member.name, i + 1, folder)
+            result = json.loads((folder / "result.json").read_text())
+        else:
+            if previous is not None:  # the previous stage's final weights (only read when this one trains)
+                init_state = {**load_weights(previous / "final.pt", device), "source": f"stage {i}"}
+            if stage.reinit_head and init_state is not None:
+                init_state = {"model": init_state["model"], "source": init_state.get("source")}
+            log.info("%s: stage %d/%d at %d px", member.name, i + 1, len(member.train.stages), stage.image_size)
+            with tracking.scoped(f"stage-{i + 1}/"):
+                result = train_stage(cfg, stage_member, folds, adapter, folder, device, init_state, progress)
+            if is_main_process():
+                (folder / "result.json").write_text(json.dumps(result))
+            barrier()
+        previous = folder
+        results.append(result)
+        histories.append(pd.read_csv(folder / "metrics.csv").assign(stage=i + 1))
+    return finish_stages(member, work, results, histories) if is_main_process() else results[-1]
+
+
+def finish_stages(member: MemberConfig, work: Path, results: list[dict], histories: list[pd.DataFrame]) -> dict:
+    """The last stage's weights as the member's; metrics.csv and curves.png over every stage."""
+    from ..plots import plot_training_curves
+
+    last = work / f"stage-{len(results)}"
+    for name in ("best.pt", "final.pt"):
+        if (last / name).is_file():  # (a rerun after a crash right here finds them moved already)
+            os.replace(last / name, work / name)
+    for weights in work.glob("stage-*/*.pt"):  # the earlier stages' weights: only a resume needed them
+        weights.unlink()
+    history = pd.concat(histories, ignore_index=True)
+    history["stage_epoch"] = history["epoch"]
+    history["epoch"] = np.arange(1, len(history) + 1)
+    history.to_csv(work / "metrics.csv", index=False)
+    plot_training_curves(history, work / "curves.png", title=f"{member.name} ({len(results)} stages)")
+    stages = [{"image_size": st.image_size, **r} for st, r in zip(member.train.stages, results, strict=True)]
+    return {**results[-1], "stages": stages}
+
+
+def stage_members(member: MemberConfig) -> list[MemberConfig]:
+    """The member as each of its train.stages trains it: the stage's size, epochs, LR and frozen epochs."""
+    out = []
+    for stage in member.train.stages:
+        train = member.train.model_copy(
+            update={
+                "epochs": stage.epochs,
+                "lr": stage.lr if stage.lr is not None else member.train.lr,
+                "freeze_backbone_epochs": stage.freeze_backbone_epochs,
+                "stages": [],
+            }
+        )
+        out.append(member.model_copy(update={"image_size": stage.image_size, "train": train}))
+    return out
+
+
+def train_stage(
+    cfg: Config,
+    member: MemberConfig,
+    folds: pd.DataFrame,
+    adapter: Adapter,
+    work: Path,
+    device: torch.device,
+    init_state: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train `member` (one stage) on its fold; writes best.pt, final.pt, metrics.csv and curves.png."""
     t = member.train
     # The initial weights depend on the seed and the member only, not on what this process did before
     # (a member trained after a cached one would otherwise start elsewhere than in a fresh run).
@@ -505,7 +641,7 @@ def train_member(
     data = fold_data(member, folds)
     model, head = build_networks(member, data, device, init_state)
     dataset = training_dataset(member, data)
-    run = training_run(member, model, head, dataset, device)
+    run = training_run(member, model, head, dataset, device, build_aux_head(member, data, device, init_state))
     start_epoch, history, best = resume(run, work / "last.pt", device, member.name)
     started = time.time()
     for epoch in range(start_epoch, t.epochs):
@@ -539,6 +675,7 @@ def train_member(
         "best": best,
         "classes": len(data.classes),
         "trained_classes": len(data.head_classes),
+        "aux_classes": len(data.aux_classes),
         "train_images": len(dataset),
         "skipped_images": sorted(run.skipped_images),
         "nonfinite_steps": run.nonfinite_steps,
