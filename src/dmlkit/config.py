@@ -38,6 +38,12 @@ class CompetitionConfig(Strict):
     download: str | None = Field(
         None, description="wildlife: a wildlife-datasets dataset (MacaqueFaces, ...) fetched if metadata.csv is missing"
     )
+    boxes: str | None = Field(
+        None,
+        description="detector boxes, a CSV in root (image, x1, y1, x2, y2, source): what train.crops and "
+        "embed.crops cut out",
+    )
+    box_margin: float = Field(0.1, ge=0.0, description="each box grown by this share of its size on every side")
 
 
 class FoldsConfig(Strict):
@@ -185,6 +191,11 @@ class TrainConfig(Strict):
     augment: list[dict[str, Any]] = Field(
         default_factory=list, description="albumentations transforms: [{type: HorizontalFlip, p: 0.5}, ...]"
     )
+    crops: dict[str, float] = Field(
+        default_factory=dict,
+        description="per training sample a box source drawn with these probabilities (sum 1; 'none': the "
+        "whole image), e.g. {fullbody: 0.6, backfin: 0.15, none: 0.05} (Happywhale 2022 1st); needs competition.boxes",
+    )
     stages: list[TrainStage] = Field(
         default_factory=list,
         description="progressive sizes: the member trains through these stages in order (each stage's "
@@ -235,6 +246,11 @@ class MemberConfig(Strict):
 class EmbedConfig(Strict):
     batch_size: int = Field(128, ge=1)
     tta_flip: bool = True
+    crops: list[str] = Field(
+        default_factory=list,
+        description="box sources whose crops' embeddings are averaged ('none': the whole image), e.g. "
+        "[fullbody, fullbody2] (Happywhale 2022 1st); needs competition.boxes",
+    )
     flip_gallery: bool = Field(
         False,
         description="embed each image's mirror too; a pair's kNN similarity is the best over the query's and "
@@ -625,8 +641,9 @@ def member_slice(member: MemberConfig) -> dict:
     data = config_slice(member)
     if data["head"].get("aux") is None:
         data["head"].pop("aux", None)
-    if not data["train"].get("stages"):
-        data["train"].pop("stages", None)
+    for key in ("stages", "crops"):
+        if not data["train"].get(key):
+            data["train"].pop(key, None)
     return data
 
 
@@ -690,7 +707,7 @@ def ineffective_values(cfg: Config, metric: str, ranks_index: bool | None = None
             problems.append(f"{key}.head.dynamic_lambda: only head.dynamic 'power' uses it (got '{head.dynamic}')")
         if member.see.enabled:
             problems.extend(_see_problems(member, key))
-    problems += _flip_gallery_problems(cfg)
+    problems += _flip_gallery_problems(cfg) + _crop_problems(cfg)
     if "pca_dim" in cfg.ensemble.model_fields_set and cfg.ensemble.pca_dim and not cfg.ensemble.pca_whiten:
         problems.append("ensemble.pca_dim: no effect while ensemble.pca_whiten is false")
     r = cfg.retrieve
@@ -753,6 +770,22 @@ def _unknown_per_problems(cfg: Config, metric: str) -> list[str]:
             "unknown_share fix one"
         ]
     return []
+
+
+def _crop_problems(cfg: Config) -> list[str]:
+    """Crops without boxes, and crop probabilities that are not a distribution."""
+    problems = []
+    wanting = [f"members.{i}.train.crops" for i, m in enumerate(cfg.members) if m.train.crops]
+    wanting += ["embed.crops"] if cfg.embed.crops else []
+    if wanting and cfg.competition.boxes is None:
+        problems += [f"{key}: no boxes to crop (set competition.boxes to the detector's CSV)" for key in wanting]
+    for i, member in enumerate(cfg.members):
+        crops = member.train.crops
+        if crops and (any(p < 0 for p in crops.values()) or abs(sum(crops.values()) - 1.0) > 1e-6):
+            problems.append(f"members.{i}.train.crops: probabilities {crops} must be ≥ 0 and sum to 1")
+    if cfg.competition.boxes is not None and not wanting:
+        problems.append("competition.boxes: no effect without train.crops or embed.crops")
+    return problems
 
 
 def _flip_gallery_problems(cfg: Config) -> list[str]:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .data.crops import Cropper
 from .data.dataset import ImageDataset
 from .data.transforms import make_pipeline
 from .models.backbone import EmbeddingModel
@@ -83,13 +84,15 @@ def embed_paths(
     skip_unreadable: bool = False,
     channels_last: bool = False,
     mirror: bool = False,
+    croppers: Sequence[Cropper | None] = (None,),
 ) -> np.ndarray:
     """(N, E) L2-normalised embeddings, averaged over the TTA views (flip × scales). Each scale is
     decoded once; the mirrored view is the batch flipped on the device.
 
     With `mirror` (embed.flip_gallery; not beside `flip`), (N, 2, E): each image's embedding and
-    its mirror's, from the same decoded batch. With `skip_unreadable`, rows of unreadable images
-    are NaN instead of an error.
+    its mirror's, from the same decoded batch. `croppers` (embed.crops): the views of each detector
+    source are averaged too. With `skip_unreadable`, rows of unreadable images are NaN instead of
+    an error.
     """
     if mirror and flip:
         raise ValueError("embed_paths: mirror views need flip=False (flip TTA averages an image with its mirror)")
@@ -98,9 +101,11 @@ def embed_paths(
         model = model.to(memory_format=torch.channels_last)
     dtype = autocast_dtype(device, amp)
     total = None
-    for scale in scales:
+    for cropper, scale in [(c, s) for c in croppers for s in scales]:
         size = max(16, int(round(image_size * scale)))
-        dataset = ImageDataset(paths, None, make_pipeline(size), model.in_chans, size, skip_unreadable=skip_unreadable)
+        dataset = ImageDataset(
+            paths, None, make_pipeline(size), model.in_chans, size, skip_unreadable=skip_unreadable, cropper=cropper
+        )
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(device, num_workers))
         chunks = []
         for images, _, _, ok in progress_bar(
@@ -130,6 +135,8 @@ def embed_sharded(model: EmbeddingModel, paths: Sequence[str], **options) -> np.
     from .runtime import rank, world_size
 
     shard = np.arange(len(paths))[rank() :: world_size()]
+    if "croppers" in options:
+        options["croppers"] = [c.subset(shard) if c is not None else None for c in options["croppers"]]
     return gather_rows(embed_paths(model, [paths[i] for i in shard], **options), shard, len(paths))
 
 

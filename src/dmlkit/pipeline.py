@@ -328,7 +328,22 @@ def _train_inputs(ctx: Context, member: MemberConfig) -> tuple[dict, dict, dict]
         upstream["init"] = _trained_output(ctx, ctx.cfg.member(member.init_from))
     part = {"member": member_slice(member), "seed": ctx.cfg.seed}
     weights = {"pretrained_file": cache.file_fingerprint(member.pretrained_file)} if member.pretrained_file else {}
+    if member.train.crops or ctx.cfg.embed.crops:  # what it crops (training, and its validation's embedding)
+        weights.update(_box_inputs(ctx))
+        part["embed_crops"] = ctx.cfg.embed.crops
     return part, upstream, weights
+
+
+def _box_inputs(ctx: Context) -> dict:
+    """The boxes file's fingerprint and the margin, for the stages that crop."""
+    from .competitions.base import InputError
+
+    if not (ctx.root / ctx.cfg.competition.boxes).is_file():
+        raise InputError(f"{ctx.root / ctx.cfg.competition.boxes}: competition.boxes file not found")
+    return {
+        "boxes": cache.file_fingerprint(ctx.root / ctx.cfg.competition.boxes),
+        "box_margin": str(ctx.cfg.competition.box_margin),
+    }
 
 
 def _train_key(ctx: Context, member: MemberConfig) -> str:
@@ -408,7 +423,8 @@ def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
         return embed_member(ctx.cfg, member, table, train_art.file("best.pt"), ctx.device, work, ctx.progress)
 
     upstream = {"train": cache.produced(train_art), "folds": cache.produced(folds_art)}
-    return _run(ctx, "embed", member.name, part, upstream, {}, compute, all_ranks=True)
+    boxes = _box_inputs(ctx) if ctx.cfg.embed.crops else {}
+    return _run(ctx, "embed", member.name, part, upstream, boxes, compute, all_ranks=True)
 
 
 def member_embeddings(ctx: Context) -> dict[str, np.ndarray]:

@@ -216,9 +216,14 @@ def _photograph(
             flukes[ind_seed, species_index] = render_fluke(individual_of(ind_seed, species_index))
         image_id = _image_id(params.seed, n)
         fluke, photo_rng = flukes[ind_seed, species_index], np.random.default_rng([params.seed, n])
-        photo = take_photo(fluke, photo_rng, params.image_size, params.difficulty)
-        write_jpeg(root / folders[role] / image_id, photo)
         record = {"Image": image_id, "Id": label, "role": role}
+        if getattr(params, "wide_shots", False):  # the Happywhale variant's wide shots, with the animal's box
+            other_seed = int(ind_seeds[photo_rng.integers(len(ind_seeds))])
+            other = render_fluke(individual_of(other_seed, int(photo_rng.integers(len(SPECIES)))))
+            photo, record["box"], record["other_box"] = wide_photo(fluke, other, photo_rng, params)
+        else:
+            photo = take_photo(fluke, photo_rng, params.image_size, params.difficulty)
+        write_jpeg(root / folders[role] / image_id, photo)
         if species_index >= 0:
             record["species"] = SPECIES[species_index]
         records.append(record)
@@ -259,9 +264,73 @@ def individual_of(seed: int, species_index: int) -> dict:
 @dataclass(frozen=True)
 class HappywhaleDemoParams(WhaleDemoParams):
     """The whale demo in the Happywhale 2022 layout, with a species column: every training image
-    identified (no unknown rows), unseen individuals in the test."""
+    identified (no unknown rows), unseen individuals in the test. With `wide_shots`, each photo is a
+    scene of `image_size` px where the animal covers 10–60% of the frame (a second animal in a
+    fifth of them), and boxes.csv holds two detectors' boxes: `fullbody` (tight, misses 5%) and
+    `fullbody2` (loose; 15% of its boxes on the wrong animal or on water, misses 10%)."""
 
     new_whale_train: int = 0
+    wide_shots: bool = False
+
+
+def _paste(scene: np.ndarray, posed: np.ndarray, side: int, x: int, y: int) -> tuple[int, int, int, int] | None:
+    """The RGBA subject resized to side × side and blended in at (x, y); its visible box, or None."""
+    small = cv2.resize(posed, (side, side), interpolation=cv2.INTER_AREA)
+    h, w = scene.shape[:2]
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(w, x + side), min(h, y + side)
+    part = small[y0 - y : y1 - y, x0 - x : x1 - x]
+    alpha = part[..., 3:4].astype(np.float32) / 255.0
+    scene[y0:y1, x0:x1] = (part[..., :3] * alpha + scene[y0:y1, x0:x1] * (1 - alpha)).astype(np.uint8)
+    ys, xs = np.nonzero(part[..., 3] > 127)
+    return (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1) if len(xs) else None
+
+
+def wide_photo(
+    fluke: np.ndarray, other: np.ndarray, rng: np.random.Generator, params: WhaleDemoParams
+) -> tuple[np.ndarray, tuple | None, tuple | None]:
+    """A wide shot: the animal at 10–60% of the frame's area somewhere in the water (sometimes a
+    second animal beside it); the photo, the animal's box and the other animal's (None: none)."""
+    size, d = params.image_size, params.difficulty
+    scene = cv2.resize(water(rng), (size, size), interpolation=cv2.INTER_LINEAR)
+    pose = lambda: random_homography(rng, CANVAS, 15 * d, (0.9, 1.1), 0.02, 0.1 * d)  # noqa: E731
+    other_box = None
+    if rng.random() < 0.2:
+        side = int(size * rng.uniform(0.25, 0.45))
+        posed = warp(other, pose(), border=cv2.BORDER_CONSTANT)
+        other_box = _paste(scene, posed, side, *rng.integers(0, size - side, 2))
+    side = int(size * np.sqrt(rng.uniform(0.1, 0.6)))
+    box = _paste(scene, warp(fluke, pose(), border=cv2.BORDER_CONSTANT), side, *rng.integers(0, size - side + 1, 2))
+    scene = lighting(rng, scene, d)
+    scene = blur_and_noise(rng, scene, d)
+    return scene, box, other_box
+
+
+def detector_boxes(frame: pd.DataFrame, seed: int, size: int) -> pd.DataFrame:
+    """Two detectors' boxes of each photo's animal: `fullbody` tight (±3% jitter, misses 5%) and
+    `fullbody2` loose (+25%, ±8% jitter; 15% wrong: the other animal or water; misses 10%)."""
+    rng = np.random.default_rng([seed, 97])
+    rows = []
+    for image, box, other in zip(frame["Image"], frame["box"], frame["other_box"], strict=True):
+        if box is None:
+            continue
+        x1, y1, x2, y2 = box
+        w, h = x2 - x1, y2 - y1
+        if rng.random() >= 0.05:
+            jitter = rng.uniform(-0.03, 0.03, 4) * [w, h, w, h]
+            rows.append((image, *_clip(np.array([x1, y1, x2, y2]) + jitter, size), "fullbody"))
+        if rng.random() >= 0.10:
+            if rng.random() < 0.15:
+                wrong = other if other is not None else (*(xy := rng.uniform(0, size * 0.6, 2)), *(xy + size * 0.35))
+                x1, y1, x2, y2 = wrong
+                w, h = x2 - x1, y2 - y1
+            loose = np.array([x1 - 0.25 * w, y1 - 0.25 * h, x2 + 0.25 * w, y2 + 0.25 * h])
+            rows.append((image, *_clip(loose + rng.uniform(-0.08, 0.08, 4) * [w, h, w, h], size), "fullbody2"))
+    return pd.DataFrame(rows, columns=["image", "x1", "y1", "x2", "y2", "source"])
+
+
+def _clip(box, size: int) -> tuple[int, int, int, int]:
+    x1, y1 = (int(np.clip(v, 0, size - 2)) for v in box[:2])
+    return x1, y1, int(np.clip(box[2], x1 + 1, size)), int(np.clip(box[3], y1 + 1, size))
 
 
 def generate_happywhale(root: Path, params: HappywhaleDemoParams) -> dict:
@@ -278,6 +347,8 @@ def generate_happywhale(root: Path, params: HappywhaleDemoParams) -> dict:
     usage = _usage(rng, params, len(test))
     solution = pd.DataFrame({"image": test["Image"], "individual_id": test["Id"], "Usage": usage})
     solution.to_csv(root / "solution.csv", index=False)
+    if params.wide_shots:
+        detector_boxes(frame, params.seed, params.image_size).to_csv(root / "boxes.csv", index=False)
     stats = _stats(train.rename(columns={"Id": "label"}), test.rename(columns={"Id": "label"}), "new_individual")
     stats["species"] = {name: int((train["species"] == name).sum()) for name in SPECIES}
     return stats

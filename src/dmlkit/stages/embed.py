@@ -4,6 +4,7 @@ and the ensemble of the members' embeddings."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,13 @@ import pandas as pd
 import torch
 
 from ..config import Config, MemberConfig
+from ..data.crops import Cropper, missing_boxes, read_boxes, source_croppers
 from ..inference import embed_sharded, head_cosines, head_topk
 from ..models.checkpoint import load_aux_head, load_member
 from ..retrieval.ensemble import concatenate, pca_whiten
 from ..runtime import is_main_process
+
+log = logging.getLogger(__name__)
 
 
 def embed_member(
@@ -44,6 +48,7 @@ def embed_member(
         desc=f"embed {member.name}",
         progress=progress,
         channels_last=member.train.channels_last,
+        croppers=embed_croppers(cfg, table),
     )
     if not is_main_process():
         return {}
@@ -63,6 +68,26 @@ def embed_member(
         (work / "aux_classes.json").write_text(json.dumps({"column": member.head.aux.column, "classes": aux_classes}))
     table[["id", "role"]].to_csv(work / "ids.csv", index=False)
     return {"rows": len(emb), "dim": int(emb.shape[1])}
+
+
+def embed_croppers(cfg: Config, table: pd.DataFrame) -> list[Cropper | None]:
+    """embed.crops: one cropper per source over the table's rows (logged: rows without a box of
+    each source, embedded whole); [None] (the whole images) without."""
+    if not cfg.embed.crops:
+        return [None]
+    path = Path(cfg.competition.root) / cfg.competition.boxes
+    ids = table["id"].astype(str).tolist()
+    boxes = read_boxes(path, set(ids))
+    croppers = source_croppers(boxes, ids, cfg.embed.crops, cfg.competition.box_margin)
+    missing = missing_boxes(croppers[0].boxes, cfg.embed.crops, "embed.crops")
+    log.info(
+        "embed.crops %s averaged; without a box (embedded whole): %s of %d images (%s)",
+        cfg.embed.crops,
+        ", ".join(f"{source} {n}" for source, n in missing.items()) or "-",
+        len(ids),
+        path,
+    )
+    return croppers
 
 
 def read_head_topk(folder: Path) -> tuple[np.ndarray, np.ndarray]:

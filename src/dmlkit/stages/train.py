@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .. import tracking
 from ..competitions import Adapter
 from ..config import Config, MemberConfig, TrainConfig
+from ..data.crops import Cropper, box_id, missing_boxes, read_boxes, rows_boxes, source_croppers
 from ..data.dataset import ImageDataset, with_rotated_classes
 from ..data.transforms import make_pipeline
 from ..evaluation import knn_validation_scores
@@ -110,7 +111,30 @@ def aux_targets(rows: pd.DataFrame, column: str, member_name: str) -> tuple[list
     return classes, values.map(lambda v: index.get(v, -1)).to_numpy(np.int64)
 
 
-def training_dataset(member: MemberConfig, data: FoldData) -> ImageDataset:
+def competition_boxes(cfg: Config, ids: list[str]) -> dict | None:
+    """competition.boxes read for these row ids (None without a boxes file)."""
+    if cfg.competition.boxes is None:
+        return None
+    return read_boxes(Path(cfg.competition.root) / cfg.competition.boxes, {box_id(str(i)) for i in ids})
+
+
+def training_cropper(cfg: Config, member: MemberConfig, data: FoldData, boxes: dict | None) -> Cropper | None:
+    """train.crops over the training rows, with how many rows lack each source's box (used whole)."""
+    if not member.train.crops or boxes is None:
+        return None
+    rows = rows_boxes(data.train_rows["id"].tolist(), boxes)
+    missing = missing_boxes(rows, list(member.train.crops), f"{member.name}: train.crops")
+    log.info(
+        "%s: train.crops %s; without a box (trained whole when drawn): %s of %d rows",
+        member.name,
+        member.train.crops,
+        ", ".join(f"{source} {n}" for source, n in missing.items()) or "-",
+        len(rows),
+    )
+    return Cropper(rows, member.train.crops, cfg.competition.box_margin)
+
+
+def training_dataset(member: MemberConfig, data: FoldData, cropper: Cropper | None = None) -> ImageDataset:
     t = member.train
     targets = data.targets.tolist()
     if data.aux_targets is not None:  # (identity, auxiliary) per row: batches of (B, 2) labels
@@ -123,6 +147,7 @@ def training_dataset(member: MemberConfig, data: FoldData) -> ImageDataset:
         member.image_size,
         skip_unreadable=not t.strict_images,
         quarter_turns=data.train_rows["quarter_turns"].tolist(),
+        cropper=cropper,
     )
 
 
@@ -426,6 +451,7 @@ def validate(
     adapter: Adapter,
     device: torch.device,
     progress: bool,
+    boxes: dict | None = None,
 ) -> dict:
     """The competition's metric on the fold: validation images against the training images. Under
     torchrun each rank embeds its share (with the loader's workers and embed.batch_size), rank 0
@@ -442,8 +468,8 @@ def validate(
             -(-len(val_part) // world_size()),
             len(val_part),
         )
-    gallery, gallery_part = _embed_part(cfg, member, model, train_part, device, "val gallery", progress)
-    queries, query_part = _embed_part(cfg, member, model, val_part, device, "val queries", progress)
+    gallery, gallery_part = _embed_part(cfg, member, model, train_part, device, "val gallery", progress, boxes)
+    queries, query_part = _embed_part(cfg, member, model, val_part, device, "val queries", progress, boxes)
     scores = {}
     if is_main_process():
         found = knn_validation_scores(
@@ -466,9 +492,14 @@ def _embed_part(
     device: torch.device,
     desc: str,
     progress: bool,
+    boxes: dict | None = None,
 ) -> tuple[np.ndarray | None, pd.DataFrame]:
-    """Embeddings of a part's readable images and their rows, on rank 0 (None elsewhere); unreadable
-    images are skipped here and reported by training."""
+    """Embeddings of a part's readable images and their rows, on rank 0 (None elsewhere), of the
+    embed.crops sources as the embed stage takes them; unreadable images are skipped here and
+    reported by training."""
+    croppers: list = [None]
+    if cfg.embed.crops and boxes is not None:
+        croppers = source_croppers(boxes, part["id"].tolist(), cfg.embed.crops, cfg.competition.box_margin)
     emb = embed_sharded(
         model,
         part["path"].tolist(),
@@ -482,6 +513,7 @@ def _embed_part(
         progress=progress and is_main_process(),
         skip_unreadable=not member.train.strict_images,
         channels_last=member.train.channels_last,
+        croppers=croppers,
     )
     if emb is None:
         return None, part
@@ -640,7 +672,8 @@ def train_stage(
     seed_everything(zlib.crc32(f"{cfg.seed}:{member.name}".encode()))
     data = fold_data(member, folds)
     model, head = build_networks(member, data, device, init_state)
-    dataset = training_dataset(member, data)
+    boxes = competition_boxes(cfg, folds["id"].tolist()) if member.train.crops or cfg.embed.crops else None
+    dataset = training_dataset(member, data, training_cropper(cfg, member, data, boxes))
     run = training_run(member, model, head, dataset, device, build_aux_head(member, data, device, init_state))
     start_epoch, history, best = resume(run, work / "last.pt", device, member.name)
     started = time.time()
@@ -651,7 +684,8 @@ def train_stage(
         row["elapsed_s"] = round(time.time() - started, 1)
         if (epoch + 1) % t.validate_every == 0 or epoch + 1 == t.epochs:
             validation_started = time.time()
-            row.update(validate(cfg, member, run.eval_model, data.train_part, data.val_part, adapter, device, progress))
+            parts = (data.train_part, data.val_part)
+            row.update(validate(cfg, member, run.eval_model, *parts, adapter, device, progress, boxes))
             row["val_s"] = round(time.time() - validation_started, 1)
         history.append(row)
         log.info(
