@@ -48,7 +48,7 @@ usage: ./run.sh [COMMAND] ...
                                         score a submission like the leaderboard (public / private)
   ./run.sh bench [--quick]              every hot-path benchmark (benchmarks/), a table each
   ./run.sh bench NAME [ARGS]            one benchmark: train_step see head_memory knn rerank loader
-                                        end_to_end ablation omniglot recipe
+                                        verify end_to_end ablation omniglot recipe scale gpu
 
 options for stages:
   -c, --config FILE     YAML config (may name a `base`); overrides as dotted.key=value
