@@ -162,3 +162,19 @@ retrieve: {{k: 20}}
     plan = cli.main(["plan", "-c", str(config)])
     assert plan == 0
     assert "boxes" in capfd.readouterr().out
+
+
+def test_a_png_with_a_box_is_decoded_once_and_cut_to_its_box(tmp_path: Path, monkeypatch):
+    import dmlkit.data.dataset as dataset_module
+
+    pixels = np.random.default_rng(1).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "scene.png"), pixels)
+    calls = []
+    real_decode = dataset_module.decode_image
+    monkeypatch.setattr(dataset_module, "decode_image", lambda *a, **k: calls.append(a[1]) or real_decode(*a, **k))
+    cropper = Cropper([{"a": (10, 5, 50, 45)}], {"a": 1.0}, margin=0.0)
+    dataset = ImageDataset([str(tmp_path / "scene.png")], None, make_pipeline(40), image_size=40, cropper=cropper)
+    image, _, _, ok = dataset[0]
+    assert ok and len(calls) == 1  # the size comes from the one decode (PNG has no reduced decoding)
+    expected = make_pipeline(40)(image=cv2.cvtColor(pixels[5:45, 10:50], cv2.COLOR_BGR2RGB))["image"]
+    assert torch.equal(image, expected)  # the 40×40 box itself, at the model's size: nothing resized

@@ -55,11 +55,15 @@ class ImageDataset(Dataset):
             data = read_image_bytes(self.paths[index])
             box = self.cropper.box(index) if self.cropper is not None else None
             full = oriented_jpeg_shape(data) if box is not None or hasattr(self.transform, "plan") else None
-            region = None
+            image, region = None, None
+            if box is not None and full is None:  # not a JPEG: no size in a header read, no reduced decoding
+                image = decode_image(data, self.paths[index], self.channels)
+                full = image.shape[:2]
             if box is not None:  # the box grown by the margin, on the full-resolution image as displayed
-                region = enlarge(box, self.cropper.margin, *(full or decoded_shape(data, self.paths[index])))
+                region = enlarge(box, self.cropper.margin, *full)
             plan, min_side = self._plan(full, turns, region)
-            image = decode_image(data, self.paths[index], self.channels, min_side)
+            if image is None:
+                image = decode_image(data, self.paths[index], self.channels, min_side)
             if region is not None:
                 image = cut(image, region, full)
         except UnreadableImageError:
@@ -89,12 +93,6 @@ class ImageDataset(Dataset):
         if need is None or region is None or full is None:
             return plan, need
         return plan, int(np.ceil(need * min(full) / min(shape)))
-
-
-def decoded_shape(data: bytes, path: str) -> tuple[int, int]:
-    """(height, width) of an image whose header gives no size (not a JPEG): decoded once to see."""
-    image = decode_image(data, path, 1)
-    return image.shape[0], image.shape[1]
 
 
 def cut(image: np.ndarray, region: tuple[int, int, int, int], full: tuple[int, int] | None) -> np.ndarray:
