@@ -95,17 +95,24 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("backbone", "epochs"),
+    ("backbone", "epochs", "model_overrides"),
     [
-        ("test_resnet", 2),
+        ("test_resnet", 2, ()),
         # ConvNeXt's head norm gets no gradient under GeM: DDP stopped at the second step before
-        ("convnext_atto", 1),
+        ("convnext_atto", 1, ()),
+        # under the model's own pooling GeM's p gets no gradient: the same stop
+        (
+            "vit_tiny_patch16_224",
+            1,
+            ("members.0.pool=model", "members.0.backbone_kwargs={depth: 1, embed_dim: 32, num_heads: 2}"),
+        ),
     ],
 )
-def test_two_gloo_processes_match_one_process(tmp_path, backbone, epochs):
+def test_two_gloo_processes_match_one_process(tmp_path, backbone, epochs, model_overrides):
     cfg = _prepare(tmp_path, "")
     overrides = (
         f"members.0.backbone={backbone}",
+        *model_overrides,
         "members.0.train.freeze_bn=true",
         "members.0.train.augment=[]",
         f"members.0.train.epochs={epochs}",
