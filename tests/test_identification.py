@@ -208,7 +208,9 @@ def test_per_group_thresholds_against_a_hand_made_case():
     assert [row[0] for row in answers.labels] == ["new_whale", "x", "x" if single["threshold"] <= 0.75 else "new_whale"]
 
 
-def _tiny_happywhale_config(tmp: Path, extra: str = "") -> Path:
+def _tiny_happywhale_config(
+    tmp: Path, extra: str = "", retrieve: str = "{k: 20, unknown_per: species, unknown_per_min: 5}"
+) -> Path:
     text = f"""
 experiment: tiny-hw
 seed: 3
@@ -227,7 +229,7 @@ member_defaults:
 members:
   - {{name: m0, backbone: test_resnet, fold: 0}}
 embed: {{batch_size: 64}}
-retrieve: {{k: 20, unknown_per: species, unknown_per_min: 5}}
+retrieve: {retrieve}
 """
     path = tmp / "tiny-hw.yaml"
     path.write_text(text + extra)
@@ -255,6 +257,17 @@ def test_species_head_and_per_species_thresholds_end_to_end(tmp_path: Path, monk
     assert isinstance(result["tuned"]["group_thresholds"], dict)
     submission = pd.read_csv(tmp_path / "submissions" / "tiny-hw.csv")
     assert list(submission.columns) == ["image", "predictions"] and len(submission) == (table["role"] == "test").sum()
+    # a pseudo-label round on top: its rows have no species (Happywhale's test has none), so the
+    # species head leaves them out; before, round 1 stopped at its folds ("['species'] not in index")
+    # (round 0's training reused; a fixed threshold below every cosine, as the tiny model answers "new"
+    # first everywhere otherwise)
+    config = _tiny_happywhale_config(tmp_path, retrieve="{k: 20, unknown_threshold: -1.0}")
+    assert cli.main(["all", "-c", str(config), "pseudo.rounds=1", "pseudo.min_cosine=-0.99"]) == 0
+    round_folds = pd.read_csv(next((art / "round-1" / "folds").glob("*/folds.csv")))
+    pseudo = round_folds[round_folds["id"].str.startswith("pseudo:")]
+    assert len(pseudo) > 0 and pseudo["species"].isna().all()
+    assert round_folds.loc[~round_folds["id"].str.startswith("pseudo:"), "species"].notna().all()
+    assert list((art / "round-1" / "train" / "m0").glob("*/best.pt"))
 
 
 def test_per_species_thresholds_need_a_member_with_that_head(tmp_path: Path):

@@ -10,6 +10,7 @@ from dmlkit.config import PseudoConfig, load_config
 from dmlkit.pipeline import STAGES, Context, ensure_demo_data, load_table, pseudo_rounds, run_stage
 from dmlkit.stages.folds import fold_parts
 from dmlkit.stages.pseudo import precision, select_pseudo, with_pseudo_rows
+from dmlkit.stages.train import aux_targets
 
 ANSWERS = pd.DataFrame(
     {
@@ -54,6 +55,34 @@ def test_pseudo_rows_train_every_fold_and_validate_none():
         assert not val["id"].str.startswith("pseudo:").any()
     with pytest.raises(ValueError, match="not test images"):
         with_pseudo_rows(folds, table.head(1), chosen)
+
+
+def test_pseudo_rows_keep_the_tables_other_columns_blank_where_the_test_has_none():
+    # Happywhale: the training rows have a species, the test rows none; a wildlife table may give both
+    folds = pd.DataFrame(
+        {
+            "id": ["x1", "x2"],
+            "path": ["p1", "p2"],
+            "label": ["a", "b"],
+            "species": ["beluga", "blue_whale"],
+            "date": ["2020-01-01", "2020-01-02"],
+            "role": "train",
+            "known": True,
+            "fold": [0, 1],
+            "unknown_fold": -1,
+        }
+    )
+    table = pd.DataFrame({"id": ["t1", "t4"], "path": ["q1", "q4"], "role": "test", "species": [None, "beluga"]})
+    chosen = select_pseudo(ANSWERS, "new_whale", PseudoConfig(rounds=1, min_cosine=0.6))
+    augmented = with_pseudo_rows(folds, table, chosen)
+    assert list(augmented.columns) == list(folds.columns)
+    pseudo = augmented.tail(2)
+    assert pseudo["path"].tolist() == ["q1", "q4"]
+    assert pseudo["species"].tolist()[1] == "beluga" and pd.isna(pseudo["species"].tolist()[0])
+    assert pseudo["date"].isna().all()
+    classes, targets = aux_targets(augmented, "species", "m0")
+    assert classes == ["beluga", "blue_whale"]
+    assert targets.tolist() == [0, 1, -1, 0]  # the blank pseudo row takes no part in the species loss
 
 
 def run_rounds(cfg, tmp_path, overrides=()) -> Context:

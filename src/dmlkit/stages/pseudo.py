@@ -33,15 +33,16 @@ def select_pseudo(answers: pd.DataFrame, unknown_label: str | None, pseudo: Pseu
 
 
 def with_pseudo_rows(folds: pd.DataFrame, table: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
-    """`folds` plus one training row per chosen test image (see the module docstring)."""
-    paths = table.loc[table["role"] == "test"].set_index("id")["path"]
-    missing = sorted(set(chosen["id"]) - set(paths.index))
+    """`folds` plus one training row per chosen test image (see the module docstring). The table's
+    other columns (a species, a date) come from the test image's row, blank where the test has none:
+    an auxiliary head then leaves such a row out of its loss."""
+    test = table.loc[table["role"] == "test"].set_index("id")
+    missing = sorted(set(chosen["id"]) - set(test.index))
     if missing:
         raise ValueError(f"pseudo-labels: answers for ids that are not test images, e.g. {missing[:5]}")
     rows = pd.DataFrame(
         {
             "id": PREFIX + chosen["id"],
-            "path": paths.loc[chosen["id"]].to_numpy(),
             "label": chosen["label"].to_numpy(),
             "role": "train",
             "known": True,
@@ -49,6 +50,8 @@ def with_pseudo_rows(folds: pd.DataFrame, table: pd.DataFrame, chosen: pd.DataFr
             "unknown_fold": -1,
         }
     )
+    for column in folds.columns.difference(rows.columns):
+        rows[column] = test[column].reindex(chosen["id"]).to_numpy() if column in test.columns else None
     return pd.concat([folds, rows[folds.columns]], ignore_index=True)
 
 
