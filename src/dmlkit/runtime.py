@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
@@ -18,14 +19,20 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def setup_logging(log_dir: Path | None = None, name: str = "run", level: int = logging.INFO) -> Path | None:
-    """Console plus (when log_dir is given) a log file per run; returns the file's path."""
+    """Console plus (when log_dir is given) a log file per run; returns the file's path.
+
+    Under torchrun only rank 0 writes INFO lines: the ranks run the same stages, and 8 GPUs would
+    print every line 8 times. The other ranks print warnings and errors, marked with their rank."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(level)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    where = "" if is_main_process() else f"[rank {rank()}] "
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {where}%(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
+    if not is_main_process():
+        console.setLevel(max(level, logging.WARNING))
     root.addHandler(console)
     path = None
     if log_dir is not None and is_main_process():
@@ -164,8 +171,22 @@ def init_distributed(timeout_min: float = 360.0) -> bool:
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
     if backend == "nccl":  # flags travel between CPUs: agreeing on a skip does not wait for the GPU
         _FLAG_GROUP.append(dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_min)))
+    atexit.register(shutdown_distributed)
     log.info("distributed: rank %d of %d (%s, timeout %g min)", rank(), world_size(), backend, timeout_min)
     return True
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (every group) while the interpreter is still whole.
+
+    A process that exits with the group alive can abort after its work is done: gloo's worker threads
+    are torn down in the interpreter's finalisation ('terminate called without an active exception',
+    SIGABRT), and torchrun then fails the whole job for a run that finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _FLAG_GROUP.clear()
 
 
 _FLAG_GROUP: list = []  # a gloo group beside NCCL's, for flags held by the CPU
