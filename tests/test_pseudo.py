@@ -1,6 +1,8 @@
 """Pseudo-label rounds: which answers become training rows, that they never reach validation or
 the gallery, and that each round is cached on its own, keyed by the previous round's answers."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +11,14 @@ from conftest import write_tiny_config
 from dmlkit.config import PseudoConfig, load_config
 from dmlkit.pipeline import STAGES, Context, ensure_demo_data, load_table, pseudo_rounds, run_stage
 from dmlkit.stages.folds import fold_parts
-from dmlkit.stages.pseudo import precision, select_pseudo, with_pseudo_rows
+from dmlkit.stages.pseudo import (
+    cosine_bar,
+    precision,
+    precision_bar,
+    select_pseudo,
+    validation_precision,
+    with_pseudo_rows,
+)
 from dmlkit.stages.train import aux_targets
 
 ANSWERS = pd.DataFrame(
@@ -28,6 +37,61 @@ def test_select_takes_known_answers_above_the_bar_or_the_top_share():
     assert by_share["id"].tolist() == ["t1", "t3", "t4"]
     assert precision(by_cosine, {"t1": "a", "t4": "b"}) == pytest.approx(0.5)
     assert precision(by_cosine, {}) is None
+
+
+# validation first answers, best first by cosine: right, right, wrong, right, wrong, wrong; an unknown
+# answer and a label without a cosine never count
+VALIDATION = pd.DataFrame(
+    {
+        "id": [str(i) for i in range(8)],
+        "label": ["a", "b", "c", "d", "e", "f", "new_whale", "g"],
+        "cosine": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.95, np.nan],
+        "truth": ["a", "b", "x", "d", "x", "x", "new_whale", "g"],
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("min_precision", "bar"),
+    # precision of the answers at or above each cosine: 1, 1, 2/3, 3/4, 3/5, 1/2
+    [(1.0, 0.8), (0.8, 0.8), (0.75, 0.6), (0.7, 0.6), (0.5, 0.4)],
+)
+def test_the_precision_bar_is_the_lowest_cosine_that_keeps_the_precision(min_precision, bar):
+    assert precision_bar(VALIDATION, "new_whale", min_precision) == pytest.approx(bar)
+
+
+def test_the_precision_bar_never_splits_equal_cosines_and_may_admit_nothing():
+    tied = VALIDATION.assign(cosine=[0.9, 0.8, 0.8, 0.6, 0.5, 0.4, 0.95, np.nan])  # 0.8: one right, one wrong
+    assert precision_bar(tied, "new_whale", 0.9) == pytest.approx(0.9)  # 0.8 would admit both: 2/3
+    wrong = VALIDATION.assign(truth="x")
+    assert precision_bar(wrong, "new_whale", 0.1) == math.inf
+    assert select_pseudo(ANSWERS, "new_whale", PseudoConfig(rounds=1), math.inf).empty
+
+
+def test_validation_precision_at_a_bar_and_where_the_bar_comes_from():
+    assert validation_precision(VALIDATION, "new_whale", 0.6) == (4, pytest.approx(0.75))
+    assert validation_precision(VALIDATION, "new_whale", 0.99) == (0, None)
+    assert cosine_bar(PseudoConfig(rounds=1), VALIDATION, "new_whale") == 0.65  # min_cosine's default
+    assert cosine_bar(PseudoConfig(rounds=1, top_share=0.2), VALIDATION, "new_whale") is None
+    by_precision = PseudoConfig(rounds=1, min_precision=0.75)
+    assert cosine_bar(by_precision, VALIDATION, "new_whale") == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="no validation answers"):
+        cosine_bar(by_precision, None, "new_whale")
+    assert select_pseudo(ANSWERS, "new_whale", by_precision, 0.6)["id"].tolist() == ["t1", "t4"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["pseudo.min_precision=0.9"], "pseudo.min_precision: no effect while pseudo.rounds is 0"),
+        (["pseudo.rounds=1", "pseudo.min_precision=0.9", "pseudo.top_share=0.2"], "choose one way"),
+        (["pseudo.rounds=1", "pseudo.min_precision=0.9", "pseudo.min_cosine=0.5"], "validation sets the bar"),
+    ],
+)
+def test_pseudo_settings_that_contradict_each_other_fail_at_load(tmp_path, overrides, message):
+    cfg = write_tiny_config(tmp_path, "whale")
+    with pytest.raises(Exception, match=message):
+        Context(load_config(cfg, overrides))
 
 
 def test_pseudo_rows_train_every_fold_and_validate_none():
@@ -111,6 +175,29 @@ def test_a_round_trains_on_the_previous_answers_and_is_cached_on_its_own(tmp_pat
     assert (tmp_path / "s" / "tiny-whale.csv").is_file()
     result = last.done["folds"].manifest["result"]["pseudo"]
     assert result["rows"] == len(pseudo) and result["precision_against_answers"] is not None
+    # the validation fold's queries, each with its first answer and truth: the bar's precision is measured there
+    validation = pd.read_csv(first.done["retrieve"].file("answers-validation.csv"), keep_default_na=False)
+    _, val_part = fold_parts(load_table(first.done["folds"])[1], 0)
+    expected = np.where(val_part["known"], val_part["label"], "new_whale")
+    assert sorted(validation["truth"]) == sorted(expected)
+    scored = validation[(validation["label"] != "new_whale") & (validation["cosine"] != "")]
+    assert result["cosine_bar"] == -0.99 and result["validation_above_bar"] == len(scored) > 0
+    assert result["validation_precision"] == pytest.approx((scored["label"] == scored["truth"]).mean())
+
+    # a bar measured on those answers: the test rows are exactly the answers at or above it
+    measured = run_rounds(cfg, tmp_path, ["pseudo.rounds=1", "pseudo.min_precision=0.5"])
+    assert measured.previous.done["retrieve"].reused
+    validation["cosine"] = pd.to_numeric(validation["cosine"])
+    bar = precision_bar(validation, "new_whale", 0.5)
+    result = measured.done["folds"].manifest["result"]["pseudo"]
+    assert result["bar_from"] == "min_precision"
+    if math.isinf(bar):  # no answer right enough: no rows, and round 0's members stand for round 1's
+        assert result["cosine_bar"] is None and result["rows"] == 0
+        assert measured.done["train/m0"].reused and measured.done["train/m0"].path == first.done["train/m0"].path
+    else:
+        assert result["cosine_bar"] == pytest.approx(bar) and result["validation_precision"] >= 0.5
+        answers["cosine"] = pd.to_numeric(answers["cosine"])
+        assert result["rows"] == ((answers["cosine"] >= bar) & (answers["label"] != "new_whale")).sum()
 
     again = run_rounds(cfg, tmp_path, ["pseudo.rounds=1", "pseudo.min_cosine=0.5"])
     assert again.previous.done["train/m0"].reused and again.previous.done["retrieve"].reused

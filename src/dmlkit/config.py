@@ -407,6 +407,13 @@ class PseudoConfig(Strict):
     top_share: float | None = Field(
         None, gt=0.0, le=1.0, description="instead of min_cosine: the share of test images with the highest cosine"
     )
+    min_precision: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="instead of min_cosine: the lowest cosine at which the previous round's validation queries "
+        "answered at or above it are at least this share right (a bar measured, not guessed)",
+    )
 
 
 class RuntimeConfig(Strict):
@@ -661,13 +668,17 @@ def _pseudo_problems(pseudo: PseudoConfig, metric: str) -> list[str]:
     if pseudo.rounds == 0:
         return [
             f"pseudo.{k}: no effect while pseudo.rounds is 0"
-            for k in ("min_cosine", "top_share")
+            for k in ("min_cosine", "top_share", "min_precision")
             if k in pseudo.model_fields_set
         ]
     if metric == "map@100":
         return ["pseudo.rounds: pseudo-labels need a labelled answer per test image (not a retrieval competition)"]
+    if pseudo.top_share is not None and pseudo.min_precision is not None:
+        return ["pseudo.min_precision: set next to pseudo.top_share; choose one way to pick the images"]
     if pseudo.top_share is not None and "min_cosine" in pseudo.model_fields_set:
         return ["pseudo.min_cosine: no effect next to pseudo.top_share (the share picks the images)"]
+    if pseudo.min_precision is not None and "min_cosine" in pseudo.model_fields_set:
+        return ["pseudo.min_cosine: no effect next to pseudo.min_precision (validation sets the bar)"]
     return []
 
 

@@ -30,7 +30,7 @@ from .runtime import barrier, default_device, is_main_process
 log = logging.getLogger("dmlkit")
 
 STAGES = ("folds", "train", "embed", "ensemble", "retrieve", "submit")
-VERSIONS = {"folds": 3, "train": 4, "embed": 3, "ensemble": 1, "retrieve": 6, "submit": 1}
+VERSIONS = {"folds": 3, "train": 4, "embed": 3, "ensemble": 1, "retrieve": 7, "submit": 1}
 # The files of each stage that later stages read: their digest is the manifest's `output`.
 OUTPUTS = {
     "folds": ("table.csv", "folds.csv", "unreadable.csv", "images.fingerprint"),
@@ -113,10 +113,17 @@ class Context:
 
 
 def _artifact_path(ctx: Context, stage: str, name: str, key: str) -> Path:
-    """artifacts/<experiment>/[round-<r>/]<stage>/[<name>/]<key>"""
-    experiment = f"{ctx.cfg.experiment}/round-{ctx.round}" if ctx.round else ctx.cfg.experiment
-    final = cache.artifact_dir(ctx.artifacts, experiment, stage, key)
-    return final.parent / name / key if name else final
+    """artifacts/<experiment>/[round-<r>/]<stage>/[<name>/]<key>. An earlier round's complete artifact
+    with the same key stands for this round's: a pseudo round that added no rows has the same inputs
+    as the round before, and retraining every member would reproduce it."""
+
+    def in_round(r: int) -> Path:
+        experiment = f"{ctx.cfg.experiment}/round-{r}" if r else ctx.cfg.experiment
+        final = cache.artifact_dir(ctx.artifacts, experiment, stage, key)
+        return final.parent / name / key if name else final
+
+    paths = [in_round(r) for r in range(ctx.round, -1, -1)]
+    return next((path for path in paths if cache.is_complete(path)), paths[0])
 
 
 def _run(
@@ -249,8 +256,7 @@ def pseudo_rounds(ctx: Context) -> Context:
 
 def run_pseudo_folds(ctx: Context) -> cache.Artifact:
     """Round r's folds: round 0's plus round r−1's confident test answers as training rows."""
-    from .runs import headline
-    from .stages.pseudo import precision, select_pseudo, with_pseudo_rows, write_round_folds
+    from .stages.pseudo import with_pseudo_rows, write_round_folds
 
     first = ctx
     while first.previous is not None:
@@ -261,40 +267,81 @@ def run_pseudo_folds(ctx: Context) -> cache.Artifact:
 
     def compute(work: Path) -> dict:
         table, folds = load_table(base)
-        read = {"dtype": {"id": str, "label": str}, "keep_default_na": False}
-        answers = pd.read_csv(previous.file(f"answers-{ctx.adapter.name}.csv"), **read)
-        answers["cosine"] = pd.to_numeric(answers["cosine"])
-        chosen = select_pseudo(answers, ctx.adapter.unknown_label, ctx.cfg.pseudo)
+        chosen, figures = _pseudo_answers(ctx, previous)
         result = dict(base.manifest.get("result", {}))
         result["train_data"] = write_round_folds(base.path, work, with_pseudo_rows(folds, table, chosen), chosen)
-        solution = ctx.root / ctx.adapter.solution_file
-        truths = {}
-        if solution.is_file():
-            frame = ctx.adapter.read_solution(solution)
-            truths = dict(zip(frame.iloc[:, 0].astype(str), frame.iloc[:, 1].astype(str), strict=True))
-        report = previous.manifest.get("result", {}).get("report") or []
-        result["pseudo"] = {
-            "rows": len(chosen),
-            "of_test_images": len(answers),
-            "precision_against_answers": precision(chosen, truths),
-            "previous_round_validation": {k: v for k, v in headline(report).items() if k != "step"},
-        }
+        result["pseudo"] = figures
         return result
 
     art = _run(ctx, "folds", "", part, upstream, {}, compute)
     if ctx.plan is None and is_main_process():
-        info = art.manifest.get("result", {}).get("pseudo", {})
-        scored = info.get("precision_against_answers")
-        log.info(
-            "[pseudo round %d] %d of %d test images train as their first answer (round %d's validation: %s)%s",
-            ctx.round,
-            info.get("rows", 0),
-            info.get("of_test_images", 0),
-            ctx.round - 1,
-            ", ".join(f"{k} {v:.4f}" for k, v in info.get("previous_round_validation", {}).items() if v == v),
-            f"; {scored:.3f} of them right by the shipped answers" if scored is not None else "",
-        )
+        _log_pseudo_round(ctx.round, art.manifest.get("result", {}).get("pseudo", {}))
     return art
+
+
+def _pseudo_answers(ctx: Context, previous: cache.Artifact) -> tuple[pd.DataFrame, dict]:
+    """The previous round's test answers that become training rows, and the figures on them: the
+    bar, the precision validation queries reach at it, and where the competition ships its answers
+    (the demos) the share of the rows that is right."""
+    from .runs import headline
+    from .stages.pseudo import bar_source, cosine_bar, precision, select_pseudo, validation_precision
+
+    read = {"dtype": {"id": str, "label": str, "truth": str}, "keep_default_na": False}
+    answers = pd.read_csv(previous.file(f"answers-{ctx.adapter.name}.csv"), **read)
+    answers["cosine"] = pd.to_numeric(answers["cosine"])
+    validation = None
+    if previous.file("answers-validation.csv").is_file():
+        validation = pd.read_csv(previous.file("answers-validation.csv"), **read)
+        validation["cosine"] = pd.to_numeric(validation["cosine"])
+    unknown = ctx.adapter.unknown_label
+    bar = cosine_bar(ctx.cfg.pseudo, validation, unknown)
+    chosen = select_pseudo(answers, unknown, ctx.cfg.pseudo, bar)
+    if bar is None:  # top_share: the lowest cosine it took
+        bar = float(chosen["cosine"].min()) if len(chosen) else np.inf
+    above, right = validation_precision(validation, unknown, bar) if validation is not None else (0, None)
+    solution = ctx.root / ctx.adapter.solution_file
+    truths = {}
+    if solution.is_file():
+        frame = ctx.adapter.read_solution(solution)
+        truths = dict(zip(frame.iloc[:, 0].astype(str), frame.iloc[:, 1].astype(str), strict=True))
+    report = previous.manifest.get("result", {}).get("report") or []
+    figures = {
+        "rows": len(chosen),
+        "of_test_images": len(answers),
+        "cosine_bar": bar if np.isfinite(bar) else None,
+        "bar_from": bar_source(ctx.cfg.pseudo),
+        "validation_above_bar": above,
+        "validation_precision": right,
+        "precision_against_answers": precision(chosen, truths),
+        "previous_round_validation": {k: v for k, v in headline(report).items() if k != "step"},
+    }
+    return chosen, figures
+
+
+def _log_pseudo_round(round_: int, info: dict) -> None:
+    scored, right, bar = info.get("precision_against_answers"), info.get("validation_precision"), info.get("cosine_bar")
+    log.info(
+        "[pseudo round %d] %d of %d test images train as their first answer (%s; round %d's validation: %s); "
+        "validation queries at that bar: %d, %s right%s",
+        round_,
+        info.get("rows", 0),
+        info.get("of_test_images", 0),
+        f"no answer passes pseudo.{info.get('bar_from')}" if bar is None else f"cosine ≥ {bar:.4f}",
+        round_ - 1,
+        ", ".join(f"{k} {v:.4f}" for k, v in info.get("previous_round_validation", {}).items() if v == v),
+        info.get("validation_above_bar", 0),
+        "–" if right is None else f"{right:.3f}",
+        f"; {scored:.3f} of the rows right by the shipped answers" if scored is not None else "",
+    )
+    if right is not None and right < 0.5:
+        log.warning(
+            "[pseudo round %d] most validation answers at this bar are wrong (%.3f right): the rows it adds "
+            "likely teach wrong labels; set pseudo.min_precision (e.g. 0.9) or raise pseudo.min_cosine",
+            round_,
+            right,
+        )
+    if bar is None and info.get("bar_from") == "min_precision":
+        log.warning("[pseudo round %d] no cosine bar reaches pseudo.min_precision on validation: no rows added", round_)
 
 
 def _report_unreadable(ctx: Context, art: cache.Artifact) -> None:

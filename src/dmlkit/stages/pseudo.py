@@ -8,6 +8,7 @@ search gallery never holds them: validation stays honest and a test image never 
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -20,15 +21,63 @@ from ..config import PseudoConfig
 PREFIX = "pseudo:"
 
 
-def select_pseudo(answers: pd.DataFrame, unknown_label: str | None, pseudo: PseudoConfig) -> pd.DataFrame:
+def known_answers(answers: pd.DataFrame, unknown_label: str | None) -> pd.DataFrame:
+    """The answers that could train: a known label (not blank, not the unknown label) with a cosine."""
+    return answers[(answers["label"] != "") & (answers["label"] != unknown_label) & answers["cosine"].notna()]
+
+
+def precision_bar(validation: pd.DataFrame, unknown_label: str | None, min_precision: float) -> float:
+    """The lowest cosine at which the validation answers (id, label, cosine, truth) at or above it are
+    at least `min_precision` right: the bar that admits the most answers at that precision. A bar
+    never splits answers of equal cosine. `inf` (nothing passes) when no bar reaches it."""
+    known = known_answers(validation, unknown_label).sort_values("cosine", ascending=False, kind="stable")
+    cosines = known["cosine"].to_numpy(dtype=float)
+    if len(cosines) == 0:
+        return math.inf
+    right = (known["label"] == known["truth"]).to_numpy()
+    precision_above = np.cumsum(right) / np.arange(1, len(right) + 1)
+    run_ends = np.r_[cosines[1:] != cosines[:-1], True]
+    passing = np.flatnonzero((precision_above >= min_precision) & run_ends)
+    return float(cosines[passing[-1]]) if len(passing) else math.inf
+
+
+def validation_precision(validation: pd.DataFrame, unknown_label: str | None, bar: float) -> tuple[int, float | None]:
+    """How many validation queries' first answers would pass `bar` as pseudo-labels, and the share
+    of them that is right (None when none passes): the precision to expect of the test's rows."""
+    known = known_answers(validation, unknown_label)
+    above = known[known["cosine"] >= bar]
+    return len(above), float((above["label"] == above["truth"]).mean()) if len(above) else None
+
+
+def bar_source(pseudo: PseudoConfig) -> str:
+    """The setting that picks the rows: top_share, min_precision or min_cosine."""
+    return "top_share" if pseudo.top_share is not None else "min_precision" if pseudo.min_precision else "min_cosine"
+
+
+def cosine_bar(pseudo: PseudoConfig, validation: pd.DataFrame | None, unknown_label: str | None) -> float | None:
+    """The cosine a test image's first answer must reach: `min_cosine`, or the bar `min_precision`
+    measures on the validation answers; None where `top_share` picks by rank instead."""
+    if pseudo.top_share is not None:
+        return None
+    if pseudo.min_precision is None:
+        return pseudo.min_cosine
+    if validation is None:
+        raise ValueError("pseudo.min_precision: the previous round has no validation answers to measure the bar on")
+    return precision_bar(validation, unknown_label, pseudo.min_precision)
+
+
+def select_pseudo(
+    answers: pd.DataFrame, unknown_label: str | None, pseudo: PseudoConfig, bar: float | None = None
+) -> pd.DataFrame:
     """The answers (id, label, cosine) that become training rows: a known first answer whose cosine
-    reaches `min_cosine`, or the `top_share` of the test images with the highest cosine among them."""
-    known = answers[(answers["label"] != "") & (answers["label"] != unknown_label) & answers["cosine"].notna()]
+    reaches `bar` (default `min_cosine`), or the `top_share` of the test images with the highest
+    cosine among them."""
+    known = known_answers(answers, unknown_label)
     if pseudo.top_share is not None:
         n = int(round(pseudo.top_share * len(answers)))
         chosen = known.sort_values(["cosine", "id"], ascending=[False, True], kind="stable").head(n)
     else:
-        chosen = known[known["cosine"] >= pseudo.min_cosine]
+        chosen = known[known["cosine"] >= (pseudo.min_cosine if bar is None else bar)]
     return chosen.sort_values("id", kind="stable").reset_index(drop=True)
 
 

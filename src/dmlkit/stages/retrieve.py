@@ -462,6 +462,14 @@ def first_answers(ranked: Predictions, final: Predictions) -> pd.DataFrame:
     return pd.DataFrame({"id": final.ids, "label": [row[0] if row else "" for row in final.labels], "cosine": cosines})
 
 
+def validation_answers(adapter: Adapter, queries: RankedQueries, calibration: Calibration) -> pd.DataFrame:
+    """Each validation query's first answer and its best cosine, as `first_answers` gives the test's,
+    with its truth (blank for a non-landmark): pseudo-labelling measures its bar's precision on them."""
+    frame = first_answers(queries.ranked, adapter.predict(queries.ranked, calibration, queries.offset))
+    frame["truth"] = ["" if truth is None else str(truth) for truth in queries.truths]
+    return frame
+
+
 def _second(second: SecondStage, result: Neighbours, query_rows, gallery_rows, retrieval: bool) -> Neighbours:
     return Neighbours(*second.apply(result.sims, result.ids, query_rows, gallery_rows, retrieval), result.query_offset)
 
@@ -550,7 +558,8 @@ def retrieve(
     groups: np.ndarray | None = None,
 ) -> tuple[dict[str, Predictions], pd.DataFrame, dict, dict[str, pd.DataFrame]]:
     """Validation report, tuned settings, test predictions for every submission format and each
-    label format's first answers with their cosines (see `first_answers`).
+    label format's first answers with their cosines (see `first_answers`), plus the validation
+    queries' under "validation" (see `validation_answers`).
 
     `member_heads` maps a member to (labels, cosines), each (N, k): its head's best classes per row.
     `fold_embeddings` (fold → the embeddings of the members trained without it), when the members
@@ -571,7 +580,7 @@ def retrieve(
     distractors = lambda emb: emb[pool] if cfg.penalty.enabled else None  # noqa: E731
     split = validation_split(table, folds, val_fold, cfg.validation_queries, groups)
     report: list[dict] = []
-    calibration, tuned_on = Calibration(), {}
+    calibration, tuned_on, validation = Calibration(), {}, None
     if len(split.query_rows) == 0:
         log.warning("retrieve: validation fold %d is empty; no report and default thresholds", val_fold)
     else:
@@ -586,6 +595,8 @@ def retrieve(
             where = f" (out-of-fold: folds {sorted(fold_embeddings)}, {len(queries.truths)} queries)"
         calibration, rows, tuned_on = calibrate(cfg, adapter, queries, where)
         report += rows
+        if adapter.gallery_role == "train":
+            validation = validation_answers(adapter, queries, calibration)
     known_train = folds[folds["known"]]
     predictions, answers = test_predictions(
         cfg,
@@ -600,6 +611,8 @@ def retrieve(
         second,
         groups,
     )
+    if validation is not None:
+        answers["validation"] = validation  # answers-validation.csv: no format is named so
     tuned = calibration.tuned()
     if second is not None and second.fusion is not None:
         tuned["verify"] = second.fusion.to_json()
