@@ -17,8 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 from dmlkit.config import load_config
-from dmlkit.pipeline import Context, ensure_demo_data, run_train
+from dmlkit.pipeline.context import Context, ensure_demo_data
 from dmlkit.runtime import seed_everything, set_threads, setup_logging
+from dmlkit.stages.train import run_train
 
 VARIANTS = [
     ("ArcFace", ["head.subcenters=1", "head.dynamic=none", "see.enabled=false"]),
@@ -30,11 +31,11 @@ VARIANTS = [
 
 def untrained_score(ctx: Context) -> dict:
     """Validation score of the randomly initialised backbone + neck (the floor training must beat)."""
-    from dmlkit.evaluation import knn_validation_scores
+    from dmlkit.build import build_model
+    from dmlkit.data.folds import fold_parts
+    from dmlkit.evaluation import LabelledQueries, knn_validation_scores
     from dmlkit.inference import embed_paths
-    from dmlkit.models.build import build_model
-    from dmlkit.pipeline import load_table, run_folds
-    from dmlkit.stages.folds import fold_parts
+    from dmlkit.stages.folds import load_table, run_folds
 
     member = ctx.cfg.members[0]
     _, folds = load_table(run_folds(ctx))
@@ -43,14 +44,7 @@ def untrained_score(ctx: Context) -> dict:
     embed = {"image_size": member.image_size, "batch_size": 128, "device": ctx.device, "flip": False, "progress": False}
     gallery = embed_paths(model, train["path"].tolist(), **embed)
     queries = embed_paths(model, val["path"].tolist(), **embed)
-    return knn_validation_scores(
-        ctx.adapter,
-        queries,
-        val["label"].to_numpy(),
-        val["known"].to_numpy(),
-        gallery,
-        train["label"].to_numpy(),
-    )
+    return knn_validation_scores(ctx.adapter, queries, gallery, LabelledQueries.of(val, train))
 
 
 def main(argv: list[str] | None = None) -> int:

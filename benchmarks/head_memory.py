@@ -12,9 +12,8 @@ import numpy as np
 import torch
 from common import report
 
-from dmlkit.config import TrainConfig
-from dmlkit.models.heads import build_head
-from dmlkit.models.optim import make_optimizer
+from dmlkit.models.heads import create_head
+from dmlkit.models.optim import OptimizerSettings, make_optimizer
 
 
 def tensor_bytes(tensors) -> int:
@@ -22,8 +21,8 @@ def tensor_bytes(tensors) -> int:
 
 
 def measure(classes: int, optimizer: str, device: torch.device) -> dict:
-    head = build_head("arcface", 512, np.ones(classes), 45.0, 3, "none", 0.45, 0.05, -0.25, 0.3).to(device)
-    opt = make_optimizer(TrainConfig(optimizer=optimizer), [], list(head.parameters()), device)
+    head = create_head("arcface", 512, np.ones(classes), scale=45.0, subcenters=3).to(device)
+    opt = make_optimizer(OptimizerSettings(optimizer=optimizer), [], list(head.parameters()), device)
     emb = torch.randn(8, 512, device=device)
     labels = torch.randint(0, classes, (8,), device=device)
     torch.nn.functional.cross_entropy(head(emb, labels), labels).backward()

@@ -23,16 +23,18 @@ import pandas as pd
 import torch
 from common import RESULTS
 
+from dmlkit.build import load_member
 from dmlkit.competitions import Calibration
 from dmlkit.competitions.image_folder import extracted, image_root, list_images
 from dmlkit.config import load_config
-from dmlkit.evaluation import RankedQueries, rank_queries, score_queries
+from dmlkit.evaluation import LabelledQueries, RankedQueries, Voting, rank_queries, score_queries
 from dmlkit.inference import embed_paths
-from dmlkit.models.checkpoint import load_member
-from dmlkit.pipeline import Context, run_retrieve, run_train
+from dmlkit.pipeline.context import Context
 from dmlkit.retrieval.ensemble import concatenate
 from dmlkit.retrieval.search import knn
 from dmlkit.runtime import seed_everything, set_threads, setup_logging
+from dmlkit.stages.retrieve import run_retrieve
+from dmlkit.stages.train import run_train
 
 VARIANTS = [
     ("ArcFace", ["head.subcenters=1", "head.dynamic=none", "see.enabled=false"]),
@@ -105,7 +107,9 @@ def ranked_identification(
     sims, ids = knn(emb[query_rows], emb[gallery_rows], k=min(100, len(gallery_rows)), progress=False)
     voting = ctx.cfg.retrieve.voting
     known = np.array([lab not in new for lab in q_labels])
-    queries = rank_queries(ctx.adapter, sims, ids, q_labels, known, g_labels, voting.k, voting.power)
+    queries = rank_queries(
+        ctx.adapter, sims, ids, LabelledQueries(q_labels, known, g_labels), Voting(voting.k, voting.power)
+    )
     return queries, query_rows, gallery_rows
 
 

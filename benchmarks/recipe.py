@@ -33,12 +33,13 @@ import pandas as pd
 from common import RESULTS, machine
 from omniglot import embedder, one_shot_accuracy, one_shot_runs, ranked_identification
 
+from dmlkit.build import load_member
 from dmlkit.competitions.image_folder import extracted, image_root, list_images
 from dmlkit.config import load_config
 from dmlkit.evaluation import plain_score
-from dmlkit.models.checkpoint import load_member
-from dmlkit.pipeline import Context, run_train
+from dmlkit.pipeline.context import Context
 from dmlkit.runtime import seed_everything, set_threads, setup_logging
+from dmlkit.stages.train import run_train
 
 ARCFACE = ["head.type=arcface", "head.subcenters=1", "head.dynamic=none", "see.enabled=false"]
 SEE = ["see.enabled=true"]

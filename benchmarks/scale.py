@@ -25,7 +25,9 @@ from common import peak_rss, report
 
 from dmlkit.competitions import get_adapter
 from dmlkit.config import FoldsConfig, RetrieveConfig
+from dmlkit.retrieval import chain
 from dmlkit.retrieval.ensemble import concatenate
+from dmlkit.retrieval.validation import Scorers
 from dmlkit.runtime import set_threads
 from dmlkit.stages import retrieve as retrieve_stage
 from dmlkit.stages.folds import make_folds, read_folds
@@ -87,7 +89,7 @@ class SearchClock:
 
     def __init__(self):
         self.seconds, self.calls = 0.0, 0
-        self.inner = retrieve_stage.knn
+        self.inner = chain.knn
 
     def __call__(self, *args, **kwargs):
         started = time.perf_counter()
@@ -134,15 +136,14 @@ def run_size(n_train: int, scratch: Path, rows: list[dict]) -> None:
     halves.clear()
     cfg = RetrieveConfig(k=100, **index_for(n_train))
     clock = SearchClock()
-    retrieve_stage.knn = clock
+    chain.knn = clock
     try:
-        predictions, report_frame, _ = timed(
+        embeddings = retrieve_stage.EmbeddingSet(ensembled, {"e": ensembled}, {})
+        predictions, report_frame, _, _ = timed(
             rows,
             size,
             "retrieve (all)",
-            lambda: retrieve_stage.retrieve(
-                cfg, adapter, [adapter], table, folds, ensembled, {"e": ensembled}, 0, False
-            ),
+            lambda: retrieve_stage.retrieve(cfg, [adapter], table, folds, embeddings, 0, Scorers(), False),
         )
         timed(rows, size, "write retrieval", lambda: retrieve_stage.write_retrieval(work, predictions, report_frame))
         timed(
@@ -152,7 +153,7 @@ def run_size(n_train: int, scratch: Path, rows: list[dict]) -> None:
             lambda: retrieve_stage.save_retrieval_grid(work / "grid.png", table, folds, ensembled, 0),
         )
     finally:
-        retrieve_stage.knn = clock.inner
+        chain.knn = clock.inner
     total = next(r for r in reversed(rows) if r["stage"] == "retrieve (all)")
     print(f"  retrieve: {clock.seconds:.2f} s in {clock.calls} faiss searches ({cfg.index})", flush=True)
     rows.append(

@@ -13,10 +13,9 @@ import timm
 import torch
 from common import interleaved_best, report
 
+from dmlkit.build import build_member_head, build_model, build_objective, optimizer_settings
 from dmlkit.config import HeadConfig, MemberConfig, SEEConfig, TrainConfig
 from dmlkit.inference import autocast_dtype
-from dmlkit.models.build import build_member_head, build_model
-from dmlkit.models.objective import MarginModel
 from dmlkit.models.optim import make_optimizer
 from dmlkit.runtime import keep_freed_memory
 
@@ -62,7 +61,7 @@ def measure(
     floats = ((images.float() - model.pixel_mean) / model.pixel_std).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, classes, (batch,), device=device)
     dtype = autocast_dtype(device, "auto")
-    full = MarginModel(model, head, member)
+    full = build_objective(member, model, head)
     bare = timm.create_model(backbone, num_classes=0, in_chans=in_chans).to(device)
     bare = bare.to(memory_format=torch.channels_last)
 
@@ -70,7 +69,7 @@ def measure(
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    opt_bare = make_optimizer(member.train, list(bare.parameters()), [], device)
+    opt_bare = make_optimizer(optimizer_settings(member.train), list(bare.parameters()), [], device)
 
     def bare_step():
         with autocast(device, dtype):
@@ -80,7 +79,7 @@ def measure(
         opt_bare.zero_grad(set_to_none=True)
         sync()
 
-    opt_backbone = make_optimizer(member.train, list(model.parameters()), [], device)
+    opt_backbone = make_optimizer(optimizer_settings(member.train), list(model.parameters()), [], device)
 
     def backbone_step():
         with autocast(device, dtype):
@@ -93,7 +92,11 @@ def measure(
     generator = torch.Generator().manual_seed(0)
     optimizers = {
         rate: make_optimizer(
-            member.train, model, list(head.parameters()), device, head.touched_rows if rate < 1 else None
+            optimizer_settings(member.train),
+            model,
+            list(head.parameters()),
+            device,
+            head.touched_rows if rate < 1 else None,
         )
         for rate in sample_rates
     }
@@ -176,10 +179,10 @@ def head_alone_step(head, member, batch, labels, dtype, device, rate, sync):
     """The head's own step (margin loss, SEE, backward, optimizer) from fixed embeddings: its share of
     the step without the backbone's run-to-run swing in a difference of two step times."""
     fixed = _Fixed(torch.randn(batch, member.embedding_size, device=device))
-    objective = MarginModel(fixed, head, member)
+    objective = build_objective(member, fixed, head)
     objective.sample_rate = rate
     rows = head.touched_rows if rate < 1 else None
-    optimizer = make_optimizer(member.train, fixed, list(head.parameters()), device, rows)
+    optimizer = make_optimizer(optimizer_settings(member.train), fixed, list(head.parameters()), device, rows)
     generator = torch.Generator().manual_seed(1)
 
     def step() -> None:

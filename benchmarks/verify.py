@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from dmlkit.config import VerifyConfig
 from dmlkit.retrieval.local import root_sift, verify_pair
-from dmlkit.stages.verify import FeatureStore, ensure_features, extract, verify_shortlists, worker_count
+from dmlkit.retrieval.verify import FeatureStore, ensure_features, extract, verify_shortlists, worker_count
 
 GLDV2_TEST_QUERIES = 117_577  # GLDv2 recognition test images
 GLDV2_TOP_K = 10

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from conftest import ROOT, write_tiny_config
-from dmlkit.config import MemberConfig, TrainConfig, load_config
+from dmlkit.build import build_member_head, build_model, build_objective
+from dmlkit.config import MemberConfig, load_config
+from dmlkit.export import run_export
 from dmlkit.inference import embed_paths
-from dmlkit.models.build import build_member_head, build_model
-from dmlkit.models.objective import MarginModel
-from dmlkit.models.optim import make_optimizer
-from dmlkit.pipeline import Context, ensure_demo_data, run_embed, run_export
+from dmlkit.models.optim import OptimizerSettings, make_optimizer
+from dmlkit.pipeline.context import Context, ensure_demo_data
+from dmlkit.stages.embed import run_embed
 
 TINY = {  # random-init, a few layers: seconds on a CPU
     "vit": ("vit_tiny_patch16_224", {"depth": 2, "embed_dim": 32, "num_heads": 2}, "tokens"),
@@ -57,8 +58,8 @@ def test_any_timm_family_builds_trains_a_step_and_embeds_at_a_non_native_size(tm
     assert model.layout == TINY[kind][2]
     assert model.pool_rule == (("gem" if model.layout == "nchw" else "model") if pool == "auto" else pool)
     head = build_member_head(m, np.array([3, 2, 4, 1]))
-    objective = MarginModel(model, head, m)
-    optimizer = make_optimizer(TrainConfig(), model, list(head.parameters()), torch.device("cpu"))
+    objective = build_objective(m, model, head)
+    optimizer = make_optimizer(OptimizerSettings(), model, list(head.parameters()), torch.device("cpu"))
     before = [p.detach().clone() for p in model.backbone.parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision, Partial FC and SEE as in training
         loss, _ = objective(torch.randint(0, 255, (4, 3, 48, 48), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]), 1.0)
@@ -97,35 +98,35 @@ def test_hub_weights_offline_stop_before_anything_trains(tmp_path):
 def test_head_first_epochs_freeze_the_backbone_then_train_it(tmp_path):
     """Epoch 1 of 2 with freeze_backbone_epochs=1: the backbone's weights and BatchNorm statistics stay,
     the neck and head learn; epoch 2 trains the backbone."""
-    from dmlkit.pipeline import load_table, run_folds
-    from dmlkit.stages import train as stage
+    from dmlkit.stages.folds import load_table, run_folds
+    from dmlkit.training import data, loop, setup
 
     cfg = write_tiny_config(tmp_path, "whale")
     overrides = ["members.0.train.epochs=2", "members.0.train.freeze_backbone_epochs=1", "members.0.train.batch_size=8"]
     ctx = Context(load_config(cfg, overrides), artifacts=tmp_path / "a", progress=False)
     ensure_demo_data(ctx)
     m = ctx.cfg.members[0]
-    data = stage.fold_data(m, load_table(run_folds(ctx))[1])
-    model, head = stage.build_networks(m, data, ctx.device, None)
-    dataset = stage.training_dataset(m, data)
-    run = stage.training_run(m, model, head, dataset, ctx.device)
+    fold = data.fold_data(m, load_table(run_folds(ctx))[1])
+    model, head = setup.build_networks(m, fold, ctx.device, None)
+    dataset = data.training_dataset(m, fold)
+    run = setup.training_run(m, model, head, dataset, ctx.device)
 
     def snapshot() -> dict:
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     start = snapshot()
-    stage.train_epoch(ctx.cfg, m, run, dataset, 0, ctx.device, tmp_path / "last.pt", False)
+    loop.train_epoch(ctx.cfg, m, run, dataset, 0, ctx.device, tmp_path / "last.pt", False)
     frozen = snapshot()
     backbone = [k for k in start if k.startswith("backbone.")]
     assert all(torch.equal(start[k], frozen[k]) for k in backbone)  # weights and running statistics
     assert not torch.equal(start["neck.0.weight"], frozen["neck.0.weight"])
-    stage.train_epoch(ctx.cfg, m, run, dataset, 1, ctx.device, tmp_path / "last.pt", False)
+    loop.train_epoch(ctx.cfg, m, run, dataset, 1, ctx.device, tmp_path / "last.pt", False)
     assert any(not torch.equal(frozen[k], model.state_dict()[k]) for k in backbone)
 
 
 def test_layer_decay_scales_the_transformer_blocks_learning_rates():
     model = build_model(member("vit"))
-    t = TrainConfig(lr=1e-3, layer_decay=0.5)
+    t = OptimizerSettings(lr=1e-3, layer_decay=0.5)
     optimizer = make_optimizer(t, model, [], torch.device("cpu"))
     rates = sorted({round(g["lr"], 8) for g in optimizer.param_groups})
     # timm's layer ids: the patch embedding with block 0's depth, then each block, the final norm at lr
@@ -152,7 +153,7 @@ def test_exported_module_equals_the_pipeline_embeddings(tmp_path, backbone):
     module = torch.jit.load(str(written["torchscript"]))
     from dmlkit.data.dataset import ImageDataset
     from dmlkit.data.transforms import make_pipeline
-    from dmlkit.pipeline import load_table, run_folds
+    from dmlkit.stages.folds import load_table, run_folds
 
     table, _ = load_table(run_folds(ctx))
     paths = table["path"].tolist()[:12]
@@ -200,7 +201,7 @@ def test_flip_tta_is_the_mean_over_the_image_and_its_mirror(tmp_path):
 def test_an_onnx_export_that_fails_is_an_error_naming_the_members(tmp_path, monkeypatch):
     """export.onnx: true promises an .onnx file: a model that does not export stops the export
     (naming the members) instead of a warning and a missing file found in the offline notebook."""
-    from dmlkit.stages.export import ExportError
+    from dmlkit.export import ExportError
 
     cfg = write_tiny_config(tmp_path, "whale")
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from dmlkit.competitions import ADAPTERS, InputError, Predictions, adapter_for_header, get_adapter
-from dmlkit.stages.score import score_files
+from dmlkit.competitions.scoring import score_files
 
 ROOT = Path(__file__).resolve().parents[1]
 

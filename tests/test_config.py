@@ -169,26 +169,30 @@ def test_values_that_crashed_later_stop_at_load_naming_the_key(configs, override
     ],
 )
 def test_values_without_effect_are_refused_before_anything_runs(configs, overrides, competition, message):
-    from dmlkit.pipeline import Context
+    from dmlkit.pipeline.checks import check_values
+    from dmlkit.pipeline.context import Context
 
     cfg = load_config(configs / "exp.yaml", [f"competition.name={competition}", *overrides])
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        Context(cfg)
+        check_values(Context(cfg))
 
 
 def test_values_with_effect_pass_and_cpu_fp16_is_a_warning(configs, caplog):
-    from dmlkit.pipeline import Context
+    from dmlkit.pipeline.checks import check_values
+    from dmlkit.pipeline.context import Context
 
     fixed = ["member_defaults.head.dynamic=none", "member_defaults.head.margin=0.4", "retrieve.unknown_threshold=0.3"]
-    Context(load_config(configs / "exp.yaml", fixed))
-    Context(load_config(configs / "exp.yaml", ["retrieve.index=ivf", "retrieve.nprobe=8"]))
+    check_values(Context(load_config(configs / "exp.yaml", fixed)))
+    check_values(Context(load_config(configs / "exp.yaml", ["retrieve.index=ivf", "retrieve.nprobe=8"])))
     retrieval = ["competition.name=landmark-retrieval", "retrieve.label_rerank.enabled=true"]
     verify = ["retrieve.verify.enabled=true", "retrieve.verify.weight=0.5", "retrieve.verify.cap=20"]
-    Context(load_config(configs / "exp.yaml", [*retrieval, *verify, "retrieve.label_rerank.min_score=0.5"]))
+    check_values(
+        Context(load_config(configs / "exp.yaml", [*retrieval, *verify, "retrieve.label_rerank.min_score=0.5"]))
+    )
     falling = ["schedule=threshold", "start=0.9", "end=0.5", "lower_bound=0.6", "enabled=true", "gradient=backbone"]
-    Context(load_config(configs / "exp.yaml", [f"member_defaults.see.{o}" for o in falling]))
+    check_values(Context(load_config(configs / "exp.yaml", [f"member_defaults.see.{o}" for o in falling])))
     with caplog.at_level("WARNING"):
-        Context(load_config(configs / "exp.yaml", ["members.1.train.amp=fp16"]))
+        check_values(Context(load_config(configs / "exp.yaml", ["members.1.train.amp=fp16"])))
     assert "members.1.train.amp: fp16 runs as bf16 on the CPU" in caplog.text
 
 
@@ -211,11 +215,12 @@ SHIPPED = sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_load(name):
-    from dmlkit.pipeline import Context
+    from dmlkit.pipeline.checks import check_values
+    from dmlkit.pipeline.context import Context
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / name)
     assert cfg.members
-    Context(cfg)  # no value without effect
+    check_values(Context(cfg))  # no value without effect
 
 
 def test_demos_train_plain_arcface_and_competition_configs_keep_their_winners_recipe():

@@ -20,7 +20,8 @@ from dmlkit.data.dataset import ImageDataset
 from dmlkit.data.transforms import make_pipeline
 from dmlkit.inference import embed_paths
 from dmlkit.models.backbone import EmbeddingModel
-from dmlkit.pipeline import Context
+from dmlkit.pipeline.checks import check_values
+from dmlkit.pipeline.context import Context
 
 
 def test_enlarge_grows_each_side_by_the_margin_and_clips_to_the_image():
@@ -121,10 +122,10 @@ def test_crops_without_boxes_or_not_summing_to_one_are_refused(tmp_path: Path):
 
     config = write_tiny_config(tmp_path)
     with pytest.raises(ConfigError, match=r"train\.crops: no boxes to crop"):
-        Context(load_config(config, ["member_defaults.train.crops={fullbody: 1.0}"]))
+        check_values(Context(load_config(config, ["member_defaults.train.crops={fullbody: 1.0}"])))
     cfg = load_config(config, ["member_defaults.train.crops={fullbody: 0.5, none: 0.4}", "competition.boxes=b.csv"])
     with pytest.raises(ConfigError, match="must be ≥ 0 and sum to 1"):
-        Context(cfg)
+        check_values(Context(cfg))
 
 
 def test_wide_shot_demo_trains_on_crops_and_embeds_their_mean(tmp_path: Path, monkeypatch, capfd):

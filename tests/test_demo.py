@@ -3,8 +3,8 @@ import pytest
 
 from conftest import TINY_LANDMARK, TINY_WHALE
 from dmlkit.competitions import get_adapter
+from dmlkit.competitions.scoring import score_files
 from dmlkit.demo import build_demo
-from dmlkit.stages.score import score_files
 
 
 def test_landmark_demo_layout_and_statistics(tmp_path):

@@ -46,7 +46,7 @@ def test_sync_batchnorm_keeps_timm_fused_activations():
     """torch's converter turns timm's BatchNormAct2d into a SyncBatchNorm without its SiLU."""
     import timm.layers as layers
 
-    from dmlkit.stages.train import sync_batchnorm
+    from dmlkit.training.setup import sync_batchnorm
 
     model = EmbeddingModel("efficientnet_b0", 16, image_size=32)
     before = {name: type(m.act) for name, m in model.named_modules() if isinstance(m, layers.BatchNormAct2d)}
@@ -194,7 +194,7 @@ def _accumulate_on_rank(rank: int, port: int, out: dict) -> None:
 
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from dmlkit.stages.train import gradient_sync
+    from dmlkit.training.loop import gradient_sync
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
@@ -272,11 +272,11 @@ def _train_epoch_with_skips(rank: int, port: int, folder: str, out: dict) -> Non
 
     import numpy as np
 
+    from dmlkit.build import build_member_head, build_model
     from dmlkit.config import MemberConfig
     from dmlkit.data.dataset import ImageDataset
     from dmlkit.data.transforms import make_pipeline
-    from dmlkit.models.build import build_member_head, build_model
-    from dmlkit.stages import train
+    from dmlkit.training import loop, setup
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
@@ -296,11 +296,11 @@ def _train_epoch_with_skips(rank: int, port: int, folder: str, out: dict) -> Non
         dataset = _UnreadableFirstOnRank1(ImageDataset(paths, labels, make_pipeline(32), 3, 32, True), count=7)
         torch.manual_seed(0)
         model, head = build_model(member), build_member_head(member, np.bincount(labels))
-        run = train.training_run(member, model, head, dataset, torch.device("cpu"))
+        run = setup.training_run(member, model, head, dataset, torch.device("cpu"))
         run.train_model = _NanOnRank1(run.train_model, at=1)  # rank 1's first forward is batch 1
         steps = []
         run.optimizer.register_step_post_hook(lambda *_: steps.append(1))
-        row = train.train_epoch(
+        row = loop.train_epoch(
             SimpleNamespace(seed=0), member, run, dataset, 0, torch.device("cpu"), Path(folder) / "x.pt", False
         )
         weights = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -344,7 +344,7 @@ def test_one_rank_unreadable_batch_and_nan_loss_are_skipped_by_both(tmp_path):
 )
 def test_batch_per_gpu_gives_each_rank_the_batch_and_scales_the_lr(batch_per, scaling, world, expected):
     from dmlkit.config import TrainConfig
-    from dmlkit.stages.train import batch_plan
+    from dmlkit.training.setup import batch_plan
 
     t = TrainConfig(batch_size=32, lr=1e-3, batch_per=batch_per, lr_scaling=scaling)
     per_rank, lr = batch_plan(t, world)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import ArcFaceLoss, CosFaceLoss, SubCenterArcFaceLoss
 
-from dmlkit.models.heads import ArcFaceHead, CosFaceHead, adacos_scale, build_head, dynamic_margins, sample_classes
+from dmlkit.models.heads import ArcFaceHead, CosFaceHead, adacos_scale, create_head, dynamic_margins, sample_classes
 
 
 def _data(batch=16, dim=8, classes=5, seed=0):
@@ -84,9 +84,9 @@ def test_dynamic_margins_glr3_and_power():
 
 
 def test_build_head_uses_per_class_margins_and_adacos():
-    head = build_head("arcface", 8, np.array([1, 100]), 30.0, 1, "glr3", 0.45, 0.05, -0.25, 0.3)
+    head = create_head("arcface", 8, np.array([1, 100]), scale=30.0, dynamic="glr3", dynamic_a=0.45, dynamic_b=0.05)
     assert head.scale == 30.0 and head.margins.tolist() == pytest.approx([0.5, 0.05])
-    head = build_head("arcface", 8, np.arange(1, 102), "adacos", 1, "glr3", 0.45, 0.05, -0.25, 0.3)
+    head = create_head("arcface", 8, np.arange(1, 102), scale="adacos", dynamic="glr3")
     assert head.scale == pytest.approx(6.512694, abs=1e-6)  # √2 · ln(101 − 1) = 1.4142136 · 4.6051702
     assert adacos_scale(2) == pytest.approx(0.980258, abs=1e-6)  # ln(1) = 0 would be no scale: √2 · ln 2
 

@@ -15,7 +15,8 @@ from dmlkit import cli
 from dmlkit.config import ConfigError, load_config
 from dmlkit.inference import embed_paths
 from dmlkit.models.backbone import EmbeddingModel
-from dmlkit.pipeline import Context
+from dmlkit.pipeline.checks import check_values
+from dmlkit.pipeline.context import Context
 from dmlkit.retrieval.search import MISSING, best_per_row, knn
 from dmlkit.stages.embed import read_views
 
@@ -88,7 +89,7 @@ def test_mirror_views_are_the_embeddings_of_the_mirrored_files(tmp_path: Path):
 def test_flip_gallery_refuses_what_it_has_no_meaning_with(tmp_path: Path, overrides, refused):
     cfg = load_config(write_tiny_config(tmp_path), overrides)  # the schema accepts it ...
     with pytest.raises(ConfigError, match=refused.replace(".", r"\.")):  # ... the context names the conflict
-        Context(cfg)
+        check_values(Context(cfg))
 
 
 def test_flip_gallery_end_to_end_searches_the_mirrors(tmp_path: Path, monkeypatch):
@@ -118,9 +119,8 @@ def _arcface_ce(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s
 
 
 def test_aux_head_loss_is_the_weighted_sum_of_the_identity_and_auxiliary_losses():
+    from dmlkit.build import build_aux, build_member_head, build_objective
     from dmlkit.config import MemberConfig
-    from dmlkit.models.build import build_aux, build_member_head
-    from dmlkit.models.objective import MarginModel
 
     aux = {"column": "species", "weight": 0.563, "identity_weight": 0.437, "scale": 10.0, "margin": 0.2}
     member = MemberConfig(
@@ -129,7 +129,7 @@ def test_aux_head_loss_is_the_weighted_sum_of_the_identity_and_auxiliary_losses(
     torch.manual_seed(0)
     model = EmbeddingModel("test_resnet", 16, image_size=32).eval()  # eval: two forwards give one embedding
     head, aux_head = build_member_head(member, np.ones(5)), build_aux(member, np.ones(3))
-    objective = MarginModel(model, head, member, aux_head)
+    objective = build_objective(member, model, head, aux_head)
     images = torch.rand(6, 3, 32, 32)
     labels = torch.tensor([[0, 2], [1, 0], [4, -1], [2, 1], [3, -1], [0, 0]])  # two rows without a species
     loss, _ = objective(images, labels, see_value=0.0)
@@ -149,7 +149,7 @@ def test_aux_head_loss_is_the_weighted_sum_of_the_identity_and_auxiliary_losses(
 def test_aux_column_missing_or_single_valued_is_refused_before_training():
     import pandas as pd
 
-    from dmlkit.stages.train import aux_targets
+    from dmlkit.training.data import aux_targets
 
     rows = pd.DataFrame({"id": ["a", "b", "c"], "label": ["x", "y", "x"], "species": ["s1", "", "s2"]})
     classes, targets = aux_targets(rows, "species", "m")
@@ -274,6 +274,6 @@ def test_per_species_thresholds_need_a_member_with_that_head(tmp_path: Path):
     config = _tiny_happywhale_config(tmp_path)
     cfg = load_config(config, ["member_defaults.head.aux=null"])
     with pytest.raises(ConfigError, match=r"retrieve\.unknown_per: 'species' needs a member with head\.aux\.column"):
-        Context(cfg)
+        check_values(Context(cfg))
     with pytest.raises(ConfigError, match=r"retrieve\.unknown_per: per-group thresholds are tuned"):
-        Context(load_config(config, ["retrieve.unknown_threshold=0.5"]))
+        check_values(Context(load_config(config, ["retrieve.unknown_threshold=0.5"])))

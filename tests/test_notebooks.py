@@ -10,7 +10,9 @@ from nbclient import NotebookClient
 
 from conftest import ROOT, write_tiny_config
 from dmlkit.config import load_config
-from dmlkit.pipeline import STAGES, Context, ensure_demo_data, run_stage
+from dmlkit.pipeline.context import Context, ensure_demo_data
+from dmlkit.pipeline.table import STAGE_NAMES as STAGES
+from dmlkit.pipeline.table import run_stage
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,15 @@ import pytest
 
 from conftest import write_tiny_config
 from dmlkit.competitions import Calibration, Predictions, get_adapter
+from dmlkit.competitions.scoring import score_files
 from dmlkit.config import load_config
+from dmlkit.data.folds import fold_parts, held_out_classes
 from dmlkit.demo import build_demo
-from dmlkit.pipeline import STAGES, Context, ensure_demo_data, load_table, run_folds, run_stage
+from dmlkit.pipeline.context import Context, ensure_demo_data
+from dmlkit.pipeline.table import STAGE_NAMES as STAGES
+from dmlkit.pipeline.table import run_stage
 from dmlkit.retrieval.voting import label_similarities, threshold_for_share
-from dmlkit.stages.folds import fold_parts, held_out_classes
-from dmlkit.stages.score import score_files
+from dmlkit.stages.folds import load_table, run_folds
 
 
 def test_held_out_classes_are_disjoint_whole_classes_stratified_by_size():

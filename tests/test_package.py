@@ -10,7 +10,9 @@ from pathlib import Path
 from conftest import write_tiny_config
 from dmlkit.config import config_tree, load_config
 from dmlkit.offline import write_package
-from dmlkit.pipeline import STAGES, Context, ensure_demo_data, run_stage
+from dmlkit.pipeline.context import Context, ensure_demo_data
+from dmlkit.pipeline.table import STAGE_NAMES as STAGES
+from dmlkit.pipeline.table import run_stage
 
 NO_NETWORK = """import socket
 

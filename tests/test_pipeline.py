@@ -9,8 +9,12 @@ import pytest
 
 from conftest import write_tiny_config
 from dmlkit.config import load_config
-from dmlkit.pipeline import STAGES, Context, ensure_demo_data, load_table, local_scores, run_folds, run_stage
-from dmlkit.stages.folds import fold_parts
+from dmlkit.data.folds import fold_parts
+from dmlkit.pipeline.context import Context, ensure_demo_data
+from dmlkit.pipeline.table import STAGE_NAMES as STAGES
+from dmlkit.pipeline.table import run_stage
+from dmlkit.stages.folds import load_table, run_folds
+from dmlkit.stages.submit import local_scores
 
 
 def run_all(cfg_path: Path, tmp_path: Path, overrides=(), force=()) -> Context:
@@ -244,9 +248,9 @@ def test_landmark_pipeline_learns_far_above_an_untrained_model(tmp_path):
     so the bar leaves room for that, not for a pipeline that stopped learning)."""
     import torch
 
-    from dmlkit.evaluation import knn_validation_scores
+    from dmlkit.build import build_model
+    from dmlkit.evaluation import LabelledQueries, knn_validation_scores
     from dmlkit.inference import embed_paths
-    from dmlkit.models.build import build_model
 
     easier = {"n_classes": 24, "head_size": 12, "tail_exponent": 0.6, "difficulty": 0.5}
     cfg = write_tiny_config(tmp_path, "landmark", demo_params=easier)
@@ -260,10 +264,8 @@ def test_landmark_pipeline_learns_far_above_an_untrained_model(tmp_path):
     untrained = knn_validation_scores(
         ctx.adapter,
         embed_paths(model, val["path"].tolist(), progress=False, **embed),
-        val["label"].to_numpy(),
-        val["known"].to_numpy(),
         embed_paths(model, train["path"].tolist(), progress=False, **embed),
-        train["label"].to_numpy(),
+        LabelledQueries.of(val, train),
     )
     assert trained["gap"] > untrained["plain"] + 0.2, (trained.to_dict(), untrained)
     assert trained["recall@1"] > untrained["recall@1"] + 0.2, (trained.to_dict(), untrained)

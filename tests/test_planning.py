@@ -5,8 +5,10 @@ from pathlib import Path
 
 from conftest import write_tiny_config
 from dmlkit.config import load_config
-from dmlkit.pipeline import STAGES, Context, ensure_demo_data, run_stage
-from dmlkit.planning import key_changes
+from dmlkit.pipeline.context import Context, ensure_demo_data
+from dmlkit.pipeline.planning import key_changes
+from dmlkit.pipeline.table import STAGE_NAMES as STAGES
+from dmlkit.pipeline.table import run_stage
 
 
 def context(cfg: Path, tmp_path: Path, overrides=(), force=()) -> Context:

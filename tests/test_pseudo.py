@@ -9,9 +9,13 @@ import pytest
 
 from conftest import write_tiny_config
 from dmlkit.config import PseudoConfig, load_config
-from dmlkit.pipeline import STAGES, Context, ensure_demo_data, load_table, pseudo_rounds, run_stage
-from dmlkit.stages.folds import fold_parts
-from dmlkit.stages.pseudo import (
+from dmlkit.data.folds import fold_parts
+from dmlkit.pipeline.checks import check_values
+from dmlkit.pipeline.context import Context, ensure_demo_data
+from dmlkit.pipeline.rounds import pseudo_rounds
+from dmlkit.pipeline.table import STAGE_NAMES as STAGES
+from dmlkit.pipeline.table import run_stage
+from dmlkit.pseudo import (
     cosine_bar,
     precision,
     precision_bar,
@@ -19,7 +23,8 @@ from dmlkit.stages.pseudo import (
     validation_precision,
     with_pseudo_rows,
 )
-from dmlkit.stages.train import aux_targets
+from dmlkit.stages.folds import load_table
+from dmlkit.training.data import aux_targets
 
 ANSWERS = pd.DataFrame(
     {
@@ -91,7 +96,7 @@ def test_validation_precision_at_a_bar_and_where_the_bar_comes_from():
 def test_pseudo_settings_that_contradict_each_other_fail_at_load(tmp_path, overrides, message):
     cfg = write_tiny_config(tmp_path, "whale")
     with pytest.raises(Exception, match=message):
-        Context(load_config(cfg, overrides))
+        check_values(Context(load_config(cfg, overrides)))
 
 
 def test_pseudo_rows_train_every_fold_and_validate_none():
@@ -203,4 +208,4 @@ def test_a_round_trains_on_the_previous_answers_and_is_cached_on_its_own(tmp_pat
     assert again.previous.done["train/m0"].reused and again.previous.done["retrieve"].reused
     assert not again.done["folds"].reused  # another bar: another round-1 key
     with pytest.raises(Exception, match=r"pseudo.min_cosine: no effect while pseudo.rounds is 0"):
-        Context(load_config(cfg, ["pseudo.min_cosine=0.5"]))
+        check_values(Context(load_config(cfg, ["pseudo.min_cosine=0.5"])))

@@ -21,9 +21,12 @@ from dmlkit.data.dataset import ImageDataset
 from dmlkit.data.images import UnreadableImageError, image_problem, read_image
 from dmlkit.data.transforms import make_pipeline
 from dmlkit.models.objective import MarginModel
-from dmlkit.pipeline import Context, ensure_demo_data, load_table, run_embed, run_folds, run_train
-from dmlkit.stages import train as train_stage
-from dmlkit.stages.retrieve import check_finite
+from dmlkit.pipeline.context import Context, ensure_demo_data
+from dmlkit.retrieval.chain import check_finite
+from dmlkit.stages.embed import run_embed
+from dmlkit.stages.folds import load_table, run_folds
+from dmlkit.stages.train import run_train
+from dmlkit.training import loop as train_loop
 
 
 def _png(path: Path, array: np.ndarray) -> Path:
@@ -188,7 +191,8 @@ def _corrupt_demo(tmp_path: Path, role_folder: str, *overrides: str) -> tuple[Co
 
 
 def test_unreadable_training_image_is_dropped_early_and_the_run_ends_with_its_submission(tmp_path, caplog):
-    from dmlkit.pipeline import STAGES, run_stage
+    from dmlkit.pipeline.table import STAGE_NAMES as STAGES
+    from dmlkit.pipeline.table import run_stage
 
     ctx, victim = _corrupt_demo(tmp_path, "train")
     with caplog.at_level("WARNING"):
@@ -233,7 +237,7 @@ def test_nan_loss_stops_with_step_or_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(MarginModel, "forward", flaky)
     ctx = Context(load_config(cfg_path, ["members.0.train.epochs=3"]), artifacts=tmp_path / "a", progress=False)
     ensure_demo_data(ctx)
-    with pytest.raises(train_stage.NonFiniteLossError, match=r"non-finite loss .* at epoch \d+, batch \d+"):
+    with pytest.raises(train_loop.NonFiniteLossError, match=r"non-finite loss .* at epoch \d+, batch \d+"):
         run_train(ctx, "m0")
     assert not list((tmp_path / "a").glob("*/train/m0/*/manifest.json"))
     calls["n"] = 0
@@ -409,7 +413,7 @@ def test_a_misspelt_allocator_setting_stops_with_the_variable_named():
 
 def test_folds_for_a_set_whose_classes_all_have_four_images():
     """Before: StratifiedKFold's raw 'n_splits=5 cannot be greater than the number of members'."""
-    from dmlkit.stages.folds import assign_folds
+    from dmlkit.data.folds import assign_folds
 
     labels = np.repeat([f"c{i}" for i in range(30)], 4)
     train = pd.DataFrame({"label": labels, "known": True})
@@ -485,7 +489,7 @@ def test_an_unwritable_submissions_folder_stops_before_training(tmp_path, monkey
 
 def test_a_read_only_submissions_folder_is_named(tmp_path, monkeypatch):
     from dmlkit.competitions.base import InputError
-    from dmlkit.pipeline import check_outputs
+    from dmlkit.pipeline.checks import check_outputs
 
     cfg = write_tiny_config(tmp_path, "whale")
     ctx = Context(load_config(cfg), artifacts=tmp_path / "a", submissions=tmp_path / "subs", progress=False)

@@ -1,7 +1,10 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from dmlkit.retrieval import search
+from dmlkit.retrieval.chain import Neighbours
 from dmlkit.retrieval.ensemble import concatenate, pca_whiten
 from dmlkit.retrieval.expansion import database_augmentation, query_expansion, weighted_neighbour_mean
 from dmlkit.retrieval.rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
@@ -275,7 +278,7 @@ def test_few_queries_top_k_matches_the_dense_argsort_over_the_chosen_rows():
 def test_validation_queries_cap_samples_the_fold_the_same_way_every_time():
     import pandas as pd
 
-    from dmlkit.stages.retrieve import validation_split
+    from dmlkit.retrieval.validation import validation_split
 
     ids = [f"img{n}" for n in range(30)]
     labels = [f"c{n % 6}" for n in range(30)]
@@ -289,3 +292,36 @@ def test_validation_queries_cap_samples_the_fold_the_same_way_every_time():
     np.testing.assert_array_equal(capped.gallery_rows, full.gallery_rows)
     np.testing.assert_array_equal(validation_split(table, folds, 1, max_queries=4).query_rows, capped.query_rows)
     np.testing.assert_array_equal(validation_split(table, folds, 1, max_queries=50).query_rows, full.query_rows)
+
+
+def test_a_new_reranking_step_is_one_function_and_one_line_and_runs_after_verification():
+    """The chain's extension point: a toy step (reverse each shortlist) appended to the chain runs
+    after verification, sees the verified ranking, and its result is what the chain returns."""
+    from dmlkit.config import RetrieveConfig, VerifyConfig
+    from dmlkit.retrieval.chain import CHAIN, ChainInputs, ChainStep, run_chain
+    from dmlkit.retrieval.second_stage import SecondStage
+
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((12, 8)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries = gallery[:3] + 0.05 * rng.standard_normal((3, 8)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    # verification: gallery image 11 has 100 inliers with every query, the others none
+    verifier = SecondStage(
+        VerifyConfig(enabled=True, top_k=12, weight=5.0, cap=100),
+        lambda q_rows, g_rows, ids: np.where(ids == 11, 100, 0),
+    )
+    seen = []
+
+    def reverse(cfg, state, progress):
+        seen.append(state.result.ids.copy())
+        return replace(state, result=Neighbours(state.result.sims[:, ::-1], state.result.ids[:, ::-1]))
+
+    steps = [*CHAIN, ChainStep("+ reversed", lambda cfg, inputs: True, reverse)]  # the one line
+    cfg = RetrieveConfig(k=12)
+    inputs = ChainInputs(queries, gallery, np.arange(3), np.arange(3, 15), retrieval=True, verifier=verifier)
+    rows = []
+    final = run_chain(cfg, inputs, lambda name, n: rows.append(name), progress=False, steps=steps)
+    assert rows[0] == "kNN" and rows[1].startswith("+ verification") and rows[2] == "+ reversed"
+    assert (seen[0][:, 0] == 11).all()  # the toy step ran on the verified shortlists (image 11 first)
+    assert (final.ids[:, -1] == 11).all() and final.ids.shape == (3, 12)

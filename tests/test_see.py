@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import free_port
-from dmlkit.config import MemberConfig
 from dmlkit.models.heads import ArcFaceHead, ProxyAnchorHead
-from dmlkit.models.objective import MarginModel
+from dmlkit.models.objective import MarginModel, SEESettings
 from dmlkit.models.see import epoch_value, schedule_value, see_expand, select_confident, simplex_vertices
 
 
@@ -111,10 +110,6 @@ def port_proxy_anchor(x: torch.Tensor, labels: torch.Tensor, proxies: torch.Tens
     return pos / len(pos_classes) + neg / proxies.shape[0]
 
 
-def member_config(**see) -> MemberConfig:
-    return MemberConfig(name="m", backbone="x", fold=0, image_size=32, see={"enabled": True, **see})
-
-
 def test_loss_equals_a_port_of_the_published_algorithm():
     """PA(real) + λ·PA(synthetic alone): top round(24·0.3) = 7 rows expanded (ceil would take 8)."""
     torch.manual_seed(5)
@@ -122,7 +117,7 @@ def test_loss_equals_a_port_of_the_published_algorithm():
     x = F.normalize(torch.randn(batch, dim), dim=1)  # the embedding model's output is unit length
     labels = torch.arange(batch) % classes
     head = ProxyAnchorHead(dim, classes)
-    model = MarginModel(nn.Identity(), head, member_config(n_expansion=n, weight=lam))
+    model = MarginModel(nn.Identity(), head, see=SEESettings(n_expansion=n, weight=lam))
     loss, expanded = model(x, labels, frac, torch.Generator().manual_seed(9))
     assert expanded == 7
 
@@ -146,7 +141,7 @@ class UnitLinear(nn.Linear):
 
 
 def gradients(head: nn.Module, backbone: nn.Module, x, labels, **see) -> tuple[torch.Tensor, torch.Tensor]:
-    model = MarginModel(backbone, head, member_config(n_expansion=4, **see))
+    model = MarginModel(backbone, head, see=SEESettings(n_expansion=4, **see))
     model.zero_grad(set_to_none=True)
     loss, expanded = model(x, labels, 0.5, torch.Generator().manual_seed(1))
     assert see.get("weight", 0.2) == 0 or expanded == len(x) // 2

@@ -11,7 +11,8 @@ import torch
 from conftest import write_tiny_config
 from dmlkit import cli
 from dmlkit.config import ConfigError, load_config, member_slice
-from dmlkit.pipeline import Context
+from dmlkit.pipeline.checks import check_values
+from dmlkit.pipeline.context import Context
 from dmlkit.stages import train as train_stage_module
 
 STAGES = """
@@ -49,7 +50,7 @@ def test_stage_members_take_each_stage_size_epochs_and_lr(tmp_path: Path):
 def test_last_stage_must_train_at_the_embedding_size(tmp_path: Path):
     cfg = load_config(staged_config(tmp_path), ["member_defaults.image_size=48"])
     with pytest.raises(ConfigError, match=r"train\.stages: the last stage trains at 32 px"):
-        Context(cfg)
+        check_values(Context(cfg))
 
 
 def test_stages_continue_from_each_other_and_a_crash_resumes_at_its_stage(tmp_path: Path, monkeypatch, capfd):
@@ -58,11 +59,11 @@ def test_stages_continue_from_each_other_and_a_crash_resumes_at_its_stage(tmp_pa
     real = train_stage_module.train_stage
     calls = []
 
-    def crash_in_stage_two(cfg, member, folds, adapter, work, *args, **kwargs):
+    def crash_in_stage_two(job, member, work, *args, **kwargs):
         calls.append((member.image_size, work.name))
         if work.name == "stage-2" and len(calls) == 2:
             raise RuntimeError("simulated crash in stage 2")
-        return real(cfg, member, folds, adapter, work, *args, **kwargs)
+        return real(job, member, work, *args, **kwargs)
 
     monkeypatch.setattr(train_stage_module, "train_stage", crash_in_stage_two)
     with pytest.raises(RuntimeError, match="simulated crash"):

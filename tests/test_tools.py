@@ -11,7 +11,8 @@ import pytest
 from conftest import write_tiny_config
 from dmlkit.cli import cmd_clean, run_pipeline
 from dmlkit.config import load_config
-from dmlkit.pipeline import STAGES, Context, ensure_demo_data
+from dmlkit.pipeline.context import Context, ensure_demo_data
+from dmlkit.pipeline.table import STAGE_NAMES as STAGES
 from dmlkit.runs import config_differences, read_runs, runs_table
 
 

@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, free_port, write_tiny_config
 from dmlkit.config import load_config
 from dmlkit.models.optim import lr_factor
-from dmlkit.pipeline import Context, ensure_demo_data
+from dmlkit.pipeline.context import Context, ensure_demo_data
 
 
 def _env() -> dict:
@@ -157,9 +157,9 @@ def _metrics(artifacts: Path):
 def _margin_model(matmul: str, see: bool, sample_rate: float = 1.0):
     import numpy as np
 
+    from dmlkit.build import build_objective
     from dmlkit.config import MemberConfig
-    from dmlkit.models.heads import build_head
-    from dmlkit.models.objective import MarginModel
+    from dmlkit.models.heads import create_head
 
     member = MemberConfig.model_validate(
         {
@@ -179,8 +179,8 @@ def _margin_model(matmul: str, see: bool, sample_rate: float = 1.0):
 
     torch.manual_seed(0)
     embed = UnitLinear(10, 24)
-    head = build_head("arcface", 24, np.arange(1, 8), 30.0, 3, "glr3", 0.45, 0.05, -0.25, 0.3)
-    return MarginModel(embed, head, member), embed, head
+    head = create_head("arcface", 24, np.arange(1, 8), scale=30.0, subcenters=3, dynamic="glr3")
+    return build_objective(member, embed, head), embed, head
 
 
 @pytest.mark.parametrize("sample_rate", [1.0, 0.5])
@@ -255,18 +255,18 @@ def test_ema_model_averages_batchnorm_statistics(tmp_path):
     """Under train.ema the averaged model (what validates and is saved) carries BatchNorm statistics
     averaged like its weights: they follow training (not the initial mean 0) and are not a copy of the
     raw model's last statistics (what torch's AveragedModel keeps without use_buffers)."""
-    from dmlkit.pipeline import load_table, run_folds
-    from dmlkit.stages import train as stage
+    from dmlkit.stages.folds import load_table, run_folds
+    from dmlkit.training import data, loop, setup
 
     cfg = _prepare(tmp_path)
     overrides = ["members.0.train.ema=0.5", "members.0.train.batch_size=8"]  # several updates in an epoch
     ctx = Context(load_config(cfg, overrides), artifacts=tmp_path / "a", progress=False)
     member = ctx.cfg.members[0]
-    data = stage.fold_data(member, load_table(run_folds(ctx))[1])
-    model, head = stage.build_networks(member, data, ctx.device, None)
-    dataset = stage.training_dataset(member, data)
-    run = stage.training_run(member, model, head, dataset, ctx.device)
-    stage.train_epoch(ctx.cfg, member, run, dataset, 0, ctx.device, tmp_path / "last.pt", False)
+    fold = data.fold_data(member, load_table(run_folds(ctx))[1])
+    model, head = setup.build_networks(member, fold, ctx.device, None)
+    dataset = data.training_dataset(member, fold)
+    run = setup.training_run(member, model, head, dataset, ctx.device)
+    loop.train_epoch(ctx.cfg, member, run, dataset, 0, ctx.device, tmp_path / "last.pt", False)
     averaged, raw = run.eval_model.state_dict(), run.model.state_dict()
     keys = [k for k in raw if k.endswith("running_mean")]
     assert keys and run.eval_model is not run.model
@@ -276,7 +276,7 @@ def test_ema_model_averages_batchnorm_statistics(tmp_path):
 
 
 def _final_state(tmp_path: Path, cfg: Path, *overrides: str, member: str = "m0") -> dict:
-    from dmlkit.pipeline import run_train
+    from dmlkit.stages.train import run_train
 
     ctx = Context(load_config(cfg, list(overrides)), artifacts=tmp_path / "art", progress=False)
     return torch.load(run_train(ctx, member).file("final.pt"), map_location="cpu", weights_only=False)
@@ -307,7 +307,7 @@ def test_grad_accum_two_half_batches_equal_one_full_batch(tmp_path):
 
 
 def _initial_model(cfg: Path) -> dict:
-    from dmlkit.models.build import build_model
+    from dmlkit.build import build_model
 
     return build_model(load_config(cfg).members[0]).state_dict()  # another random draw
 
@@ -335,9 +335,8 @@ def test_proxy_anchor_objective_is_pml_loss_plus_see_rows_through_it():
     import numpy as np
     from pytorch_metric_learning.losses import ProxyAnchorLoss
 
+    from dmlkit.build import build_member_head, build_objective
     from dmlkit.config import MemberConfig
-    from dmlkit.models.build import build_member_head
-    from dmlkit.models.objective import MarginModel
     from dmlkit.models.see import see_expand
 
     member = MemberConfig.model_validate(
@@ -354,7 +353,7 @@ def test_proxy_anchor_objective_is_pml_loss_plus_see_rows_through_it():
     torch.manual_seed(0)
     embed = torch.nn.Linear(10, 24)
     head = build_member_head(member, np.ones(7))
-    model = MarginModel(lambda x: torch.nn.functional.normalize(embed(x), dim=1), head, member)
+    model = build_objective(member, lambda x: torch.nn.functional.normalize(embed(x), dim=1), head)
     x, labels = torch.randn(12, 10), torch.randint(0, 7, (12,))
     loss, expanded = model(x, labels, 0.5, torch.Generator().manual_seed(3))
 

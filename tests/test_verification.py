@@ -25,7 +25,7 @@ from dmlkit.retrieval.local import (
     unit_descriptors,
     verify_pair,
 )
-from dmlkit.stages.verify import FeatureStore, ensure_features, verify_shortlists
+from dmlkit.retrieval.verify import FeatureStore, ensure_features, verify_shortlists
 
 H = np.array([[0.92, 0.12, 18.0], [-0.06, 1.05, 9.0], [1.2e-4, -0.8e-4, 1.0]])
 
@@ -235,7 +235,7 @@ def test_features_are_cached_in_shards_and_reused_on_a_rerun(tmp_path, image_fil
     store = FeatureStore(folder)
     again = ensure_features(store, cfg, paths, progress=False)
     assert (again.extracted, again.reused) == (0, 5)
-    from dmlkit.stages.verify import image_key
+    from dmlkit.retrieval.verify import image_key
 
     cached = store.get(image_key(image_files["query"]))
     direct = sift_features(to_gray(cv2.imread(image_files["query"], cv2.IMREAD_GRAYSCALE), 320), 600)
@@ -249,7 +249,7 @@ def test_verify_shortlists_counts_inliers_and_zero_for_unreadable_or_missing(
 ):
     """Rows of a path table; -1 is no candidate. With one query a task the rows are reassembled
     in their order."""
-    monkeypatch.setattr("dmlkit.stages.verify.TASK_QUERIES", task_queries)
+    monkeypatch.setattr("dmlkit.retrieval.verify.TASK_QUERIES", task_queries)
     cfg = VerifyConfig(enabled=True, image_size=320, max_keypoints=600, workers=2)
     store = FeatureStore(tmp_path / "features")
     names = ["query", "same", "other", "corrupt", "blank"]
@@ -333,7 +333,7 @@ def test_disk_features_are_cached_as_float16_and_verified(tmp_path, image_files,
     import torch
 
     from dmlkit.retrieval.learned import disk_features, load_disk
-    from dmlkit.stages.verify import feature_key, image_key, read_for_features
+    from dmlkit.retrieval.verify import feature_key, image_key, read_for_features
 
     cfg = VerifyConfig(
         enabled=True, extractor="disk", weights_file=disk_weights, image_size=96, max_keypoints=60, workers=1

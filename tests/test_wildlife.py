@@ -11,7 +11,10 @@ from conftest import write_tiny_config
 from dmlkit.competitions import InputError, get_adapter
 from dmlkit.competitions.wildlife import download, split_open_set, usage_of
 from dmlkit.config import load_config
-from dmlkit.pipeline import STAGES, Context, ensure_demo_data, local_scores, run_stage
+from dmlkit.pipeline.context import Context, ensure_demo_data
+from dmlkit.pipeline.table import STAGE_NAMES as STAGES
+from dmlkit.pipeline.table import run_stage
+from dmlkit.stages.submit import local_scores
 
 
 def write_metadata(root: Path, rows: list[tuple[str, str, str]]) -> None:

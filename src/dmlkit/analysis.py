@@ -14,14 +14,21 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
 
 from .cache import Artifact
 from .config import load_config
+from .data.folds import fold_parts
 from .data.images import read_image
-from .pipeline import Context, ensure_demo_data, load_table, run_ensemble, run_folds, run_retrieve
+from .pipeline.checks import check_values
+from .pipeline.context import Context, ensure_demo_data
+from .plots import plot_retrieval_grid
 from .retrieval.search import knn
 from .retrieval.voting import vote
-from .stages.folds import fold_parts
+from .stages.ensemble import run_ensemble
+from .stages.folds import load_table, run_folds
+from .stages.retrieve import run_retrieve
 
 
 @dataclass
@@ -34,6 +41,7 @@ class Run:
 def open_run(config: str | Path, artifacts: str | Path = "artifacts", overrides: list[str] | None = None) -> Run:
     """The run of a config: its table and folds (the cached `folds` stage; demo data built if missing)."""
     ctx = Context(load_config(config, overrides or []), artifacts=Path(artifacts), progress=False)
+    check_values(ctx)
     ensure_demo_data(ctx)
     table, folds = load_table(run_folds(ctx))
     return Run(ctx, table, folds)
@@ -142,8 +150,6 @@ def validation(run: Run, k: int = 10) -> Validation:
 
 
 def plot_retrievals(v: Validation, queries: int = 6, k: int = 5, seed: int = 0):
-    from .plots import plot_retrieval_grid
-
     rng = np.random.default_rng(seed)
     rows = rng.permutation(len(v.queries))[:queries]
     labels = v.gallery["label"].to_numpy()
@@ -211,9 +217,6 @@ def plot_similarity_histograms(v: Validation, threshold: float | None = None):
 
 def plot_projection(run: Run, method: str = "pca", classes: int = 12, seed: int = 0):
     """2-D projection (PCA or t-SNE) of the training embeddings of the largest classes."""
-    from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
-
     embeddings = np.load(run_ensemble(run.ctx).file("embeddings.npy"))
     train_rows = np.flatnonzero((run.table["role"] == "train").to_numpy() & run.table["known"].astype(bool).to_numpy())
     labels = run.table["label"].to_numpy()[train_rows]

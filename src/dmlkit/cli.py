@@ -7,12 +7,48 @@ import errno
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from .pipeline import STAGES
-from .runtime import keep_freed_memory
+import pandas as pd
+
+from . import tracking
+from .cache import CacheLockedError
+from .competitions.base import InputError
+from .competitions.scoring import format_scores, score_files
+from .config import ConfigError, config_tree, load_config
+from .data.images import UnreadableImageError
+from .demo import build_demo
+from .errors import (
+    ExportError,
+    ExtractorWeightsError,
+    NonFiniteLossError,
+    PackageError,
+    PretrainedWeightsError,
+    TransformConfigError,
+)
+from .export import run_export
+from .models.backbone import save_hub_weights
+from .offline import DEFAULT_WHEELS, write_package
+from .pipeline.checks import before_run, check_members, check_values
+from .pipeline.context import Context, ensure_demo_data
+from .pipeline.planning import format_plan
+from .pipeline.rounds import pseudo_rounds
+from .pipeline.table import STAGE_NAMES, STAGES, run_stage
+from .runs import read_runs, record_run, removable, runs_table, size_of
+from .runtime import (
+    configure_cuda,
+    init_distributed,
+    is_main_process,
+    keep_freed_memory,
+    seed_everything,
+    set_threads,
+    setup_logging,
+)
+from .stages.retrieve import local_feature_folder
+from .stages.submit import local_scores
 
 log = logging.getLogger("dmlkit")
 
@@ -25,7 +61,7 @@ usage: ./run.sh [COMMAND] ...
   ./run.sh test [PYTEST ARGS]           set up with the test tools, lint, run the tests
   ./run.sh STAGE -c CONFIG [key=value ...] [--force]
                                         run one stage (and whatever it needs that is not cached yet)
-                                        stages: {", ".join(STAGES)}, all
+                                        stages: {", ".join(STAGE_NAMES)}, all
   ./run.sh plan -c CONFIG [key=value ...] [--force STAGE ...]
                                         per stage: reuse or recompute, and why (which key part changed); runs nothing
   ./run.sh runs [--csv]                 every recorded run: its changes, members' and ensemble's validation,
@@ -63,17 +99,6 @@ class UserError(Exception):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .cache import CacheLockedError
-    from .competitions.base import InputError
-    from .config import ConfigError
-    from .data.images import UnreadableImageError
-    from .data.transforms import TransformConfigError
-    from .models.backbone import PretrainedWeightsError
-    from .offline import PackageError
-    from .retrieval.learned import ExtractorWeightsError
-    from .stages.export import ExportError
-    from .stages.train import NonFiniteLossError
-
     return (
         UserError,
         ConfigError,
@@ -95,9 +120,6 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def _setup(cfg_path: str | None, overrides: list[str], experiment_hint: str = "run"):
-    from .config import load_config
-    from .runtime import configure_cuda, init_distributed, seed_everything, set_threads, setup_logging
-
     cfg = load_config(cfg_path, overrides) if cfg_path else None
     log_file = setup_logging(Path("logs"), cfg.experiment if cfg else experiment_hint)
     if cfg is not None:
@@ -111,7 +133,6 @@ def _setup(cfg_path: str | None, overrides: list[str], experiment_hint: str = "r
 
 def _context(cfg, args, plan: list | None = None):
     """The run's context: the last pseudo-label round's where the config has rounds."""
-    from .pipeline import Context, pseudo_rounds
 
     ctx = Context(cfg, artifacts=Path(args.artifacts), force=set(args.force_stages), progress=not args.no_progress)
     ctx.plan = plan
@@ -120,10 +141,6 @@ def _context(cfg, args, plan: list | None = None):
 
 def run_pipeline(ctx, stages: list[str], config_path: str, overrides: list[str], export: bool = False) -> list[dict]:
     """Run the stages as one tracked run; where it submits, score locally and record the run."""
-    from . import tracking
-    from .pipeline import local_scores, run_export, run_stage
-    from .runs import record_run
-    from .runtime import is_main_process
 
     started = time.time()
     if is_main_process():
@@ -147,17 +164,12 @@ def run_pipeline(ctx, stages: list[str], config_path: str, overrides: list[str],
 
 
 def cmd_stage(args) -> int:
-    from .pipeline import check_extractor, check_members, check_outputs, ensure_demo_data
-    from .stages.score import format_scores
-
     cfg = _setup(args.config, args.overrides)
-    check_members(cfg)
-    check_extractor(cfg)
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    stages = list(STAGE_NAMES) if args.stage == "all" else [args.stage]
     args.force_stages = stages if args.force else []
     ctx = _context(cfg, args)
     ensure_demo_data(ctx)
-    check_outputs(ctx, stages)
+    before_run(ctx, stages)
     export = args.stage == "all" and cfg.export.enabled
     for result in run_pipeline(ctx, stages, args.config, args.overrides, export):
         print(f"local leaderboard  {format_scores(result)}")
@@ -165,14 +177,12 @@ def cmd_stage(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .pipeline import check_members, run_stage
-    from .planning import format_plan
-
     cfg = _setup(args.config, args.overrides)
-    check_members(cfg)
     args.force_stages = args.force or []
     ctx = _context(cfg, args, plan=[])
-    for stage in STAGES:
+    check_values(ctx)
+    check_members(cfg)
+    for stage in STAGE_NAMES:
         run_stage(ctx, stage)
     print(f"plan for {args.config} (experiment '{cfg.experiment}', artifacts {args.artifacts}):")
     print(format_plan(ctx.plan))
@@ -180,10 +190,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    import pandas as pd
-
-    from .runs import read_runs, runs_table
-
     records = read_runs(Path(args.artifacts))
     if not records:
         print(f"no recorded runs under {args.artifacts}/ (a run that writes a submission records itself)")
@@ -203,8 +209,6 @@ def cmd_runs(args) -> int:
 def _needed_artifacts(config_paths: list[str], artifacts: Path) -> tuple[set[Path], set[str], list[str]]:
     """What the configs would reuse or resume (their plans), the experiments that could not be
     planned (kept whole), and notes saying why."""
-    from .config import ConfigError, load_config
-    from .pipeline import Context, local_feature_folder, pseudo_rounds, run_stage
 
     keep, whole, notes = set(), set(), []
     for path in config_paths:
@@ -217,7 +221,8 @@ def _needed_artifacts(config_paths: list[str], artifacts: Path) -> tuple[set[Pat
         ctx.plan = []
         ctx = pseudo_rounds(ctx)
         try:
-            for stage in STAGES:
+            check_values(ctx)
+            for stage in STAGE_NAMES:
                 run_stage(ctx, stage)
         except _known_errors() as exc:
             whole.add(cfg.experiment)
@@ -230,10 +235,6 @@ def _needed_artifacts(config_paths: list[str], artifacts: Path) -> tuple[set[Pat
 
 
 def cmd_clean(args) -> int:
-    import shutil
-
-    from .runs import read_runs, removable, size_of
-
     _setup(None, [], "clean")
     artifacts = Path(args.artifacts)
     if not artifacts.is_dir():
@@ -245,7 +246,7 @@ def cmd_clean(args) -> int:
         keep |= {Path(p) for record in read_runs(artifacts) for p in record["artifacts"].values()}
     for note in notes:
         print(note)
-    doomed = removable(artifacts, keep, whole)
+    doomed = removable(artifacts, keep, whole, {stage.name: stage.per_member for stage in STAGES})
     total = 0
     for artifact, paths in doomed.items():
         size = sum(size_of(path) for path in paths)
@@ -260,11 +261,6 @@ def cmd_clean(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .config import load_config
-    from .pipeline import Context, check_members, check_outputs, ensure_demo_data, pseudo_rounds
-    from .runtime import seed_everything, set_threads
-    from .stages.score import format_scores
-
     started = time.time()
     _setup(None, [], "demo")
     summary = []
@@ -272,11 +268,10 @@ def cmd_demo(args) -> int:
         cfg = load_config(path)
         set_threads(cfg.threads)
         seed_everything(cfg.seed)
-        check_members(cfg)
         ctx = pseudo_rounds(Context(cfg, artifacts=Path(args.artifacts), progress=not args.no_progress))
         ensure_demo_data(ctx)
-        check_outputs(ctx, list(STAGES))
-        summary += run_pipeline(ctx, list(STAGES), path, [])
+        before_run(ctx, list(STAGE_NAMES))
+        summary += run_pipeline(ctx, list(STAGE_NAMES), path, [])
     print("\nlocal leaderboard (demo competitions):")
     for result in summary:
         print(f"  {format_scores(result)}  ← {result['submission']}")
@@ -285,9 +280,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .config import load_config
-    from .demo import build_demo
-
     _setup(None, [], "data")
     for path in args.configs or DEMO_CONFIGS:
         cfg = load_config(path)
@@ -304,27 +296,21 @@ def cmd_data(args) -> int:
 
 def _members_context(args):
     """The context of a command that reads the trained members (training them where not cached)."""
-    from .pipeline import check_members, ensure_demo_data
-
     cfg = _setup(args.config, args.overrides)
-    check_members(cfg)
     args.force_stages = []
     ctx = _context(cfg, args)
     ensure_demo_data(ctx)
+    before_run(ctx, ["train"])
     return ctx
 
 
 def cmd_export(args) -> int:
-    from .pipeline import run_export
-
     ctx = _members_context(args)
     run_export(ctx, args.member or None, Path(args.out) if args.out else None)
     return 0
 
 
 def cmd_weights(args) -> int:
-    from .models.backbone import save_hub_weights
-
     cfg = _setup(args.config, args.overrides)
     hub = [(i, m) for i, m in enumerate(cfg.members) if m.pretrained]
     if not hub:
@@ -343,9 +329,6 @@ def cmd_weights(args) -> int:
 
 
 def cmd_package(args) -> int:
-    from .config import config_tree
-    from .offline import DEFAULT_WHEELS, write_package
-
     ctx = _members_context(args)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -358,8 +341,6 @@ def cmd_package(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .stages.score import format_scores, score_files
-
     result = score_files(Path(args.submission), Path(args.solution))
     print(format_scores(result))
     if args.json:
@@ -368,69 +349,51 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _command(sub, name: str, func, config: bool = True, run: bool = True) -> argparse.ArgumentParser:
+    """A subcommand; `config`: it takes -c CONFIG and key=value overrides; `run`: it runs stages
+    (an artifacts folder, progress bars)."""
+    p = sub.add_parser(name, add_help=False)
+    if config:
+        p.add_argument("-c", "--config", required=True)
+        p.add_argument("overrides", nargs="*")
+    if run:
+        p.add_argument("--artifacts", default="artifacts")
+        p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="./run.sh", add_help=False)
     parser.add_argument("-h", "--help", action="store_true")
     sub = parser.add_subparsers(dest="command")
-    for stage in (*STAGES, "all"):
-        p = sub.add_parser(stage, add_help=False)
-        p.add_argument("-c", "--config", required=True)
-        p.add_argument("overrides", nargs="*")
-        p.add_argument("--force", action="store_true")
-        p.add_argument("--artifacts", default="artifacts")
-        p.add_argument("--no-progress", action="store_true")
-        p.set_defaults(func=cmd_stage, stage=stage)
-    p = sub.add_parser("plan", add_help=False)
-    p.add_argument("-c", "--config", required=True)
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--force", nargs="+", choices=STAGES, metavar="STAGE")
-    p.add_argument("--artifacts", default="artifacts")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("runs", add_help=False)
+    for stage in (*STAGE_NAMES, "all"):
+        _command(sub, stage, cmd_stage).add_argument("--force", action="store_true")
+        sub.choices[stage].set_defaults(stage=stage)
+    _command(sub, "plan", cmd_plan).add_argument("--force", nargs="+", choices=STAGE_NAMES, metavar="STAGE")
+    p = _command(sub, "runs", cmd_runs, config=False, run=False)
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--csv", action="store_true")
-    p.set_defaults(func=cmd_runs)
-    p = sub.add_parser("clean", add_help=False)
+    p = _command(sub, "clean", cmd_clean, config=False, run=False)
     p.add_argument("-c", "--config", dest="configs", action="append")
     p.add_argument("--keep-current", action="store_true")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--artifacts", default="artifacts")
-    p.set_defaults(func=cmd_clean)
-    p = sub.add_parser("demo", add_help=False)
-    p.add_argument("--artifacts", default="artifacts")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("data", add_help=False)
+    _command(sub, "demo", cmd_demo, config=False)
+    p = _command(sub, "data", cmd_data, config=False, run=False)
     p.add_argument("-c", "--config", dest="configs", action="append")
     p.add_argument("--force", action="store_true")
-    p.set_defaults(func=cmd_data)
-    p = sub.add_parser("export", add_help=False)
-    p.add_argument("-c", "--config", required=True)
-    p.add_argument("overrides", nargs="*")
+    p = _command(sub, "export", cmd_export)
     p.add_argument("--member", action="append")
     p.add_argument("--out")
-    p.add_argument("--artifacts", default="artifacts")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_export)
-    p = sub.add_parser("weights", add_help=False)
-    p.add_argument("-c", "--config", required=True)
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--out", default="weights")
-    p.set_defaults(func=cmd_weights)
-    p = sub.add_parser("package", add_help=False)
-    p.add_argument("-c", "--config", required=True)
-    p.add_argument("overrides", nargs="*")
+    _command(sub, "weights", cmd_weights, run=False).add_argument("--out", default="weights")
+    p = _command(sub, "package", cmd_package)
     p.add_argument("--out", required=True)
     p.add_argument("--wheels", nargs="*")
-    p.add_argument("--artifacts", default="artifacts")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_package)
-    p = sub.add_parser("score", add_help=False)
+    p = _command(sub, "score", cmd_score, config=False, run=False)
     p.add_argument("submission")
     p.add_argument("solution")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_score)
     return parser
 
 

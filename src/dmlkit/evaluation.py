@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from .competitions import Adapter, Calibration, Predictions
 from .metrics import recall_at_k
@@ -51,32 +52,59 @@ class RankedQueries:
         )
 
 
+@dataclass(frozen=True)
+class LabelledQueries:
+    """Validation queries' labels and whether the gallery holds their class (`query_known`), the
+    gallery's labels, and (per-group thresholds) each query's group."""
+
+    query_labels: np.ndarray
+    query_known: np.ndarray
+    gallery_labels: np.ndarray
+    query_groups: np.ndarray | None = None
+
+    @staticmethod
+    def of(queries: pd.DataFrame, gallery: pd.DataFrame) -> LabelledQueries:
+        """From a fold's validation and training rows (their `label` and `known` columns)."""
+        return LabelledQueries(
+            queries["label"].to_numpy(), queries["known"].to_numpy(dtype=bool), gallery["label"].to_numpy()
+        )
+
+
+@dataclass(frozen=True)
+class Voting:
+    """Label voting over the k nearest neighbours, each with weight similarity^power; with
+    `head_weight`, the members' head classes fused into the votes."""
+
+    k: int = 5
+    power: float = 3.0
+    head_weight: float = 0.0
+
+
+PLAIN_VOTING = Voting()
+
+
 def rank_queries(
     adapter: Adapter,
     sims: np.ndarray,
     ids: np.ndarray,
-    query_labels: np.ndarray,
-    query_known: np.ndarray,
-    gallery_labels: np.ndarray,
-    k: int = 5,
-    power: float = 3.0,
+    labels: LabelledQueries,
+    voting: Voting = PLAIN_VOTING,
     confidence_offset: np.ndarray | None = None,
     head_scores: list[dict[str, float]] | None = None,
-    head_weight: float = 0.0,
-    query_groups: np.ndarray | None = None,
 ) -> RankedQueries:
     """Votes of each query's kNN result `(sims, ids)` (best first), restricted to the queries the
     adapter scores, with their truths (and their groups, for per-group thresholds)."""
-    labels, scores = vote(sims, ids, gallery_labels, k, power, fill=adapter.max_predictions > 1)
-    if head_scores is not None and head_weight > 0:
-        labels, scores = fuse_head(labels, scores, head_scores, head_weight, power)
-    known = np.asarray(query_known, dtype=bool)
+    gallery_labels, query_labels, query_groups = labels.gallery_labels, labels.query_labels, labels.query_groups
+    labels_, scores = vote(sims, ids, gallery_labels, voting.k, voting.power, fill=adapter.max_predictions > 1)
+    if head_scores is not None and voting.head_weight > 0:
+        labels_, scores = fuse_head(labels_, scores, head_scores, voting.head_weight, voting.power)
+    known = np.asarray(labels.query_known, dtype=bool)
     recall = recall_at_k(gallery_labels[ids[known, :1]], query_labels[known], 1) if known.any() else 0.0
     rows, truths = adapter.validation_truths(query_labels, known, gallery_labels)
-    similarities = label_similarities(labels, sims, ids, gallery_labels)
+    similarities = label_similarities(labels_, sims, ids, gallery_labels)
     ranked = Predictions(
         ids=[str(i) for i in rows],
-        labels=[labels[i] for i in rows],
+        labels=[labels_[i] for i in rows],
         scores=[scores[i] for i in rows],
         neighbours=[[str(j) for j in ids[i] if j >= 0] for i in rows],
         similarities=[similarities[i] for i in rows],
@@ -149,48 +177,14 @@ def tune_group_thresholds(
     return out
 
 
-def validation_scores(
-    adapter: Adapter,
-    sims: np.ndarray,
-    ids: np.ndarray,
-    query_labels: np.ndarray,
-    query_known: np.ndarray,
-    gallery_labels: np.ndarray,
-    k: int = 5,
-    power: float = 3.0,
-    confidence_offset: np.ndarray | None = None,
-    fixed: Calibration | None = None,
-    head_scores: list[dict[str, float]] | None = None,
-    head_weight: float = 0.0,
-) -> dict:
-    """The competition's metric on one validation split from its kNN result (see `score_queries`);
-    `fixed` holds the calibration settings the config fixes (a threshold, the score kind)."""
-    queries = rank_queries(
-        adapter,
-        sims,
-        ids,
-        query_labels,
-        query_known,
-        gallery_labels,
-        k,
-        power,
-        confidence_offset,
-        head_scores,
-        head_weight,
-    )
-    return score_queries(adapter, queries, fixed)
-
-
 def knn_validation_scores(
     adapter: Adapter,
     queries: np.ndarray,
-    query_labels: np.ndarray,
-    query_known: np.ndarray,
     gallery: np.ndarray,
-    gallery_labels: np.ndarray,
-    k: int = 5,
-    power: float = 3.0,
+    labels: LabelledQueries,
+    voting: Voting = PLAIN_VOTING,
 ) -> dict:
-    """`validation_scores` after an exact kNN search of the queries in the gallery."""
-    sims, ids = knn(queries, gallery, k=min(len(gallery), max(100, k)), progress=False)
-    return validation_scores(adapter, sims, ids, query_labels, query_known, gallery_labels, k, power)
+    """The competition's metric on one validation split after an exact kNN search of the queries
+    in the gallery (see `score_queries`: Recall@1, the tuned `score`, the `plain` one, ...)."""
+    sims, ids = knn(queries, gallery, k=min(len(gallery), max(100, voting.k)), progress=False)
+    return score_queries(adapter, rank_queries(adapter, sims, ids, labels, voting))

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from .data.crops import Cropper
 from .data.dataset import ImageDataset
 from .data.transforms import make_pipeline
 from .models.backbone import EmbeddingModel
-from .runtime import progress_bar
+from .runtime import progress_bar, rank, world_size
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def loader_options(device: torch.device, num_workers: int) -> dict:
 
 
 @torch.no_grad()
-def embed_paths(
+def embed_paths(  # one pass's options as keywords (TTA, crops, precision, loader): callers pass a subset
     model: EmbeddingModel,
     paths: Sequence[str],
     image_size: int,
@@ -132,8 +133,6 @@ def embed_paths(
 def embed_sharded(model: EmbeddingModel, paths: Sequence[str], **options) -> np.ndarray | None:
     """embed_paths (with these options) over this rank's share of `paths` — every world_size-th,
     from its rank — gathered in order on rank 0; None on the other ranks. One process: all of them."""
-    from .runtime import rank, world_size
-
     shard = np.arange(len(paths))[rank() :: world_size()]
     if "croppers" in options:
         options["croppers"] = [c.subset(shard) if c is not None else None for c in options["croppers"]]
@@ -143,8 +142,6 @@ def embed_sharded(model: EmbeddingModel, paths: Sequence[str], **options) -> np.
 def gather_rows(part: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray | None:
     """Reassemble per-rank shards (rows[i] is the global row of part[i]) on rank 0, which alone
     writes and searches them; the other ranks get None. Without torchrun, `part` itself."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return part
     main = dist.get_rank() == 0

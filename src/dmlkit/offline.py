@@ -21,6 +21,15 @@ from pathlib import Path
 
 import yaml
 
+from .competitions.base import submission_name
+from .config import load_config
+from .errors import PackageError
+from .pipeline.checks import check_outputs, check_values
+from .pipeline.context import Context
+from .pipeline.table import STAGE_NAMES, run_stage
+from .runtime import seed_everything, set_threads, setup_logging
+from .stages.train import run_train
+
 DEFAULT_WHEELS = ("faiss-gpu", "timm", "albumentations", "albucore")
 MEMBER_FILES = ("best.pt", "manifest.json", "metrics.csv")
 
@@ -64,10 +73,6 @@ def main() -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 '''
-
-
-class PackageError(RuntimeError):
-    """The package cannot be written (no project source to build the wheel from, a wheel missing)."""
 
 
 def _notebook(package_name: str) -> dict:
@@ -115,8 +120,6 @@ def build_wheels(out: Path, names: tuple[str, ...]) -> list[Path]:
 
 def write_package(ctx, tree: dict, out: Path, wheels: tuple[str, ...]) -> dict:
     """The package for the trained members of `ctx` (trained now where not cached) into `out`."""
-    from .pipeline import run_train
-
     if ctx.cfg.pseudo.rounds:
         raise PackageError(
             "package: pseudo.rounds trains on the test images it predicts; a code competition's hidden test "
@@ -146,11 +149,6 @@ def write_package(ctx, tree: dict, out: Path, wheels: tuple[str, ...]) -> dict:
 
 def predict(package: Path, input_dir: Path, out: Path) -> list[Path]:
     """The submission(s) of the packaged members over `input_dir` (see the module docstring)."""
-    from .config import load_config
-    from .pipeline import STAGES, Context, check_outputs, run_stage
-    from .runtime import seed_everything, set_threads, setup_logging
-    from .stages.submit import submission_name
-
     setup_logging(None, "predict")  # each stage's lines on the notebook's output
     out.mkdir(parents=True, exist_ok=True)
     tree = yaml.safe_load((package / "config.yaml").read_text())
@@ -162,8 +160,9 @@ def predict(package: Path, input_dir: Path, out: Path) -> list[Path]:
     seed_everything(cfg.seed)
     trained = {m.name: package / "members" / m.name for m in cfg.members}
     ctx = Context(cfg, artifacts=out / "dmlkit-artifacts", submissions=out, trained=trained)
-    check_outputs(ctx, list(STAGES))
-    for stage in STAGES:
+    check_values(ctx)
+    check_outputs(ctx, list(STAGE_NAMES))
+    for stage in STAGE_NAMES:
         run_stage(ctx, stage)
     written = [out / submission_name(cfg.experiment, fmt) for fmt in ctx.formats]
     shutil.copyfile(written[0], out / "submission.csv")

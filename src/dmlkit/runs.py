@@ -19,7 +19,9 @@ from typing import Any
 
 import pandas as pd
 
-from .planning import flatten
+from .competitions.base import submission_name
+from .config import load_config
+from .pipeline.planning import flatten
 
 RUNS = "runs"
 
@@ -86,9 +88,6 @@ def save_run(ctx, record: dict, submissions: list[Path]) -> Path:
 
 def record_run(ctx, config_path: str, overrides: list[str], started: float, scores: list[dict]) -> Path:
     """Record a finished run (rank 0, after submit): see the module docstring."""
-    from .config import load_config
-    from .stages.submit import submission_name
-
     written = load_config(config_path).model_dump(mode="json") if overrides else {}
     resolved = ctx.cfg.model_dump(mode="json")
     differences = config_differences(written, resolved) if overrides else []
@@ -137,16 +136,15 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _stage_entries(experiment_dir: Path) -> list[Path]:
-    """An experiment's artifact directories (complete, partial) and lock files, per stage."""
-    from .pipeline import STAGES
-
+def _stage_entries(experiment_dir: Path, stages: dict[str, bool]) -> list[Path]:
+    """An experiment's artifact directories (complete, partial) and lock files, per stage
+    (`stages`: each stage's name → whether it runs per member)."""
     entries = []
-    for stage in STAGES:
+    for stage, per_member in stages.items():
         folder = experiment_dir / stage
         if not folder.is_dir():
             continue
-        named = stage in ("train", "embed")  # artifacts/<experiment>/<stage>/<member>/<key>
+        named = per_member  # artifacts/<experiment>/<stage>/<member>/<key>
         for child in folder.iterdir():
             entries.extend(child.iterdir() if named and child.is_dir() and not _is_key_entry(child) else [child])
     return entries
@@ -161,19 +159,22 @@ def _artifact_of(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".partial").removesuffix(".lock"))
 
 
-def removable(artifacts: Path, keep: set[Path], keep_experiments: set[str]) -> dict[Path, list[Path]]:
+def removable(
+    artifacts: Path, keep: set[Path], keep_experiments: set[str], stages: dict[str, bool]
+) -> dict[Path, list[Path]]:
     """What `clean` removes, per artifact: its directory, partial directory and lock, for every
     artifact under `artifacts` not in `keep`, in experiments not in `keep_experiments`, and the
-    local-feature caches not in `keep`. Run records, tracker folders and submissions stay."""
+    local-feature caches not in `keep` (`stages`: each stage's name → whether it runs per member).
+    Run records, tracker folders and submissions stay."""
     keep = {p.resolve() for p in keep}
     entries = []
     for experiment in sorted(p for p in Path(artifacts).iterdir() if p.is_dir()):
         if experiment.name == "local-features":
             entries += sorted(experiment.iterdir())
         elif experiment.name not in keep_experiments:
-            entries += _stage_entries(experiment)
+            entries += _stage_entries(experiment, stages)
             for round_dir in sorted(experiment.glob("round-*")):  # pseudo-label rounds
-                entries += _stage_entries(round_dir)
+                entries += _stage_entries(round_dir, stages)
     out: dict[Path, list[Path]] = {}
     for path in entries:
         if _artifact_of(path).resolve() not in keep:

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
+import datetime
 import logging
 import os
+import platform
 import random
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import cv2
+import faiss
 import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 log = logging.getLogger("dmlkit")
 
@@ -64,9 +72,6 @@ def keep_freed_memory() -> bool:
         raise ValueError(f"DMLKIT_MALLOC={setting!r}: expected 'system' (leave the allocator as is), 'keep' or unset")
     if setting == "system" or not sys.platform.startswith("linux"):
         return False
-    import ctypes
-    import platform
-
     if platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -78,8 +83,6 @@ def keep_freed_memory() -> bool:
 
 def set_threads(threads: int | None) -> int:
     """Set torch, OpenMP and faiss thread counts once, explicitly (they interfere otherwise)."""
-    import torch
-
     n = threads or len(os.sched_getaffinity(0))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and torch.device(default_device()).type == "cpu":
@@ -87,29 +90,18 @@ def set_threads(threads: int | None) -> int:
     for var in _THREAD_VARS:
         os.environ[var] = str(n)
     torch.set_num_threads(n)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    except ImportError:  # pragma: no cover - faiss is a requirement
-        pass
-    import cv2
-
+    faiss.omp_set_num_threads(n)
     cv2.setNumThreads(1)  # decode runs per sample inside loader workers
     return n
 
 
 def seed_everything(seed: int) -> None:
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
 def default_device() -> str:
-    import torch
-
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         return f"cuda:{local}"
@@ -123,8 +115,6 @@ _CUDA_WARNED: list[str] = []
 def warn_unusable_cuda() -> str | None:
     """A CUDA build of torch that finds no usable GPU (driver too old for the build, no driver,
     CUDA_VISIBLE_DEVICES empty) runs on the CPU; say so once, with CUDA's own reason."""
-    import torch
-
     if torch.version.cuda is None or _CUDA_WARNED:
         return _CUDA_WARNED[0] if _CUDA_WARNED else None
     try:
@@ -158,11 +148,6 @@ def init_distributed(timeout_min: float = 360.0) -> bool:
 
     `timeout_min` bounds every collective, the barriers where ranks wait for rank 0's single-process
     stages included (NCCL's default, 10 min, is shorter than GLDv2's retrieval)."""
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-
     if world_size() <= 1 or dist.is_initialized():
         return dist.is_initialized()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -182,8 +167,6 @@ def shutdown_distributed() -> None:
     A process that exits with the group alive can abort after its work is done: gloo's worker threads
     are torn down in the interpreter's finalisation ('terminate called without an active exception',
     SIGABRT), and torchrun then fails the whole job for a run that finished."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _FLAG_GROUP.clear()
@@ -198,9 +181,6 @@ def any_rank(flag: bool, device=None) -> bool:
     one rank skipping alone leaves the others waiting in DDP's all-reduce until the timeout. Under
     NCCL the flag goes through a gloo group on the CPU (no device tensor, no wait for the GPU's queue);
     `device` is used only where the process group is NCCL's alone."""
-    import torch
-    import torch.distributed as dist
-
     if world_size() <= 1 or not (dist.is_available() and dist.is_initialized()):
         return bool(flag)
     group = _FLAG_GROUP[0] if _FLAG_GROUP else None
@@ -211,8 +191,6 @@ def any_rank(flag: bool, device=None) -> bool:
 
 def broadcast_object(value):
     """Rank 0's `value` on every rank (itself without torchrun)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return value
     box = [value]
@@ -222,16 +200,12 @@ def broadcast_object(value):
 
 def configure_cuda(benchmark: bool, tf32: bool) -> None:
     """cuDNN's per-shape algorithm search and TF32 for fp32 matmuls/convolutions (no effect off CUDA)."""
-    import torch
-
     torch.backends.cudnn.benchmark = benchmark
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -278,7 +252,5 @@ def progress_bar(iterable: Iterable, desc: str, enabled: bool = True, total: int
     if not enabled:
         return _Silent(iterable)
     if sys.stderr.isatty():
-        from tqdm import tqdm
-
         return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False)
     return _LoggedProgress(iterable, desc, total)

@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+import cv2
+import pandas as pd
+
 log = logging.getLogger(__name__)
 
 
@@ -50,7 +53,7 @@ def numeric(values: dict[str, Any]) -> dict[str, float]:
 class TensorBoardTracker:
     def __init__(self, folder: Path, config: dict):
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # the tracker loads only when tracking is on
         except ImportError as exc:  # torch's writer needs the tensorboard package
             raise TrackingError(f"tracking: tensorboard needs the tensorboard package ({exc})") from None
         self.folder = folder
@@ -65,8 +68,6 @@ class TensorBoardTracker:
         self.writer.add_text(name, body)
 
     def image(self, name: str, path: Path) -> None:
-        import cv2
-
         pixels = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if pixels is not None:
             self.writer.add_image(name, pixels[:, :, ::-1].copy(), dataformats="HWC")
@@ -78,7 +79,7 @@ class TensorBoardTracker:
 class MlflowTracker:
     def __init__(self, experiment: str, run_name: str, config: dict):
         try:
-            import mlflow
+            import mlflow  # optional tracker, installed by the user
         except ImportError:
             raise TrackingError("tracking: mlflow is not installed (pip install mlflow)") from None
         self.mlflow = mlflow
@@ -102,7 +103,7 @@ class MlflowTracker:
 class WandbTracker:
     def __init__(self, experiment: str, run_name: str, folder: Path, config: dict):
         try:
-            import wandb
+            import wandb  # optional tracker, installed by the user
         except ImportError:
             raise TrackingError("tracking: wandb is not installed (pip install wandb)") from None
         self.wandb = wandb
@@ -179,8 +180,6 @@ def replay(member: str, metrics_csv: Path) -> None:
     """A reused training's epochs, from its metrics.csv (so that every tracked run holds its curves)."""
     if _active is None or not metrics_csv.is_file():
         return
-    import pandas as pd
-
     for i, row in enumerate(pd.read_csv(metrics_csv).to_dict(orient="records")):
         epoch(member, row, i + 1)  # history holds every epoch from the first, as live logging numbers them
 

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from ..cache import file_fingerprint
+
 TABLE_COLUMNS = ["id", "path", "label", "role", "known"]
 USAGES = ("Public", "Private", "Ignored")
 
@@ -172,8 +174,6 @@ class Adapter(ABC):
 
     def fingerprints(self, root: Path) -> dict[str, str]:
         """What the cache hashes for this competition's inputs: the CSVs' contents by default."""
-        from ..cache import file_fingerprint
-
         return {str(p): file_fingerprint(p) for p in self.input_files(root) if p.exists()}
 
     @abstractmethod
@@ -324,3 +324,8 @@ def image_path(root: Path, folder: str, image_id: str, nested: bool, ext: str = 
     if nested:
         return str(root / folder / image_id[0] / image_id[1] / image_id[2] / f"{image_id}{ext}")
     return str(root / folder / image_id)
+
+
+def submission_name(experiment: str, fmt: Adapter) -> str:
+    """The file an experiment's submission in this format is written to."""
+    return f"{experiment}{fmt.suffix}.csv"

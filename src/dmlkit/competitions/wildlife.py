@@ -123,7 +123,7 @@ def split_open_set(
 def download(name: str, root: Path, seed: int = 0) -> Path:
     """The library's dataset `name` fetched into `root/<name>/` and `root/metadata.csv` written."""
     try:
-        from wildlife_datasets import datasets
+        from wildlife_datasets import datasets  # optional: only competition.download needs it
     except ImportError:
         raise InputError(
             f"competition.download: {name} needs the wildlife-datasets library (pip install wildlife-datasets), "

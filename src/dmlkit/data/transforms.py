@@ -11,9 +11,7 @@ import cv2
 import numpy as np
 import torch
 
-
-class TransformConfigError(ValueError):
-    pass
+from ..errors import TransformConfigError
 
 
 def _substitute(value: Any, image_size: int) -> Any:

@@ -188,7 +188,12 @@ def generate(root: Path, params: LandmarkDemoParams) -> dict:
         write_jpeg(root / role / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg", image)
         records.append({"id": image_id, "role": role, "label": labels[cls] if cls is not None else ""})
 
-    frame = pd.DataFrame(records)
+    return write_tables(root, pd.DataFrame(records), rng, params)
+
+
+def write_tables(root: Path, frame: pd.DataFrame, rng: np.random.Generator, params: LandmarkDemoParams) -> dict:
+    """train.csv, sample_submission.csv and both solutions of the written images (`frame`: id, role,
+    label); returns the competition's statistics. `rng` draws each test image's Public/Private usage."""
     train = frame[frame.role == "train"]
     test = frame[frame.role == "test"].reset_index(drop=True)
     index = frame[frame.role == "index"]

@@ -15,8 +15,11 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg
 from torch import nn
+
+from ..errors import PretrainedWeightsError
 
 
 class GeM(nn.Module):
@@ -43,10 +46,6 @@ def model_name(backbone: str, tag: str | None) -> str:
     return f"{backbone}.{tag}" if tag else backbone
 
 
-class PretrainedWeightsError(RuntimeError):
-    """timm's hub weights cannot be had (offline, or no such weights)."""
-
-
 def fetch_pretrained(backbone: str, tag: str | None, where: str) -> None:
     """Get timm's hub weights into the local hub cache now (loading them once), so that a missing
     download stops the run before anything trains, not when this member's turn comes."""
@@ -64,8 +63,6 @@ def fetch_pretrained(backbone: str, tag: str | None, where: str) -> None:
 def save_hub_weights(backbone: str, tag: str | None, out_dir: Path, where: str) -> Path:
     """timm's hub weights of `backbone` written to `out_dir/<name>.safetensors`, for a machine that
     trains offline (`pretrained_file`) or a code competition's weights dataset."""
-    from safetensors.torch import save_file
-
     fetch_pretrained(backbone, tag, where)  # the clear offline error
     model = timm.create_model(model_name(backbone, tag), pretrained=True, num_classes=0)
     path = Path(out_dir) / f"{model_name(backbone, tag)}.safetensors"
@@ -137,7 +134,7 @@ def reached_parameters(output: torch.Tensor) -> set[int]:
 
 
 class EmbeddingModel(nn.Module):
-    def __init__(
+    def __init__(  # timm-style keyword options (pooling, neck, weights source) beside the backbone name
         self,
         backbone: str,
         embedding_size: int = 512,

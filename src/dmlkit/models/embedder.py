@@ -1,6 +1,6 @@
 """The exported embedding module: uint8 images in, the pipeline's L2-normalised embedding out —
 normalisation, backbone, pooling, neck, the configured TTA (flip, scales) and the members' weighted
-concatenation, in one traceable `nn.Module` (written by `stages/export.py`)."""
+concatenation, in one traceable `nn.Module` (written by `dmlkit/export.py`)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import EmbedConfig
 from .backbone import EmbeddingModel
 
 
 class ExportedEmbedder(nn.Module):
     """The members' embedding of uint8 images, TTA and ensemble included (see the module docstring)."""
 
-    def __init__(self, models: list[EmbeddingModel], weights: list[float], embed: EmbedConfig, image_size: int):
+    def __init__(
+        self,
+        models: list[EmbeddingModel],
+        weights: list[float],
+        image_size: int,
+        *,
+        tta_flip: bool = False,
+        tta_scales: tuple[float, ...] | list[float] = (1.0,),
+    ):
         super().__init__()
         self.models = nn.ModuleList(models)
         self.weights = [float(w) for w in weights]
-        self.flip = embed.tta_flip
-        self.sizes = [max(16, int(round(image_size * s))) for s in embed.tta_scales]
+        self.flip = tta_flip
+        self.sizes = [max(16, int(round(image_size * s))) for s in tta_scales]
         self.image_size = image_size
 
     def _views(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -7,11 +7,15 @@ fp32 even under autocast, which keeps bf16/fp16 training free of NaN.
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning.losses import ProxyAnchorLoss
 from torch import nn
 
 
@@ -77,8 +81,20 @@ class _GatherIntoGradient(torch.autograd.Function):
         return None, None, None
 
 
+@dataclass
+class LossTerms:
+    """A head's training loss on a batch, each sample's unit class center (what SEE expands around;
+    None when not asked for) and the loss of synthetic rows built from real rows `rows`."""
+
+    loss: torch.Tensor
+    centers: torch.Tensor | None
+    synthetic_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class MarginHead(nn.Module):
     """Sub-center cosine classifier; subclasses define how the margin modifies the target cosine."""
+
+    supports_partial_fc = True  # its rows can be sampled (sample_classes) and updated sparsely
 
     def __init__(
         self,
@@ -193,8 +209,60 @@ class MarginHead(nn.Module):
             rows = labels * self.subcenters + best
             return F.normalize(self.weight.float()[rows], dim=1)
 
+    @classmethod
+    def from_counts(  # keyword-only options, one per head.* key of the config
+        cls,
+        embedding_size: int,
+        class_counts: np.ndarray,
+        *,
+        scale: float | str = 30.0,
+        subcenters: int = 1,
+        margin: float = 0.3,
+        dynamic: str = "none",
+        dynamic_a: float = 0.45,
+        dynamic_b: float = 0.05,
+        dynamic_lambda: float = -0.25,
+    ) -> MarginHead:
+        """The head over `len(class_counts)` classes, each class's margin from its image count
+        (`dynamic_margins`; `margin` for every class under `dynamic='none'`); `scale` 'adacos' is
+        AdaCos's fixed scale for that many classes."""
+        margins = dynamic_margins(class_counts, dynamic, dynamic_a, dynamic_b, dynamic_lambda, margin)
+        s = adacos_scale(len(class_counts)) if scale == "adacos" else float(scale)
+        return cls(embedding_size, len(class_counts), margins, s, subcenters)
+
     def apply_margin(self, cos: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def loss_terms(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        matmul_dtype: torch.dtype | None = None,
+        sample_rate: float = 1.0,
+        generator: torch.Generator | None = None,
+        with_centers: bool = False,
+    ) -> LossTerms:
+        """CE on the margin logits; with `with_centers`, each sample's closest own-class sub-center
+        (for SEE); and the loss of synthetic rows (expanded from real rows `rows`) against the same
+        sub-centers. `sample_rate` < 1: Partial FC, only the sampled classes' centers (the batch's
+        among them) enter the softmax."""
+        classes, columns = None, labels
+        if sample_rate < 1.0:
+            classes, columns = sample_classes(labels, self.num_classes, sample_rate, generator)
+        margins = self.margins[labels]
+        # The sub-center norms are computed once per step and shared by the real and synthetic rows;
+        # the real rows' cosines also pick each sample's closest sub-center for SEE.
+        factors = self.center_factors(matmul_dtype, classes)
+        subcenter_cos = self.subcenter_cosines(embeddings, factors)
+        loss = F.cross_entropy(self.margin_logits(subcenter_cos, columns, margins), columns)
+        centers = self.closest_centers(embeddings, labels, subcenter_cos.detach(), columns) if with_centers else None
+
+        def synthetic_loss(synthetic: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            cos = self.subcenter_cosines(synthetic, factors)
+            return F.cross_entropy(self.margin_logits(cos, columns[rows], margins[rows]), columns[rows])
+
+        return LossTerms(loss, centers, synthetic_loss)
 
     def classes_state(self, n: int) -> dict:
         """The state of the first `n` classes' sub-centers and margins (rotated classes are dropped)."""
@@ -243,9 +311,6 @@ class NoMarginHead(MarginHead):
         return cos
 
 
-HEADS: dict[str, type[MarginHead]] = {"arcface": ArcFaceHead, "cosface": CosFaceHead, "none": NoMarginHead}
-
-
 class ProxyAnchorHead(nn.Module):
     """Proxy-Anchor (Kim et al. 2020), pytorch-metric-learning's `ProxyAnchorLoss`: one proxy per
     class; per proxy, the batch's positives are pulled in and its negatives pushed out (margin δ,
@@ -253,16 +318,40 @@ class ProxyAnchorHead(nn.Module):
     rows go through the same loss (around their class proxy)."""
 
     subcenters = 1
+    supports_partial_fc = False
 
     def __init__(self, embedding_size: int, num_classes: int, margin: float = 0.1, alpha: float = 32.0):
         super().__init__()
-        from pytorch_metric_learning.losses import ProxyAnchorLoss
-
         self.num_classes = num_classes
         self.loss = ProxyAnchorLoss(num_classes, embedding_size, margin=margin, alpha=alpha)
 
+    @classmethod
+    def from_counts(
+        cls, embedding_size: int, class_counts: np.ndarray, *, proxy_margin: float = 0.1, proxy_alpha: float = 32.0
+    ) -> ProxyAnchorHead:
+        return cls(embedding_size, len(class_counts), proxy_margin, proxy_alpha)
+
     def class_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss(embeddings.float(), labels)
+
+    def loss_terms(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        matmul_dtype: torch.dtype | None = None,
+        sample_rate: float = 1.0,
+        generator: torch.Generator | None = None,
+        with_centers: bool = False,
+    ) -> LossTerms:
+        """The Proxy-Anchor loss, the proxies of the labels' classes (SEE's centers) and the same loss
+        on synthetic rows; a softmax's matmul precision and Partial FC do not apply."""
+        centers = self.centers(labels) if with_centers else None
+        return LossTerms(
+            self.class_loss(embeddings, labels),
+            centers,
+            lambda synthetic, rows: self.class_loss(synthetic, labels[rows]),
+        )
 
     def centers(self, labels: torch.Tensor) -> torch.Tensor:
         """(B, E) unit proxies of the labels' classes (constants for the gradient)."""
@@ -278,24 +367,29 @@ class ProxyAnchorHead(nn.Module):
         return {"loss.proxies": self.loss.proxies.detach()[:n].clone()}
 
 
-def build_head(
-    kind: str,
-    embedding_size: int,
-    class_counts: np.ndarray,
-    scale: float | str,
-    subcenters: int,
-    dynamic: str,
-    a: float,
-    b: float,
-    lam: float,
-    fixed_margin: float,
-    proxy_margin: float = 0.1,
-    proxy_alpha: float = 32.0,
-) -> MarginHead | ProxyAnchorHead:
-    if kind == "proxy_anchor":
-        return ProxyAnchorHead(embedding_size, len(class_counts), proxy_margin, proxy_alpha)
-    if kind not in HEADS:
-        raise ValueError(f"unknown head type '{kind}'; known: {sorted([*HEADS, 'proxy_anchor'])}")
-    margins = dynamic_margins(class_counts, dynamic, a, b, lam, fixed_margin)
-    s = adacos_scale(len(class_counts)) if scale == "adacos" else float(scale)
-    return HEADS[kind](embedding_size, len(class_counts), margins, s, subcenters)
+Head = MarginHead | ProxyAnchorHead
+
+HEADS: dict[str, type[MarginHead] | type[ProxyAnchorHead]] = {
+    "arcface": ArcFaceHead,
+    "cosface": CosFaceHead,
+    "none": NoMarginHead,
+    "proxy_anchor": ProxyAnchorHead,
+}
+
+
+def head_options(name: str) -> tuple[str, ...]:
+    """The keyword options `create_head(name, ...)` takes (beyond the size and the class counts)."""
+    if name not in HEADS:
+        raise ValueError(f"unknown head type '{name}'; known: {sorted(HEADS)}")
+    parameters = inspect.signature(HEADS[name].from_counts).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY)
+
+
+def create_head(name: str, embedding_size: int, class_counts: np.ndarray, **options) -> Head:
+    """The head registered as `name` over `len(class_counts)` classes (as timm's `create_model`):
+    margin heads take scale, subcenters, margin and the dynamic-margin options (`dynamic_margins`),
+    Proxy-Anchor proxy_margin and proxy_alpha (`head_options(name)` lists them)."""
+    unknown = set(options) - set(head_options(name))
+    if unknown:
+        raise TypeError(f"head '{name}' takes no option(s) {sorted(unknown)}; it takes {list(head_options(name))}")
+    return HEADS[name].from_counts(embedding_size, np.asarray(class_counts), **options)

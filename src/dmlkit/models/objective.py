@@ -7,34 +7,67 @@ margin head, or with `see.gradient: backbone`, is this project's extension."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MemberConfig
-from .heads import MarginHead, ProxyAnchorHead, sample_classes
+from .heads import Head, MarginHead
 from .see import see_expand, select_confident
 
 
+@dataclass(frozen=True)
+class SEESettings:
+    """Spherical Embedding Expansion in the objective: `weight` λ of the synthetic rows' loss,
+    `n_expansion` rows per expanded sample, which samples (`schedule`: top_fraction | threshold, at
+    the epoch's value passed to `forward`) and where the synthetic gradient goes (`gradient`:
+    proxies, the paper's, or backbone)."""
+
+    weight: float = 0.2
+    n_expansion: int = 16
+    schedule: Literal["top_fraction", "threshold"] = "top_fraction"
+    gradient: Literal["proxies", "backbone"] = "proxies"
+
+
+@dataclass(frozen=True)
+class AuxWeights:
+    """head.aux: the loss is identity × the head's loss + aux × the auxiliary head's."""
+
+    identity: float = 0.437
+    aux: float = 0.563
+
+
+NO_AUX = AuxWeights()
+
+
 class MarginModel(nn.Module):
-    """Embedding model and head in one module, so one DDP wrapper synchronises both."""
+    """Embedding model and head in one module, so one DDP wrapper synchronises both.
+
+    `see`: SEE's settings (None: off); `sample_rate` < 1: Partial FC; `matmul` 'amp': the head's
+    product in the autocast dtype (else fp32); `aux_head`: a second margin head on another label
+    column, weighted by `aux_weights`."""
 
     def __init__(
         self,
         model: nn.Module,
-        head: MarginHead | ProxyAnchorHead,
-        member: MemberConfig,
+        head: Head,
+        *,
+        see: SEESettings | None = None,
+        sample_rate: float = 1.0,
+        matmul: Literal["amp", "fp32"] = "amp",
         aux_head: MarginHead | None = None,
+        aux_weights: AuxWeights = NO_AUX,
     ):
         super().__init__()
         self.model = model
         self.head = head
-        self.aux_head = aux_head  # head.aux: a second margin head on another label column
-        self.aux = member.head.aux
-        self.see = member.see
-        self.matmul = member.head.matmul
-        self.sample_rate = member.head.sample_rate
+        self.aux_head = aux_head
+        self.aux_weights = aux_weights
+        self.see = see if see is not None and see.weight > 0 else None
+        self.matmul = matmul
+        self.sample_rate = sample_rate
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, see_value: float, generator: torch.Generator | None = None
@@ -52,51 +85,23 @@ class MarginModel(nn.Module):
         if self.matmul == "amp" and torch.is_autocast_enabled(device_type):
             matmul_dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type=device_type, enabled=False):
-            if isinstance(self.head, ProxyAnchorHead):
-                loss = self.head.class_loss(embeddings, labels)
-                centers = self.head.centers(labels)
-                synthetic_loss = lambda synthetic, rows: self.head.class_loss(synthetic, labels[rows])  # noqa: E731
-            else:
-                loss, centers, synthetic_loss = self._margin_loss(embeddings, labels, matmul_dtype, generator)
-            expanded = 0
-            if self.see.enabled and self.see.weight > 0:
-                extra, expanded = self._see_loss(embeddings, centers, synthetic_loss, see_value, generator)
+            terms = self.head.loss_terms(
+                embeddings,
+                labels,
+                matmul_dtype=matmul_dtype,
+                sample_rate=self.sample_rate,
+                generator=generator,
+                with_centers=self.see is not None,
+            )
+            loss, expanded = terms.loss, 0
+            if self.see is not None:
+                extra, expanded = self._see_loss(embeddings, terms.centers, terms.synthetic_loss, see_value, generator)
                 if expanded:
                     loss = loss + self.see.weight * extra
             if self.aux_head is not None and aux_labels is not None:
                 aux_loss = auxiliary_loss(self.aux_head, embeddings, aux_labels, matmul_dtype)
-                loss = self.aux.identity_weight * loss + self.aux.weight * aux_loss
+                loss = self.aux_weights.identity * loss + self.aux_weights.aux * aux_loss
         return loss, expanded
-
-    def _margin_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        matmul_dtype: torch.dtype | None,
-        generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, Callable]:
-        """CE on the margin logits; each sample's closest own-class sub-center (for SEE); and the
-        loss of synthetic rows (expanded from real rows `rows`) against the same sub-centers."""
-        head = self.head
-        # Partial FC: only the sampled classes' centers (the batch's among them) enter the softmax.
-        classes, columns = None, labels
-        if self.sample_rate < 1.0:
-            classes, columns = sample_classes(labels, head.num_classes, self.sample_rate, generator)
-        margins = head.margins[labels]
-        # The sub-center norms are computed once per step and shared by the real and synthetic rows;
-        # the real rows' cosines also pick each sample's closest sub-center for SEE.
-        factors = head.center_factors(matmul_dtype, classes)
-        subcenter_cos = head.subcenter_cosines(embeddings, factors)
-        loss = F.cross_entropy(head.margin_logits(subcenter_cos, columns, margins), columns)
-        centers = None
-        if self.see.enabled and self.see.weight > 0:
-            centers = head.closest_centers(embeddings, labels, subcenter_cos.detach(), columns)
-
-        def synthetic_loss(synthetic: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            cos = head.subcenter_cosines(synthetic, factors)
-            return F.cross_entropy(head.margin_logits(cos, columns[rows], margins[rows]), columns[rows])
-
-        return loss, centers, synthetic_loss
 
     def _see_loss(
         self,

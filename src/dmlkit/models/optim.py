@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from timm.optim._param_groups import param_groups_layer_decay
 from torch import nn
 
-from ..config import TrainConfig
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW or Nesterov SGD at `lr` (the head at `head_lr_mult` × it); `layer_decay`: the
+    backbone's layers at lr·decay^depth (None: one rate)."""
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    head_lr_mult: float = 10.0
+    layer_decay: float | None = None
 
 
-def model_groups(t: TrainConfig, model: nn.Module | list) -> list[dict]:
+def model_groups(t: OptimizerSettings, model: nn.Module | list) -> list[dict]:
     """The embedding model's parameter groups: one at `lr`, or with `layer_decay` the backbone's
     layers at lr·decay^depth (timm's layer grouping; norms and biases without weight decay) and the
     pooling and neck at `lr`."""
@@ -27,7 +39,12 @@ def model_groups(t: TrainConfig, model: nn.Module | list) -> list[dict]:
 
 
 def make_optimizer(
-    t: TrainConfig, model: nn.Module | list, head: list, device: torch.device, head_rows=None, aux: list | None = None
+    t: OptimizerSettings,
+    model: nn.Module | list,
+    head: list,
+    device: torch.device,
+    head_rows=None,
+    aux: list | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW or Nesterov SGD; the head's LR is `head_lr_mult` × the backbone's. Fused kernels where
     torch has them for the device: one pass over the (possibly 100M-parameter) head per step.

@@ -13,16 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ExtractorWeightsError
 from .local import LocalFeatures
-
-
-class ExtractorWeightsError(RuntimeError):
-    """The learned extractor's weights cannot be had (offline, or a bad file)."""
 
 
 def load_disk(weights_file: str | None, device: torch.device, where: str) -> torch.nn.Module:
     """DISK in eval mode on `device`, from a local file or kornia's 'depth' checkpoint."""
-    from kornia.feature import DISK
+    from kornia.feature import DISK  # kornia loads only for retrieve.verify.extractor: disk
 
     if weights_file is None:
         try:

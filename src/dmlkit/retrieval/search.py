@@ -90,7 +90,7 @@ def build_index(
     return index
 
 
-def knn(
+def knn(  # the index kind and its faiss options as keywords, as retrieve.* names them
     queries: np.ndarray,
     gallery: np.ndarray,
     k: int,

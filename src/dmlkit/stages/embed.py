@@ -1,5 +1,5 @@
-"""Embedding every image of the table with one trained member (TTA), with its head's best classes;
-and the ensemble of the members' embeddings."""
+"""The embed stage: every image of the table embedded by one trained member (TTA), with its
+head's best classes (and the auxiliary head's cosines), cached per member."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import Config, MemberConfig
+from .. import cache
+from ..build import embedding_options, load_aux_head, load_member
+from ..config import Config, MemberConfig, config_slice
 from ..data.crops import Cropper, missing_boxes, read_boxes, source_croppers
 from ..inference import embed_sharded, head_cosines, head_topk
-from ..models.checkpoint import load_aux_head, load_member
-from ..retrieval.ensemble import concatenate, pca_whiten
+from ..pipeline.context import Context
+from ..pipeline.executor import Stage, run_cached
 from ..runtime import is_main_process
+from .folds import load_table, run_folds
+from .train import box_inputs, run_train
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +41,12 @@ def embed_member(
     emb = embed_sharded(  # under torchrun each rank embeds its share
         model,
         table["path"].tolist(),
-        image_size=member.image_size,
-        batch_size=cfg.embed.batch_size,
-        device=device,
+        **embedding_options(cfg, member, device),
         flip=cfg.embed.tta_flip,
         mirror=cfg.embed.flip_gallery,
         scales=cfg.embed.tta_scales,
-        amp=member.train.amp,
-        num_workers=member.train.num_workers,
         desc=f"embed {member.name}",
         progress=progress,
-        channels_last=member.train.channels_last,
         croppers=embed_croppers(cfg, table),
     )
     if not is_main_process():
@@ -96,27 +95,6 @@ def read_head_topk(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return classes[np.load(folder / "head_topk_index.npy")], np.load(folder / "head_topk_cos.npy")
 
 
-def ensemble_members(cfg: Config, table: pd.DataFrame, member_files: dict[str, Path], work: Path) -> dict:
-    """The members' embeddings, each L2-normalised and weighted, concatenated (optionally PCA-whitened);
-    their mirrors' (mirror.npy beside each member's embeddings) alike, whitened by the same fit."""
-    weights = [cfg.ensemble.weights.get(name, 1.0) for name in member_files]
-    emb = concatenate([np.load(path) for path in member_files.values()], weights)
-    mirror_files = [path.with_name("mirror.npy") for path in member_files.values()]
-    mirror = None
-    if cfg.embed.flip_gallery:
-        mirror = concatenate([np.load(path) for path in mirror_files], weights)
-    if cfg.ensemble.pca_whiten:
-        fit_rows = (table["role"] == "train").to_numpy()
-        if mirror is None:
-            emb = pca_whiten(emb, fit_rows, cfg.ensemble.pca_dim)
-        else:
-            emb, mirror = pca_whiten(emb, fit_rows, cfg.ensemble.pca_dim, also=mirror)
-    np.save(work / "embeddings.npy", emb)
-    if mirror is not None:
-        np.save(work / "mirror.npy", mirror)
-    return {"dim": int(emb.shape[1]), "members": list(member_files)}
-
-
 def read_views(folder: Path) -> np.ndarray:
     """A stage folder's embeddings.npy: (N, E), or with its mirror.npy (embed.flip_gallery) (N, 2, E)."""
     emb = np.load(folder / "embeddings.npy")
@@ -143,3 +121,28 @@ def read_aux_groups(folders: list[Path], column: str) -> np.ndarray | None:
         return None
     names = sorted(totals)
     return np.array(names, dtype=object)[np.argmax(np.stack([totals[n] for n in names], axis=1), axis=1)]
+
+
+def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
+    member = ctx.cfg.member(member_name)
+    train_art = run_train(ctx, member_name)
+    folds_art = run_folds(ctx)
+    part = {"embed": config_slice(ctx.cfg.embed), "image_size": member.image_size, "amp": member.train.amp}
+
+    def compute(work: Path) -> dict:
+        table, _ = load_table(folds_art)
+        return embed_member(ctx.cfg, member, table, train_art.file("best.pt"), ctx.device, work, ctx.progress)
+
+    upstream = {"train": cache.produced(train_art), "folds": cache.produced(folds_art)}
+    boxes = box_inputs(ctx) if ctx.cfg.embed.crops else {}
+    return run_cached(ctx, EMBED, member.name, part, upstream, boxes, compute, all_ranks=True)
+
+
+EMBED = Stage(
+    name="embed",
+    version=3,
+    outputs=("*.npy", "head_classes.json", "ids.csv"),
+    per_member=True,
+    hashes="the embed section, the member's image size and amp; its trained weights; table.csv; boxes where it crops",
+    run=run_embed,
+)

@@ -12,89 +12,22 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
 
+from .. import cache
 from ..cache import file_fingerprint, files_fingerprint, stage_key
-from ..config import FoldsConfig
+from ..config import FoldsConfig, config_slice
+from ..data.folds import assign_folds, held_out_classes
 from ..data.images import UnreadableImageError, image_header_problem, image_problem
-from ..runtime import progress_bar
+from ..pipeline.context import Context
+from ..pipeline.executor import Stage, run_cached
+from ..runtime import is_main_process, progress_bar
 
 log = logging.getLogger(__name__)
-
-
-def assign_folds(train: pd.DataFrame, n_splits: int, seed: int) -> np.ndarray:
-    """Fold per row of the training table (−1: always in training).
-
-    StratifiedKFold over the classes with ≥ 2 images. It refuses a set whose classes are all smaller
-    than n_splits (Stanford Online Products has ~5 per class): there each class's images take
-    different folds drawn at random, so each validates once and trains in the other folds."""
-    folds = np.full(len(train), -1, dtype=int)
-    known = train["known"].to_numpy(dtype=bool)
-    counts = train.loc[known, "label"].map(train.loc[known, "label"].value_counts()).to_numpy()
-    eligible = np.flatnonzero(known)[counts >= 2]
-    if len(eligible) < n_splits:
-        raise ValueError(f"folds: only {len(eligible)} images of classes with ≥2 images; n_splits={n_splits}")
-    labels = train["label"].to_numpy()[eligible]
-    if counts.max() >= n_splits:
-        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # classes smaller than n_splits are expected
-            for fold, (_, val) in enumerate(splitter.split(eligible, labels)):
-                folds[eligible[val]] = fold
-    else:
-        rng = np.random.default_rng(seed)
-        groups = pd.Series(np.arange(len(eligible))).groupby(labels, sort=True).groups.values()
-        for rows in groups:
-            members = eligible[np.asarray(rows)]
-            folds[members] = rng.permutation(n_splits)[: len(members)]
-        log.info(
-            "folds: every class is smaller than n_splits=%d (largest %d images): each of a class's images "
-            "validates in a fold of its own (%d classes)",
-            n_splits,
-            int(counts.max()),
-            len(groups),
-        )
-    unknown = np.flatnonzero(~known)  # new_whale rows: validation queries whose answer is "unknown"
-    folds[unknown] = np.random.default_rng(seed).integers(0, n_splits, len(unknown))
-    return folds
-
-
-def held_out_classes(train: pd.DataFrame, share: float, n_splits: int, seed: int) -> np.ndarray:
-    """Per row, the fold whose members never see its class (−1: none): for each fold about `share`
-    of the known classes, disjoint between folds, stratified by class size (classes sorted by size,
-    each run of round(1/share) consecutive classes spread over the folds in a random order). With
-    n_splits > round(1/share) the later folds get none."""
-    out = np.full(len(train), -1, dtype=int)
-    if share <= 0:
-        return out
-    known = train["known"].to_numpy(dtype=bool)
-    sizes = train.loc[known, "label"].value_counts()
-    rng = np.random.default_rng(seed + 7)
-    ordered = sizes.index.to_numpy()[np.lexsort((rng.random(len(sizes)), sizes.to_numpy()))]
-    stride = max(2, round(1 / share))
-    slots = np.concatenate([rng.permutation(stride) for _ in range(len(ordered) // stride + 1)])[: len(ordered)]
-    class_fold = {label: int(slot) if slot < n_splits else -1 for label, slot in zip(ordered, slots, strict=True)}
-    out[known] = train.loc[known, "label"].map(class_fold).to_numpy()
-    return out
-
-
-def fold_parts(folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(training part, validation part) of a fold; validation rows of unseen classes get known=False.
-
-    No image of a class held out for this fold (`unknown_fold`) trains; its images of this fold (and
-    a held-out singleton's image) are validation queries. So about `unknown_classes` of the queries
-    are unseen classes — the share the threshold is tuned for, as expected on the test."""
-    held_out = folds["unknown_fold"] == fold if "unknown_fold" in folds else pd.Series(False, index=folds.index)
-    train = folds[(folds["fold"] != fold) & folds["known"] & ~held_out].reset_index(drop=True)
-    val = folds[(folds["fold"] == fold) | (held_out & (folds["fold"] == -1))].copy()
-    val["known"] = val["known"] & val["label"].isin(set(train["label"]))
-    return train, val.reset_index(drop=True)
 
 
 def _check_all(check, paths: list[str]) -> list[str | None]:
@@ -181,3 +114,66 @@ def read_folds(table_csv: Path, folds_csv: Path) -> tuple[pd.DataFrame, pd.DataF
     folds = pd.read_csv(folds_csv, **read)
     table["label"] = table["label"].replace("", None)
     return table, folds
+
+
+def load_table(folds_art: cache.Artifact) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(table, folds) of a folds artifact."""
+    return read_folds(folds_art.file("table.csv"), folds_art.file("folds.csv"))
+
+
+def run_folds(ctx: Context) -> cache.Artifact:
+    """The folds artifact (a pseudo-label round's: round 0's plus the round's training rows)."""
+    if "folds" in ctx.done:
+        return ctx.done["folds"]
+    if ctx.round_folds is not None:
+        return ctx.round_folds(ctx)
+    table = ctx.source_table
+    fingerprints = ctx.adapter.fingerprints(ctx.root)
+    if (ctx.root / "demo_params.json").exists():  # a regenerated demo can keep identical CSVs
+        fingerprints["demo_params"] = cache.file_fingerprint(ctx.root / "demo_params.json")
+    fingerprints["images"] = cache.files_fingerprint(table["path"])  # a replaced image redoes the check
+    share = ctx.unknown_classes
+    part = {
+        "competition": {"name": ctx.cfg.competition.name, "root": ctx.cfg.competition.root},
+        "folds": config_slice(ctx.cfg.folds),
+        "unknown_classes": share,
+        "distractor_pool": ctx.cfg.retrieve.penalty.pool,
+    }
+    threads = ctx.cfg.threads or len(os.sched_getaffinity(0))
+
+    def compute(work: Path) -> dict:
+        # The images' size/mtime fingerprint is part of what folds hands on: embed must redo a
+        # replaced image even where table.csv, which lists paths, is unchanged.
+        (work / "images.fingerprint").write_text(fingerprints["images"] + "\n")
+        return make_folds(table, ctx.cfg.folds, work, threads, ctx.progress, share)
+
+    art = run_cached(ctx, FOLDS, "", part, {}, fingerprints, compute)
+    if ctx.plan is None:
+        _report_unreadable(ctx, art)
+    return art
+
+
+def _report_unreadable(ctx: Context, art: cache.Artifact) -> None:
+    """Name the dropped training images (once per run); under train.strict_images stop instead."""
+    result = art.manifest.get("result", {})
+    if not result.get("unreadable_train"):
+        return
+    message = (
+        f"{result['unreadable_train']} training image(s) cannot be read (all in {art.file('unreadable.csv')}): "
+        f"{result['unreadable_train_first'][:10]}"
+    )
+    strict = [m.name for m in ctx.cfg.members if m.train.strict_images]
+    if strict:
+        raise UnreadableImageError(f"train.strict_images (members {strict}): {message}")
+    if is_main_process():
+        log.warning("[folds] dropped from training and the gallery: %s", message)
+
+
+FOLDS = Stage(
+    name="folds",
+    version=3,
+    outputs=("table.csv", "folds.csv", "unreadable.csv", "images.fingerprint"),
+    per_member=False,
+    hashes="competition files and every image's size/mtime; folds section; unknown-class share; distractor pool",
+    run=run_folds,
+)

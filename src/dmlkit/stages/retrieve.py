@@ -1,423 +1,80 @@
-"""Retrieval and post-processing: kNN → α-QE/DBA → k-reciprocal re-ranking → distractor penalty →
-label voting → unknown threshold / confidence calibration, each step switchable in the config.
-
-The same chain runs on the validation fold (queries: the fold's images; gallery: the other
-folds) to report the score after each step and to tune the threshold, then on the test set.
+"""The retrieve stage: the re-ranking chain (`retrieval.chain`) on the validation fold — the score
+after each step, the calibration tuned there (`retrieval.validation`) — then on the test images:
+labels voted from the labelled gallery, or the ranked index images, per submission format.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .. import cache, tracking
 from ..competitions import Adapter, Calibration, Predictions
-from ..config import MemberConfig, RetrieveConfig
-from ..evaluation import (
-    RankedQueries,
-    calibrated_scores,
-    knn_validation_scores,
-    plain_score,
-    rank_queries,
-    score_queries,
-    tune_group_thresholds,
+from ..config import Config, ConfigError, MemberConfig, RetrieveConfig, config_slice
+from ..data.folds import fold_parts
+from ..data.images import read_image
+from ..pipeline.context import Context
+from ..pipeline.executor import Stage, run_cached
+from ..plots import plot_retrieval_grid
+from ..pseudo import without_pseudo_rows
+from ..retrieval.chain import ChainInputs, LabelledGallery, run_chain
+from ..retrieval.ensemble import concatenate_views
+from ..retrieval.search import as_views
+from ..retrieval.second_stage import SecondStage, shortlist_verifier
+from ..retrieval.validation import (
+    Scorers,
+    calibrate,
+    distractor_rows,
+    first_answers,
+    out_of_fold_queries,
+    table_rows,
+    validation_answers,
+    validation_report,
+    validation_split,
 )
-from ..retrieval.expansion import database_augmentation, query_expansion
-from ..retrieval.label_rerank import label_aware_rerank
-from ..retrieval.rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
-from ..retrieval.search import as_views, knn
+from ..retrieval.verify import feature_key
 from ..retrieval.voting import fuse_head, head_label_scores, label_similarities, threshold_for_share, vote
-from .folds import fold_parts
-from .second_stage import SecondStage, median_inliers, shortlist_verifier, tune_fusion
+from ..runs import headline
+from ..runtime import is_main_process
+from .embed import read_aux_groups, read_head_topk, read_views, run_embed
+from .ensemble import embeddings_of, run_ensemble
+from .folds import load_table, run_folds
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Neighbours:
-    sims: np.ndarray
-    ids: np.ndarray
-    # GLR2020 1st's query-side penalty C: subtracted from each query's landmark confidence (it
-    # shifts all of a query's similarities alike, so it changes no ranking, only the GAP order)
-    query_offset: np.ndarray | None = None
+class EmbeddingSet:
+    """The embeddings retrieve ranks with: the ensemble's, each member's, and per fold the members
+    cover the ensemble of the members trained without it (each (N, E), or (N, 2, E) with mirrors)."""
 
-
-def _search(cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray, k: int, progress: bool) -> Neighbours:
-    sims, ids = knn(
-        queries,
-        gallery,
-        k=k,
-        kind=cfg.index,
-        batch=cfg.query_batch,
-        use_gpu=cfg.use_gpu,
-        nlist=cfg.nlist,
-        nprobe=cfg.nprobe,
-        hnsw_m=cfg.hnsw_m,
-        progress=progress,
-    )
-    return Neighbours(sims, ids)
-
-
-def check_finite(name: str, array: np.ndarray) -> None:
-    bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
-    if bad.any():
-        raise FloatingPointError(
-            f"{name}: {int(bad.sum())} embedding row(s) contain NaN/inf (first rows "
-            f"{np.flatnonzero(bad)[:5].tolist()}); refusing to search"
-        )
-
-
-@dataclass
-class ChainState:
-    """What the chain's steps read and replace: the (expanded) queries and gallery, the ranked
-    neighbours, and the non-landmark pool (None without one)."""
-
-    queries: np.ndarray
-    gallery: np.ndarray
-    result: Neighbours
-    distractors: np.ndarray | None
-    k: int
-
-
-def _expand(cfg: RetrieveConfig, state: ChainState, progress: bool) -> ChainState:
-    """α-QE and DBA (Radenović et al.): the gallery averaged with its neighbours, then the queries."""
-    queries, gallery, result = state.queries, state.gallery, state.result
-    if cfg.dba.enabled:
-        self_graph = _search(cfg, gallery, gallery, min(len(gallery), cfg.dba.k + 1), progress)
-        gallery = database_augmentation(gallery, self_graph.sims, self_graph.ids, cfg.dba.alpha, cfg.dba.k)
-        result = _search(cfg, queries, gallery, state.k, progress)
-    if cfg.qe.enabled:
-        queries = query_expansion(queries, gallery, result.sims, result.ids, cfg.qe.alpha, cfg.qe.k)
-        result = _search(cfg, queries, gallery, state.k, progress)
-    return replace(state, queries=queries, gallery=gallery, result=result)
-
-
-def _rerank(cfg: RetrieveConfig, state: ChainState, progress: bool) -> ChainState:
-    """k-reciprocal re-ranking of each query's own nearest gallery images."""
-    both = np.concatenate([state.queries, state.gallery])
-    # the joint graph only shapes the encoding; the re-scored candidates are each query's own
-    # nearest gallery images (near-duplicate queries would fill each other's graph rows)
-    graph_k = min(len(both), max(cfg.rerank.k1 + 1, cfg.rerank.k2))
-    graph = _search(cfg, both, both, graph_k, progress).ids
-    r = cfg.rerank
-    dist, ids = k_reciprocal_rerank(
-        state.queries, state.gallery, graph, r.k1, r.k2, r.lambda_, state.result.ids, progress
-    )
-    return replace(state, result=Neighbours((1.0 - dist).astype(np.float32), ids))
-
-
-def _penalise(cfg: RetrieveConfig, state: ChainState, progress: bool) -> ChainState:
-    """GLR2020 1st's non-landmark penalty on the gallery side (and the query side's offset)."""
-    pen = cfg.penalty
-    gallery_pen = distractor_penalty(
-        _search(cfg, state.gallery, state.distractors, pen.k_gallery, progress).sims, pen.k_gallery
-    )
-    query_pen = None
-    if pen.query_side:
-        query_pen = distractor_penalty(
-            _search(cfg, state.queries, state.distractors, pen.k_query, progress).sims, pen.k_query
-        )
-    sims = penalised_similarity(state.result.sims, state.result.ids, gallery_pen)
-    order = np.argsort(-sims, axis=1, kind="stable")
-    ids = np.take_along_axis(state.result.ids, order, 1)
-    return replace(state, result=Neighbours(np.take_along_axis(sims, order, 1), ids, query_offset=query_pen))
-
-
-@dataclass(frozen=True)
-class ChainStep:
-    name: str  # the validation report's row
-    applies: Callable[[RetrieveConfig, ChainState], bool]
-    run: Callable[[RetrieveConfig, ChainState, bool], ChainState]
-
-
-# The chain after the kNN search, in order; a new re-ranker is one pure function and one line here.
-CHAIN: tuple[ChainStep, ...] = (
-    ChainStep("+ QE/DBA", lambda cfg, state: cfg.qe.enabled or cfg.dba.enabled, _expand),
-    ChainStep("+ re-ranking", lambda cfg, state: cfg.rerank.enabled, _rerank),
-    ChainStep(
-        "+ distractor penalty",
-        lambda cfg, state: cfg.penalty.enabled and state.distractors is not None and len(state.distractors) > 0,
-        _penalise,
-    ),
-)
-
-
-def run_chain(
-    cfg: RetrieveConfig,
-    queries: np.ndarray,
-    gallery: np.ndarray,
-    distractors: np.ndarray | None = None,
-    on_step=None,
-    progress: bool = True,
-) -> Neighbours:
-    """The post-processing chain for one (queries, gallery) pair; `on_step(name, neighbours)` after each."""
-    check_finite("queries", queries)
-    check_finite("gallery", gallery)
-    k = min(len(gallery), max(cfg.k, cfg.voting.k, cfg.qe.k + 1, cfg.rerank.k1 + 1))
-    state = ChainState(queries, gallery, _search(cfg, queries, gallery, k, progress), distractors, k)
-    if on_step:
-        on_step("kNN", state.result)
-    for step in CHAIN:
-        if step.applies(cfg, state):
-            state = step.run(cfg, state, progress)
-            if on_step:
-                on_step(step.name, state.result)
-    return state.result
-
-
-@dataclass
-class ValidationSplit:
-    """The validation fold's images (queries) against the other folds' known images (gallery), as
-    rows of the table; queries of classes the gallery lacks are unknown."""
-
-    query_rows: np.ndarray
-    query_labels: np.ndarray
-    query_known: np.ndarray
-    gallery_rows: np.ndarray
-    gallery_labels: np.ndarray
-    query_groups: np.ndarray | None = None  # retrieve.unknown_per: each query's group
-
-
-def table_rows(table: pd.DataFrame, role: str, ids: pd.Series) -> np.ndarray:
-    """The table rows of `role` images with these ids."""
-    row_of = {i: n for n, (r, i) in enumerate(zip(table["role"], table["id"], strict=True)) if r == role}
-    return np.array([row_of[i] for i in ids], dtype=int)
-
-
-def distractor_rows(table: pd.DataFrame) -> np.ndarray:
-    """The penalty's non-landmark images: the configured pool, else the competition's index images."""
-    pool = (table["role"] == "distractor").to_numpy()
-    return np.flatnonzero(pool if pool.any() else (table["role"] == "index").to_numpy())
-
-
-def validation_split(
-    table: pd.DataFrame,
-    folds: pd.DataFrame,
-    val_fold: int,
-    max_queries: int | None = None,
-    groups: np.ndarray | None = None,
-) -> ValidationSplit:
-    """The fold's queries against the other folds; with `max_queries`, a random sample of that
-    many queries (seeded by the fold: the same sample on every rerun). `groups`: per table row, its
-    group (retrieve.unknown_per)."""
-    train_part, val_part = fold_parts(folds, val_fold)
-    if max_queries is not None and len(val_part) > max_queries:
-        keep = np.sort(np.random.default_rng(val_fold).choice(len(val_part), max_queries, replace=False))
-        val_part = val_part.iloc[keep].reset_index(drop=True)
-    query_rows = table_rows(table, "train", val_part["id"])
-    return ValidationSplit(
-        query_rows=query_rows,
-        query_labels=val_part["label"].to_numpy(),
-        query_known=val_part["known"].to_numpy(dtype=bool),
-        gallery_rows=table_rows(table, "train", train_part["id"]),
-        gallery_labels=train_part["label"].to_numpy(),
-        query_groups=None if groups is None else groups[query_rows],
-    )
-
-
-def fixed_calibration(cfg: RetrieveConfig) -> Calibration:
-    """The calibration settings the config fixes instead of tuning."""
-    return Calibration(
-        threshold=None if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold),
-        unknown_score=None if cfg.unknown_score == "auto" else cfg.unknown_score,
-    )
-
-
-def _rank(
-    cfg: RetrieveConfig, adapter: Adapter, split: ValidationSplit, neighbours: Neighbours, heads=None
-) -> RankedQueries:
-    return rank_queries(
-        adapter,
-        neighbours.sims,
-        neighbours.ids,
-        split.query_labels,
-        split.query_known,
-        split.gallery_labels,
-        cfg.voting.k,
-        cfg.voting.power,
-        neighbours.query_offset,
-        heads,
-        cfg.voting.head_weight,
-        split.query_groups,
-    )
-
-
-def validation_report(
-    cfg: RetrieveConfig,
-    adapter: Adapter,
-    split: ValidationSplit,
-    embeddings: np.ndarray,
-    member_embeddings: dict[str, np.ndarray],
-    distractors: np.ndarray | None,
-    head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
-    progress: bool = True,
-    second: SecondStage | None = None,
-) -> tuple[list[dict], RankedQueries]:
-    """The validation score after each step of the chain (members alone first, when several), and
-    the last step's ranked queries, which calibration is tuned on. With `second`, its fusion is
-    tuned here (on these queries: the row says so)."""
-    metric = adapter.metric
-    report: list[dict] = []
-    if len(member_embeddings) > 1:
-        for name, emb in member_embeddings.items():
-            out = knn_validation_scores(
-                adapter,
-                emb[split.query_rows],
-                split.query_labels,
-                split.query_known,
-                emb[split.gallery_rows],
-                split.gallery_labels,
-                cfg.voting.k,
-                cfg.voting.power,
-            )
-            report.append({"step": f"kNN, member {name} alone", metric: out["plain"], "recall@1": out["recall@1"]})
-    steps: list[tuple[str, Neighbours]] = []
-    final = run_chain(
-        cfg,
-        embeddings[split.query_rows],
-        embeddings[split.gallery_rows],
-        distractors,
-        lambda step, neighbours: steps.append((step, neighbours)),
-        progress,
-    )
-    if second is not None:
-        retrieval = metric == "map@100"
-        inliers = second.inliers(final.ids, split.query_rows, split.gallery_rows, retrieval)
-        same = same_label(split, final.ids[:, : inliers.shape[1]])
-
-        def score(sims: np.ndarray, ids: np.ndarray) -> float:
-            return plain_score(adapter, _rank(cfg, adapter, split, Neighbours(sims, ids, final.query_offset)))
-
-        second.fusion = tune_fusion(cfg.verify, final.sims, final.ids, inliers, same, score)
-        log.info(
-            "validation: inliers of verified pairs of one class: median %.1f (%d pairs); of two: %.1f (%d pairs)",
-            *median_inliers(inliers, same),
-        )
-        final = Neighbours(*second.fusion(final.sims, final.ids, inliers), final.query_offset)
-        top_k = cfg.verify.top_k_for(retrieval)
-        steps.append((f"+ verification, top {top_k} ({second.fusion.describe()}; tuned on these queries)", final))
-    if head_scores is not None and metric != "map@100":
-        steps.append((f"+ head fusion (w={cfg.voting.head_weight})", final))
-    last = None
-    for step, neighbours in steps:
-        heads = head_scores(split.query_rows) if step.startswith("+ head fusion") else None
-        last = _rank(cfg, adapter, split, neighbours, heads)
-        name = step if step != "kNN" or len(member_embeddings) == 1 else "kNN, ensemble"
-        report.append({"step": name, metric: plain_score(adapter, last), "recall@1": last.recall_at_1})
-    return report, last
-
-
-def same_label(split: ValidationSplit, ids: np.ndarray) -> np.ndarray:
-    """Whether each candidate (a gallery position, -1: none) shares its query's label."""
-    return (ids >= 0) & (split.gallery_labels[np.clip(ids, 0, None)] == split.query_labels[:, None])
-
-
-def out_of_fold_queries(
-    cfg: RetrieveConfig,
-    adapter: Adapter,
-    table: pd.DataFrame,
-    folds: pd.DataFrame,
-    fold_embeddings: dict[int, np.ndarray],
-    distractors: Callable[[np.ndarray], np.ndarray | None],
-    head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
-    progress: bool = True,
-    second: SecondStage | None = None,
-    groups: np.ndarray | None = None,
-) -> RankedQueries:
-    """Every covered fold's validation queries through the whole chain, each against the gallery
-    without its fold and embedded by the members that never trained on it; pooled for calibration."""
-    parts = []
-    for fold, embeddings in fold_embeddings.items():
-        split = validation_split(table, folds, fold, cfg.validation_queries, groups)
-        if len(split.query_rows) == 0:
-            continue
-        result = run_chain(
-            cfg, embeddings[split.query_rows], embeddings[split.gallery_rows], distractors(embeddings), None, progress
-        )
-        if second is not None:
-            result = _second(second, result, split.query_rows, split.gallery_rows, adapter.metric == "map@100")
-        heads = head_scores(split.query_rows) if head_scores is not None and adapter.metric != "map@100" else None
-        parts.append(_rank(cfg, adapter, split, result, heads))
-    return RankedQueries.pool(parts)
-
-
-def calibrate(
-    cfg: RetrieveConfig, adapter: Adapter, queries: RankedQueries, where: str
-) -> tuple[Calibration, list[dict], dict]:
-    """The calibration tuned on these validation queries, the report rows it adds and its figures."""
-    metric = adapter.metric
-    out = score_queries(adapter, queries, fixed_calibration(cfg))
-    calibration = Calibration(
-        threshold=out.get("threshold"), unknown_score=out.get("unknown_score"), confidence=out.get("confidence")
-    )
-    rows = []
-    step = calibration.step_name(adapter.unknown_label)
-    open_set_keys = ("baks", "baus", "open_set")  # AnimalCLEF's scores
-    if step:
-        open_set = {k: out[k] for k in open_set_keys if k in out}
-        rows.append({"step": f"{step}{where}", metric: out["score"], "recall@1": out["recall@1"], **open_set})
-    if cfg.unknown_per is not None and calibration.threshold is not None:
-        calibration, out, step = _per_group(cfg, adapter, queries, calibration)
-        open_set = {k: out[k] for k in open_set_keys if k in out}
-        rows.append({"step": f"{step}{where}", metric: out["score"], "recall@1": out["recall@1"], **open_set})
-    if "score_known" in out:
-        rows.append({"step": "  · known queries", metric: out["score_known"], "recall@1": out["recall@1"]})
-        rows.append({"step": f"  · unseen queries ({int(out['queries_unknown'])})", metric: out["score_unknown"]})
-        log.info(
-            "validation: '%s' answered first on %.1f%% of the queries: precision %.3f, recall %.3f of the unseen",
-            adapter.unknown_label,
-            100 * out["unknown_share"],
-            out["unknown_precision"],
-            out["unknown_recall"],
-        )
-    return calibration, rows, out
-
-
-def _per_group(
-    cfg: RetrieveConfig, adapter: Adapter, queries: RankedQueries, calibration: Calibration
-) -> tuple[Calibration, dict, str]:
-    """The calibration with per-group thresholds (retrieve.unknown_per), its scores and report step."""
-    thresholds = tune_group_thresholds(adapter, queries, calibration, cfg.unknown_per_min)
-    calibration = replace(calibration, group_thresholds=thresholds)
-    out = calibrated_scores(adapter, queries, calibration)
-    n_groups = len(set(queries.ranked.groups))
-    log.info(
-        "validation: per-%s unknown thresholds (%d of %d groups have ≥ %d queries; the others %.4f): %s",
-        cfg.unknown_per,
-        len(thresholds),
-        n_groups,
-        cfg.unknown_per_min,
-        calibration.threshold,
-        ", ".join(f"{g} {t:.4f}" for g, t in thresholds.items()) or "none",
-    )
-    step = f"+ per-{cfg.unknown_per} thresholds ({len(thresholds)} of {n_groups} groups, others global)"
-    return calibration, out, step
+    ensemble: np.ndarray
+    members: dict[str, np.ndarray]
+    folds: dict[int, np.ndarray]
 
 
 def test_predictions(
     cfg: RetrieveConfig,
     formats: list[Adapter],
     table: pd.DataFrame,
-    gallery_rows: np.ndarray,
-    gallery_labels: np.ndarray,
+    known_train: pd.DataFrame,
     embeddings: np.ndarray,
     calibration: Calibration,
-    head_scores: Callable[[np.ndarray], list[dict[str, float]]] | None = None,
+    scorers: Scorers,
     progress: bool = True,
-    second: SecondStage | None = None,
-    groups: np.ndarray | None = None,
 ) -> tuple[dict[str, Predictions], dict[str, pd.DataFrame]]:
-    """Each format's predictions for the test images: labels voted from the labelled gallery, or
-    (retrieval formats) the ranked index images; and per label format each test image's first
-    answer with its best cosine (`first_answers`: what pseudo-labelling selects from)."""
+    """Each format's predictions for the test images: labels voted from the labelled gallery (the
+    known training rows), or (retrieval formats) the ranked index images; and per label format each
+    test image's first answer with its best cosine (`first_answers`: what pseudo-labelling selects from)."""
     test_rows = np.flatnonzero((table["role"] == "test").to_numpy())
     test_ids = table["id"].to_numpy()[test_rows].tolist()
-    index_rows = np.flatnonzero((table["role"] == "index").to_numpy())
+    gallery_rows = table_rows(table, "train", known_train["id"])
+    gallery_labels = known_train["label"].to_numpy()
     if calibration.threshold is None:
         default = 0.0 if cfg.unknown_threshold == "tune" else float(cfg.unknown_threshold)
         calibration = replace(calibration, threshold=default)
@@ -425,97 +82,61 @@ def test_predictions(
     answers: dict[str, pd.DataFrame] = {}
     for fmt in formats:
         if fmt.gallery_role == "index":
-            if len(index_rows) == 0:
-                raise ValueError(f"{fmt.name}: the competition has no index images to retrieve from")
-            result = run_chain(cfg, embeddings[test_rows], embeddings[index_rows], progress=progress)
-            if second is not None:
-                result = _second(second, result, test_rows, index_rows, retrieval=True)
-            if cfg.label_rerank.enabled:
-                result = _label_rerank(cfg, embeddings, test_rows, index_rows, gallery_rows, gallery_labels, result)
-            index_ids = table["id"].to_numpy()[index_rows]
-            neighbours = [[index_ids[j] for j in row if j >= 0] for row in result.ids]
+            labelled = (gallery_rows, gallery_labels)
+            neighbours = _ranked_index(cfg, fmt, table, embeddings, test_rows, labelled, scorers, progress)
             predictions[fmt.name] = fmt.predict(Predictions(test_ids, neighbours=neighbours), calibration)
             continue
-        distractors = embeddings[distractor_rows(table)] if cfg.penalty.enabled else None
-        result = run_chain(cfg, embeddings[test_rows], embeddings[gallery_rows], distractors, progress=progress)
-        if second is not None:
-            result = _second(second, result, test_rows, gallery_rows, retrieval=False)
+        inputs = ChainInputs(
+            embeddings[test_rows],
+            embeddings[gallery_rows],
+            test_rows,
+            gallery_rows,
+            scorers.distractors(embeddings),
+            retrieval=False,
+            verifier=scorers.verifier,
+        )
+        result = run_chain(cfg, inputs, progress=progress)
         fill = fmt.max_predictions > 1  # every MAP@5 row carries 5 labels
         labels, scores = vote(result.sims, result.ids, gallery_labels, cfg.voting.k, cfg.voting.power, fill=fill)
-        if head_scores is not None:
-            labels, scores = fuse_head(labels, scores, head_scores(test_rows), cfg.voting.head_weight, cfg.voting.power)
+        if scorers.head_scores is not None:
+            head = scorers.head_scores(test_rows)
+            labels, scores = fuse_head(labels, scores, head, cfg.voting.head_weight, cfg.voting.power)
         similarities = label_similarities(labels, result.sims, result.ids, gallery_labels)
-        test_groups = [] if groups is None else [str(g) for g in groups[test_rows]]
+        test_groups = [] if scorers.groups is None else [str(g) for g in scorers.groups[test_rows]]
         ranked = Predictions(test_ids, labels=labels, scores=scores, similarities=similarities, groups=test_groups)
         predictions[fmt.name] = _unknown_first(cfg, fmt, ranked, calibration, result.query_offset)
         answers[fmt.name] = first_answers(ranked, predictions[fmt.name])
     return predictions, answers
 
 
-def first_answers(ranked: Predictions, final: Predictions) -> pd.DataFrame:
-    """id, the first answer of the final predictions and its best cosine among the gallery's
-    neighbours (NaN for an unknown answer or a label without a neighbour)."""
-    cosines = []
-    for labels, sims, answer in zip(ranked.labels, ranked.similarities, final.labels, strict=True):
-        first = answer[0] if answer else ""
-        cosines.append(sims[labels.index(first)] if first in labels else np.nan)
-    return pd.DataFrame({"id": final.ids, "label": [row[0] if row else "" for row in final.labels], "cosine": cosines})
-
-
-def validation_answers(adapter: Adapter, queries: RankedQueries, calibration: Calibration) -> pd.DataFrame:
-    """Each validation query's first answer and its best cosine, as `first_answers` gives the test's,
-    with its truth (blank for a non-landmark): pseudo-labelling measures its bar's precision on them."""
-    frame = first_answers(queries.ranked, adapter.predict(queries.ranked, calibration, queries.offset))
-    frame["truth"] = ["" if truth is None else str(truth) for truth in queries.truths]
-    return frame
-
-
-def _second(second: SecondStage, result: Neighbours, query_rows, gallery_rows, retrieval: bool) -> Neighbours:
-    return Neighbours(*second.apply(result.sims, result.ids, query_rows, gallery_rows, retrieval), result.query_offset)
-
-
-def predicted_labels(
-    cfg: RetrieveConfig, queries: np.ndarray, gallery: np.ndarray, gallery_codes: np.ndarray
-) -> np.ndarray:
-    """Each row's label code by kNN voting against the labelled gallery (label_rerank.k neighbours);
-    -1 where the best vote is below label_rerank.min_score."""
-    k = min(len(gallery), cfg.label_rerank.k)
-    found = _search(cfg, queries, gallery, k, progress=False)
-    labels, scores = vote(found.sims, found.ids, gallery_codes.astype(object), k, cfg.voting.power, top=1)
-    floor = cfg.label_rerank.min_score
-    best = [row[0] if row and sc[0] >= floor else -1 for row, sc in zip(labels, scores, strict=True)]
-    return np.array(best, np.int64)
-
-
-def _label_rerank(
+def _ranked_index(
     cfg: RetrieveConfig,
+    fmt: Adapter,
+    table: pd.DataFrame,
     embeddings: np.ndarray,
     test_rows: np.ndarray,
-    index_rows: np.ndarray,
-    gallery_rows: np.ndarray,
-    gallery_labels: np.ndarray,
-    result: Neighbours,
-) -> Neighbours:
-    """GLR2019 retrieval 1st: index images voted into the query's landmark come first (on the
-    images' own embeddings: their mirrors, under embed.flip_gallery, take no part)."""
-    embeddings = as_views(embeddings)[:, 0]
-    codes = pd.factorize(gallery_labels)[0]
-    gallery, queries, index = embeddings[gallery_rows], embeddings[test_rows], embeddings[index_rows]
-    query_labels = predicted_labels(cfg, queries, gallery, codes)
-    index_labels = predicted_labels(cfg, index, gallery, codes)
-    sims, ids = label_aware_rerank(result.sims, result.ids, query_labels, index_labels, queries, index, cfg.k)
-    agree = (ids >= 0) & (index_labels[np.clip(ids, 0, None)] == query_labels[:, None])
-    moved = int((agree & (query_labels >= 0)[:, None]).sum())
-    log.info(
-        "label-aware re-ranking: %d of %d queries and %d of %d index images labelled; %d results ranked first "
-        "by their label",
-        int((query_labels >= 0).sum()),
-        len(query_labels),
-        int((index_labels >= 0).sum()),
-        len(index_labels),
-        moved,
+    labelled: tuple[np.ndarray, np.ndarray],
+    scorers: Scorers,
+    progress: bool,
+) -> list[list[str]]:
+    """A retrieval format's answer: each test image's ranked index image ids after the chain
+    (`labelled`: the known training rows and labels, for label-aware re-ranking)."""
+    index_rows = np.flatnonzero((table["role"] == "index").to_numpy())
+    if len(index_rows) == 0:
+        raise ValueError(f"{fmt.name}: the competition has no index images to retrieve from")
+    gallery_rows, gallery_labels = labelled
+    inputs = ChainInputs(
+        embeddings[test_rows],
+        embeddings[index_rows],
+        test_rows,
+        index_rows,
+        retrieval=True,
+        verifier=scorers.verifier,
+        labelled=LabelledGallery(embeddings[gallery_rows], gallery_labels),
     )
-    return Neighbours(sims, ids, result.query_offset)
+    result = run_chain(cfg, inputs, progress=progress)
+    index_ids = table["id"].to_numpy()[index_rows]
+    return [[index_ids[j] for j in row if j >= 0] for row in result.ids]
 
 
 def _unknown_first(
@@ -542,85 +163,6 @@ def _unknown_first(
     return predictions
 
 
-def retrieve(
-    cfg: RetrieveConfig,
-    adapter: Adapter,
-    formats: list[Adapter],
-    table: pd.DataFrame,
-    folds: pd.DataFrame,
-    embeddings: np.ndarray,
-    member_embeddings: dict[str, np.ndarray],
-    val_fold: int,
-    progress: bool = True,
-    member_heads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-    fold_embeddings: dict[int, np.ndarray] | None = None,
-    feature_folder: Path | None = None,
-    groups: np.ndarray | None = None,
-) -> tuple[dict[str, Predictions], pd.DataFrame, dict, dict[str, pd.DataFrame]]:
-    """Validation report, tuned settings, test predictions for every submission format and each
-    label format's first answers with their cosines (see `first_answers`), plus the validation
-    queries' under "validation" (see `validation_answers`).
-
-    `member_heads` maps a member to (labels, cosines), each (N, k): its head's best classes per row.
-    `fold_embeddings` (fold → the embeddings of the members trained without it), when the members
-    cover several folds: calibration is tuned on all those folds' queries pooled.
-    `feature_folder`: the local-feature cache retrieve.verify reads and fills.
-    `groups`: per table row, its group by the members' auxiliary heads (retrieve.unknown_per).
-    """
-    second = None
-    if cfg.verify.enabled:
-        if feature_folder is None:
-            raise ValueError("retrieve.verify.enabled needs a local-feature cache folder")
-        verifier = shortlist_verifier(cfg.verify, table["path"].to_numpy(), feature_folder, progress)
-        second = SecondStage(cfg.verify, verifier)
-    head_scores = None
-    if cfg.voting.head_weight > 0 and member_heads:
-        head_scores = lambda rows: head_label_scores(member_heads, rows)  # noqa: E731
-    pool = distractor_rows(table)
-    distractors = lambda emb: emb[pool] if cfg.penalty.enabled else None  # noqa: E731
-    split = validation_split(table, folds, val_fold, cfg.validation_queries, groups)
-    report: list[dict] = []
-    calibration, tuned_on, validation = Calibration(), {}, None
-    if len(split.query_rows) == 0:
-        log.warning("retrieve: validation fold %d is empty; no report and default thresholds", val_fold)
-    else:
-        report, queries = validation_report(
-            cfg, adapter, split, embeddings, member_embeddings, distractors(embeddings), head_scores, progress, second
-        )
-        where = ""
-        if fold_embeddings and len(fold_embeddings) > 1:
-            queries = out_of_fold_queries(
-                cfg, adapter, table, folds, fold_embeddings, distractors, head_scores, progress, second, groups
-            )
-            where = f" (out-of-fold: folds {sorted(fold_embeddings)}, {len(queries.truths)} queries)"
-        calibration, rows, tuned_on = calibrate(cfg, adapter, queries, where)
-        report += rows
-        if adapter.gallery_role == "train":
-            validation = validation_answers(adapter, queries, calibration)
-    known_train = folds[folds["known"]]
-    predictions, answers = test_predictions(
-        cfg,
-        formats,
-        table,
-        table_rows(table, "train", known_train["id"]),
-        known_train["label"].to_numpy(),
-        embeddings,
-        calibration,
-        head_scores,
-        progress,
-        second,
-        groups,
-    )
-    if validation is not None:
-        answers["validation"] = validation  # answers-validation.csv: no format is named so
-    tuned = calibration.tuned()
-    if second is not None and second.fusion is not None:
-        tuned["verify"] = second.fusion.to_json()
-    figures = ("unknown_share", "unknown_precision", "unknown_recall", "score_known", "score_unknown")
-    tuned.update({f"validation_{k}": tuned_on[k] for k in figures if k in tuned_on})
-    return predictions, pd.DataFrame(report), tuned, answers
-
-
 def warn_leaky_members(members: list[MemberConfig], val_fold: int) -> None:
     leaky = [m.name for m in members if m.fold != val_fold]
     if leaky:
@@ -642,8 +184,6 @@ def save_retrieval_grid(
     k: int = 5,
 ) -> Path | None:
     """A PNG of a few validation queries and their top-k training neighbours (right ones green)."""
-    from ..data.images import read_image
-    from ..plots import plot_retrieval_grid
 
     train, val = fold_parts(folds, fold)
     val = val[val["known"]]
@@ -693,3 +233,172 @@ def write_retrieval(
     for name, frame in (answers or {}).items():
         frame.to_csv(work / f"answers-{name}.csv", index=False)
     report.to_csv(work / "report.csv", index=False)
+
+
+def retrieve(
+    cfg: RetrieveConfig,
+    formats: list[Adapter],
+    table: pd.DataFrame,
+    folds: pd.DataFrame,
+    embeddings: EmbeddingSet,
+    val_fold: int,
+    scorers: Scorers,
+    progress: bool = True,
+) -> tuple[dict[str, Predictions], pd.DataFrame, dict, dict[str, pd.DataFrame]]:
+    """Validation report, tuned settings, test predictions for every submission format (the first
+    is the competition's own) and each label format's first answers with their cosines (see
+    `first_answers`), plus the validation queries' under "validation" (see `validation_answers`).
+    When the members cover several folds, calibration is tuned on all those folds' queries pooled."""
+    adapter = formats[0]
+    split = validation_split(table, folds, val_fold, cfg.validation_queries, scorers.groups)
+    report: list[dict] = []
+    calibration, tuned_on, validation = Calibration(), {}, None
+    if len(split.query_rows) == 0:
+        log.warning("retrieve: validation fold %d is empty; no report and default thresholds", val_fold)
+    else:
+        report, queries = validation_report(
+            cfg, adapter, split, embeddings.ensemble, embeddings.members, scorers, progress
+        )
+        where = ""
+        if len(embeddings.folds) > 1:
+            queries = out_of_fold_queries(cfg, adapter, table, folds, embeddings.folds, scorers, progress)
+            where = f" (out-of-fold: folds {sorted(embeddings.folds)}, {len(queries.truths)} queries)"
+        calibration, rows, tuned_on = calibrate(cfg, adapter, queries, where)
+        report += rows
+        if adapter.gallery_role == "train":
+            validation = validation_answers(adapter, queries, calibration)
+    known_train = folds[folds["known"]]
+    predictions, answers = test_predictions(
+        cfg, formats, table, known_train, embeddings.ensemble, calibration, scorers, progress
+    )
+    if validation is not None:
+        answers["validation"] = validation  # answers-validation.csv: no format is named so
+    tuned = calibration.tuned()
+    if scorers.verifier is not None and scorers.verifier.fusion is not None:
+        tuned["verify"] = scorers.verifier.fusion.to_json()
+    figures = ("unknown_share", "unknown_precision", "unknown_recall", "score_known", "score_unknown")
+    tuned.update({f"validation_{k}": tuned_on[k] for k in figures if k in tuned_on})
+    return predictions, pd.DataFrame(report), tuned, answers
+
+
+# ------------------------------------------------------------------------------------ the stage
+def member_heads(ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per member, (labels, cosines) of its head's best classes for every row of the table."""
+    return {m.name: read_head_topk(run_embed(ctx, m.name).path) for m in ctx.cfg.members}
+
+
+def query_groups(ctx: Context) -> np.ndarray | None:
+    """retrieve.unknown_per: per table row, its group by the members' auxiliary heads on that column."""
+    column = ctx.cfg.retrieve.unknown_per
+    if column is None:
+        return None
+    groups = read_aux_groups([run_embed(ctx, m.name).path for m in ctx.cfg.members], column)
+    if groups is None:  # the config check requires such a member; its checkpoint must hold the head
+        raise ConfigError(f"{ctx.cfg.source}: retrieve.unknown_per '{column}': no member's embeddings hold that head")
+    table, folds = load_table(run_folds(ctx))
+    val = folds[(folds["fold"] == ctx.val_fold) & (folds[column].fillna("").astype(str) != "")]
+    if len(val):
+        truth = val[column].astype(str).to_numpy()
+        right = float(np.mean(groups[table_rows(table, "train", val["id"])] == truth))
+        majority = float(pd.Series(truth).value_counts(normalize=True).iloc[0])
+        log.info(
+            "retrieve.unknown_per: %s by the members' auxiliary heads, right on %.1f%% of validation fold %d's "
+            "%d images (the most frequent %s: %.1f%%)",
+            column,
+            100 * right,
+            ctx.val_fold,
+            len(val),
+            column,
+            100 * majority,
+        )
+    return groups
+
+
+def fold_ensembles(cfg: Config, members: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+    """Per fold the members cover, the ensemble of the members trained without it."""
+    out = {}
+    for fold in sorted({m.fold for m in cfg.members}):
+        names = [m.name for m in cfg.members if m.fold == fold]
+        weights = [cfg.ensemble.weights.get(n, 1.0) for n in names]
+        out[fold] = concatenate_views([members[n] for n in names], weights)
+    return out
+
+
+def local_feature_folder(ctx: Context) -> Path:
+    """artifacts/local-features/<feature config key>: shared by the experiments (see retrieval/verify.py)."""
+    return ctx.artifacts / "local-features" / feature_key(ctx.cfg.retrieve.verify)
+
+
+def make_scorers(ctx: Context, table: pd.DataFrame) -> Scorers:
+    """The retrieval's optional scorers as the config switches them on."""
+    r = ctx.cfg.retrieve
+    scorers = Scorers(groups=query_groups(ctx))
+    if r.verify.enabled:
+        verifier = shortlist_verifier(r.verify, table["path"].to_numpy(), local_feature_folder(ctx), ctx.progress)
+        scorers.verifier = SecondStage(r.verify, verifier)
+    if r.voting.head_weight > 0:
+        heads = member_heads(ctx)
+        scorers.head_scores = lambda rows: head_label_scores(heads, rows)
+    if r.penalty.enabled:
+        scorers.distractor_rows = distractor_rows(table)
+    return scorers
+
+
+def run_retrieve(ctx: Context) -> cache.Artifact:
+    if "retrieve" in ctx.done:  # already run (and its report logged) in this process
+        return ctx.done["retrieve"]
+    ensemble_art = run_ensemble(ctx)
+    folds_art = run_folds(ctx)
+    val_fold = ctx.val_fold
+    part = {"retrieve": config_slice(ctx.cfg.retrieve), "formats": [f.name for f in ctx.formats], "val_fold": val_fold}
+
+    def compute(work: Path) -> dict:
+        table, folds = load_table(folds_art)
+        folds = without_pseudo_rows(folds)  # a round's pseudo rows train; the gallery is the training images
+        warn_leaky_members(ctx.cfg.members, val_fold)
+        ensemble = embeddings_of(ensemble_art)
+        members = {m.name: read_views(run_embed(ctx, m.name).path) for m in ctx.cfg.members}
+        embeddings = EmbeddingSet(ensemble, members, fold_ensembles(ctx.cfg, members))
+        scorers = make_scorers(ctx, table)
+        predictions, report, tuned, answers = retrieve(
+            ctx.cfg.retrieve, ctx.formats, table, folds, embeddings, val_fold, scorers, ctx.progress
+        )
+        write_retrieval(work, predictions, report, answers)
+        save_retrieval_grid(work / "retrievals.png", table, folds, as_views(ensemble)[:, 0], val_fold)
+        return {"tuned": tuned, "report": report.to_dict(orient="records")}
+
+    def log_grid(art: cache.Artifact) -> None:
+        if art.file("retrievals.png").is_file():
+            log.info("[retrieve] validation queries and their neighbours: %s", art.file("retrievals.png"))
+
+    upstream = {"ensemble": cache.produced(ensemble_art), "folds": cache.produced(folds_art)}
+    # retrieve also reads each member's embeddings and head classes
+    upstream.update({f"embed/{m.name}": cache.produced(run_embed(ctx, m.name)) for m in ctx.cfg.members})
+    art = run_cached(ctx, RETRIEVE, "", part, upstream, {}, compute, on_computed=log_grid)
+    if ctx.plan is None:
+        _log_report(ctx, art)
+    return art
+
+
+def _log_report(ctx: Context, art: cache.Artifact) -> None:
+    try:
+        report = pd.read_csv(art.file("report.csv"))
+    except pd.errors.EmptyDataError:  # no validation fold
+        report = pd.DataFrame()
+    if not report.empty and is_main_process():
+        log.info("validation, step by step (fold %d):\n%s", ctx.val_fold, report.to_string(index=False))
+        final = headline(report.to_dict(orient="records"))
+        tracking.summary("validation", final, f"```\n{report.to_string(index=False)}\n```")
+    if is_main_process():
+        tracking.image("retrieve/validation-neighbours", art.file("retrievals.png"))
+
+
+RETRIEVE = Stage(
+    name="retrieve",
+    version=7,
+    outputs=("predictions-*.json", "answers-*.csv", "report.csv"),
+    per_member=False,
+    hashes="the retrieve section, the submission formats and the validation fold; the ensemble's and each "
+    "member's embeddings; table.csv and folds.csv",
+    run=run_retrieve,
+)

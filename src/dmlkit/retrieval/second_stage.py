@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import VerifyConfig
-from ..retrieval.fusion import ADDITIVE_CAPS, ADDITIVE_WEIGHTS, CalibratedFusion, additive_fusion, resort, tune_additive
+from .fusion import ADDITIVE_CAPS, ADDITIVE_WEIGHTS, CalibratedFusion, additive_fusion, resort, tune_additive
+from .verify import FeatureStore, verify_shortlists
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,6 @@ Verifier = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 def shortlist_verifier(cfg: VerifyConfig, paths: np.ndarray, feature_folder: Path, progress: bool) -> Verifier:
     """Inlier counts of shortlisted pairs of these image paths, from the features cached in `feature_folder`."""
-    from .verify import FeatureStore, verify_shortlists
-
     store = FeatureStore(feature_folder)
 
     def verifier(query_rows: np.ndarray, gallery_rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -75,6 +74,18 @@ class SecondStage:
 
     def inliers(self, ids: np.ndarray, query_rows, gallery_rows, retrieval: bool) -> np.ndarray:
         return self.verifier(query_rows, gallery_rows, ids[:, : self.cfg.top_k_for(retrieval)])
+
+    def tune(
+        self,
+        sims: np.ndarray,
+        ids: np.ndarray,
+        inliers: np.ndarray,
+        same: np.ndarray,
+        score: Callable[[np.ndarray, np.ndarray], float],
+    ) -> Fusion:
+        """The fusion tuned on these validation shortlists (see `tune_fusion`), kept for the test."""
+        self.fusion = tune_fusion(self.cfg, sims, ids, inliers, same, score)
+        return self.fusion
 
     def apply(self, sims, ids, query_rows, gallery_rows, retrieval: bool) -> tuple[np.ndarray, np.ndarray]:
         if self.fusion is None:

@@ -1,4 +1,4 @@
-"""Pseudo-label rounds: the folds of round r are round 0's plus the test images that round r−1
+"""Pseudo-label selection: the folds of round r are round 0's plus the test images that round r−1
 answered with a known label confidently enough, as training rows of that label.
 
 Pseudo rows get `fold = -1` and `unknown_fold = -1`: every member trains on them, no fold validates
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..cache import file_fingerprint, files_fingerprint, stage_key
-from ..config import PseudoConfig
+from .cache import file_fingerprint, files_fingerprint, stage_key
+from .config import PseudoConfig
 
 PREFIX = "pseudo:"
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import cache
+from .. import cache
 
 MAX_CHANGES = 4
 
@@ -86,3 +86,18 @@ def format_plan(plan: list[dict]) -> str:
     recomputed = sum(row["action"] == "recompute" for row in plan)
     lines.append(f"{recomputed} of {len(plan)} artifact(s) would be computed")
     return "\n".join(lines)
+
+
+def planned(
+    plan: list[dict], stage: str, shown: str, label: str, final: Path, forced: bool, new: dict
+) -> cache.Artifact:
+    """Plan mode: the artifact the executor would reuse, or a pending one whose output downstream
+    keys hash as `pending:<label>`; the decision and its reason go to `plan` (`new`: what the key
+    hashes, as a manifest holds it)."""
+    key = final.name
+    if cache.is_complete(final) and not forced:
+        plan.append({"stage": shown, "action": "reuse", "path": str(final), "reason": ""})
+        return cache.Artifact(stage, key, final, reused=True, manifest=cache.read_manifest(final))
+    reason = "forced (--force)" if forced else recompute_reason(final, new)
+    plan.append({"stage": shown, "action": "recompute", "path": str(final), "reason": reason})
+    return cache.Artifact(stage, key, final, reused=False, manifest={"output": f"pending:{label}"})

@@ -27,12 +27,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
+from threadpoolctl import threadpool_limits  # scikit-learn's dependency
 
 from ..cache import canonical_json
 from ..config import VerifyConfig
 from ..data.images import UnreadableImageError, decode_image, jpeg_shape, read_image_bytes
-from ..retrieval.local import LocalFeatures, fit_long_side, sift_features, unit_descriptors, verify_pair
 from ..runtime import progress_bar
+from .learned import disk_features, load_disk
+from .local import LocalFeatures, fit_long_side, sift_features, unit_descriptors, verify_pair
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +85,12 @@ def load_extractor(cfg: VerifyConfig, where: str = "retrieve.verify"):
     are fetched here, so a missing download stops the run before anything trains."""
     if cfg.extractor == "sift":
         return None
-    import torch
-
-    from ..retrieval.learned import load_disk
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return load_disk(cfg.weights_file, device, where)
 
 
 def _learned_parts(cfg: VerifyConfig, paths: Sequence[str], chunk: int) -> Iterator[list[LocalFeatures | None]]:
     """A learned extractor in this process (its model on the GPU where there is one)."""
-    from ..retrieval.learned import disk_features
-
     model = load_extractor(cfg)
     for part in _chunks(paths, chunk):
         images = [read_for_features(path, cfg.image_size, channels=3) for path in part]
@@ -153,8 +150,6 @@ class ExtractionCounts:
 def _worker_init() -> None:
     """One thread per worker for OpenCV and for numpy's BLAS (the descriptor products): with its
     default of every core, the workers' matmuls oversubscribe the machine (measured 2.2× slower)."""
-    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
-
     cv2.setNumThreads(1)
     threadpool_limits(1)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..competitions import adapter_for_header
-from ..competitions.base import InputError, read_csv_file
+from . import adapter_for_header
+from .base import InputError, read_csv_file
 
 
 def score_files(submission: Path, solution: Path) -> dict:

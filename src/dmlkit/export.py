@@ -9,14 +9,21 @@ that does not export is an error naming the members, not a missing file found in
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..config import Config, MemberConfig
-from ..models.backbone import EmbeddingModel
-from ..models.embedder import ExportedEmbedder
+from .build import load_member
+from .config import Config, MemberConfig
+from .errors import ExportError
+from .models.backbone import EmbeddingModel
+from .models.embedder import ExportedEmbedder
+from .pipeline.context import Context
+from .stages.train import run_train
+
+log = logging.getLogger(__name__)
 
 
 def export_members(
@@ -32,7 +39,9 @@ def export_members(
         )
     (size, channels) = sizes.pop()
     weights = [cfg.ensemble.weights.get(m.name, 1.0) for m in members]
-    module = ExportedEmbedder([m.eval() for m in models], weights, cfg.embed, size).eval()
+    module = ExportedEmbedder(
+        [m.eval() for m in models], weights, size, tta_flip=cfg.embed.tta_flip, tta_scales=cfg.embed.tta_scales
+    ).eval()
     example = torch.randint(0, 256, (2, channels, size, size), dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -57,10 +66,6 @@ def export_members(
     return written
 
 
-class ExportError(RuntimeError):
-    """export.onnx is on and the members do not export to ONNX."""
-
-
 def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, names: list[str]) -> Path:
     try:
         torch.onnx.export(
@@ -80,3 +85,18 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, names: li
             "with --member NAME to find the one that fails"
         ) from None
     return path
+
+
+def run_export(ctx: Context, member_names: list[str] | None = None, out: Path | None = None) -> dict[str, Path]:
+    """The members (trained, or reused from the cache) exported as one embedding module (traced on
+    the CPU: the file runs on any device)."""
+    names = member_names or ctx.cfg.export.members or [m.name for m in ctx.cfg.members]
+    members = [ctx.cfg.member(name) for name in names]
+    cpu = torch.device("cpu")
+    models = [load_member(run_train(ctx, m.name).file("best.pt"), m, cpu)[0] for m in members]
+    suffix = "" if len(names) == len(ctx.cfg.members) else "-" + "-".join(names)
+    out = out or ctx.submissions / f"{ctx.cfg.experiment}{suffix}.pt"
+    written = export_members(ctx.cfg, members, models, out, ctx.cfg.export.onnx)
+    for kind, path in written.items():
+        log.info("[export] %s: %s", kind, path)
+    return written

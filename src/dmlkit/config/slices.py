@@ -1,0 +1,30 @@
+"""The parts of the config a stage's cache key hashes, as plain JSON-able data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from .schema import MemberConfig
+
+
+def member_slice(member: MemberConfig) -> dict:
+    """The member's config as its training key hashes it: `head.aux` and `train.stages` only where
+    they are set (members trained before those existed keep their keys)."""
+    data = config_slice(member)
+    if data["head"].get("aux") is None:
+        data["head"].pop("aux", None)
+    for key in ("stages", "crops"):
+        if not data["train"].get(key):
+            data["train"].pop(key, None)
+    return data
+
+
+def config_slice(model: BaseModel | list | dict | Any) -> Any:
+    """Plain JSON-able data of a config object (for hashing and manifests)."""
+    if isinstance(model, BaseModel):
+        return model.model_dump(mode="json", by_alias=True)
+    if isinstance(model, list):
+        return [config_slice(m) for m in model]
+    return model
