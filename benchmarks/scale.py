@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from common import peak_rss, report
 
+from dmlkit import cache
 from dmlkit.competitions import get_adapter
 from dmlkit.config import FoldsConfig, RetrieveConfig
 from dmlkit.retrieval import chain
@@ -134,6 +135,10 @@ def run_size(n_train: int, scratch: Path, rows: list[dict]) -> None:
     del emb
     ensembled = timed(rows, size, "ensemble (2 members)", lambda: concatenate(halves, [1.0, 1.0]))
     halves.clear()
+    np.save(work / "embeddings.npy", ensembled)
+    timed(rows, size, "read embeddings.npy back", lambda: np.load(work / "embeddings.npy"))
+    # what reusing the artifact costs on top: its size and CRC-32 against the manifest (cache.damage)
+    timed(rows, size, "check embeddings.npy for reuse", lambda: cache.file_check(work / "embeddings.npy"))
     cfg = RetrieveConfig(k=100, **index_for(n_train))
     clock = SearchClock()
     chain.knn = clock

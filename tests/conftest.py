@@ -87,3 +87,12 @@ def tiny_whale_config(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_landmark_config(tmp_path: Path) -> Path:
     return write_tiny_config(tmp_path, "landmark")
+
+
+def with_command(parser, func):
+    """The CLI's parser with every command running `func` (to make a command fail on purpose)."""
+    parser.set_defaults(func=func)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(func=func)
+    return parser

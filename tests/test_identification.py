@@ -7,6 +7,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from dmlkit.pipeline.checks import check_values
 from dmlkit.pipeline.context import Context
 from dmlkit.retrieval.search import MISSING, best_per_row, knn
 from dmlkit.stages.embed import read_views
+from dmlkit.stages.folds import read_folds
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -103,6 +105,22 @@ def test_flip_gallery_end_to_end_searches_the_mirrors(tmp_path: Path, monkeypatc
     assert views.shape[1:] == (2, 32) and member.shape == views.shape
     np.testing.assert_allclose(np.linalg.norm(views, axis=-1), 1.0, atol=1e-5)
     assert (tmp_path / "submissions" / "tiny-whale.csv").is_file()
+    # each test answer's cosine is the best of the four products (image, mirror) × (image, mirror)
+    # over its label's training images: the search really went over the mirrors
+    folds_art = next((tmp_path / "artifacts" / "tiny-whale" / "folds").glob("*/manifest.json")).parent
+    table, folds = read_folds(folds_art / "table.csv", folds_art / "folds.csv")
+    answers = pd.read_csv(
+        next((tmp_path / "artifacts" / "tiny-whale" / "retrieve").glob("*/answers-humpback-2019.csv"))
+    )
+    answers = answers[answers["cosine"].notna()]
+    assert len(answers) > 0
+    known = folds[folds["known"]]
+    rows = {i: n for n, (r, i) in enumerate(zip(table["role"], table["id"], strict=True))}
+    for image, label, cosine in zip(answers["id"], answers["label"], answers["cosine"], strict=True):
+        query = views[rows[image]]
+        gallery = views[[rows[i] for i in known.loc[known["label"] == label, "id"]]]
+        dense = np.einsum("ae,gbe->gab", query, gallery).max()
+        assert cosine == pytest.approx(float(dense), abs=1e-5), image
     # switching it off recomputes the embeddings without mirrors
     assert cli.main(["all", "-c", str(config), "embed.tta_flip=false"]) == 0
     assert len(list((tmp_path / "artifacts" / "tiny-whale" / "embed" / "m0").glob("*/embeddings.npy"))) == 2

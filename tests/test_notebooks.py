@@ -42,5 +42,14 @@ def test_notebook_executes(demo_run, name, monkeypatch):
 
 
 def test_retrieve_stage_saves_a_retrieval_grid(demo_run):
+    """6 queries × (query + 5 neighbours), each neighbour framed green (right) or red (wrong)."""
+    import cv2
+    import numpy as np
+
     *_, ctx = demo_run
-    assert (ctx.done["retrieve"].path / "retrievals.png").stat().st_size > 1000
+    image = cv2.imread(str(ctx.done["retrieve"].path / "retrievals.png"))[..., ::-1]
+    height, width = image.shape[:2]
+    assert abs(width / height - (1.6 * 6) / (1.7 * 6)) < 0.05
+    green = np.all(np.abs(image.astype(int) - (44, 160, 44)) <= 8, axis=-1).sum()
+    red = np.all(np.abs(image.astype(int) - (214, 39, 40)) <= 8, axis=-1).sum()
+    assert green + red > 30 * 4 * 6  # frames around the 30 neighbour cells (3 px wide at least)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, write_tiny_config
+from conftest import ROOT, with_command, write_tiny_config
 from dmlkit import cache, cli
 from dmlkit.config import load_config
 from dmlkit.data.dataset import ImageDataset
@@ -79,7 +79,8 @@ def test_16_bit_images_scale_by_the_type_not_by_each_image(tmp_path):
     assert (bright == 255).all()
     from dmlkit.data.images import to_uint8
 
-    assert to_uint8(np.array([[0.0, 0.5, 2.0]], np.float32)).tolist() == [[0, 128, 255]]
+    assert to_uint8(np.array([[0.0, 0.5, 1.0]], np.float32)).tolist() == [[0, 128, 255]]  # float 0..1
+    assert to_uint8(np.array([[0.0, 127.6, 255.0]], np.float32)).tolist() == [[0, 128, 255]]  # float 0..255
 
 
 def test_image_smaller_than_the_crop_is_resized(tmp_path):
@@ -263,18 +264,10 @@ def test_out_of_memory_suggests_the_config_change(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "cmd_stage", boom)
     parser_func = cli.build_parser
-    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser_func(), boom))
+    monkeypatch.setattr(cli, "build_parser", lambda: with_command(parser_func(), boom))
     assert cli.main(["train", "-c", "x.yaml"]) == 3
     err = capsys.readouterr().err
     assert "out of memory" in err and "batch_size" in err and "grad_accum" in err
-
-
-def _with_func(parser, func):
-    parser.set_defaults(func=func)
-    for action in parser._subparsers._group_actions:
-        for sub in action.choices.values():
-            sub.set_defaults(func=func)
-    return parser
 
 
 def test_full_disk_leaves_no_complete_artifact(tmp_path, monkeypatch, capsys):

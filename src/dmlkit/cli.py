@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +23,8 @@ from .config import ConfigError, config_tree, load_config
 from .data.images import UnreadableImageError
 from .demo import build_demo
 from .errors import (
+    ArtifactError,
+    CheckpointError,
     ExportError,
     ExtractorWeightsError,
     NonFiniteLossError,
@@ -39,6 +42,7 @@ from .pipeline.rounds import pseudo_rounds
 from .pipeline.table import STAGE_NAMES, STAGES, run_stage
 from .runs import read_runs, record_run, removable, runs_table, size_of
 from .runtime import (
+    RUN_LOG,
     configure_cuda,
     init_distributed,
     is_main_process,
@@ -91,32 +95,56 @@ options for stages:
   --force               recompute the named stage even if a cached artifact exists
   --artifacts DIR       artifact root (default: artifacts)
   --no-progress         no progress bars
+  --debug               show the traceback of an error that is not a config or input problem
+                        (without it, the traceback goes to the run's log file); also DMLKIT_DEBUG=1
 """
+
+
+# a write that failed for the storage's reason, not the code's: one line and exit 4
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 class UserError(Exception):
     """An error the user can fix; printed without a traceback."""
 
 
+# the project's own errors: the message is the whole story (file, key or row named), one line
+USER_ERRORS = (
+    UserError,
+    ConfigError,
+    CheckpointError,
+    ArtifactError,
+    InputError,
+    UnreadableImageError,
+    CacheLockedError,
+    TransformConfigError,
+    NonFiniteLossError,
+    PretrainedWeightsError,
+    ExtractorWeightsError,
+    ExportError,
+    PackageError,
+)
+# errors that are a user's as often as the code's: one line, and the traceback kept in a file
+OTHER_ERRORS = (FileNotFoundError, FileExistsError, KeyError, ValueError, FloatingPointError)
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
-    return (
-        UserError,
-        ConfigError,
-        InputError,
-        UnreadableImageError,
-        CacheLockedError,
-        TransformConfigError,
-        NonFiniteLossError,
-        PretrainedWeightsError,
-        ExtractorWeightsError,
-        ExportError,
-        PackageError,
-        FileNotFoundError,
-        FileExistsError,
-        KeyError,
-        ValueError,
-        FloatingPointError,
-    )
+    return (*USER_ERRORS, *OTHER_ERRORS)
+
+
+def _keep_traceback(exc: BaseException) -> str:
+    """The traceback of an error that may be the code's, written to the run's log file (or a file of
+    its own under logs/ before there is one); says where it went."""
+    text = "".join(traceback.format_exception(exc))
+    log_files = [h.baseFilename for h in logging.getLogger().handlers if h.get_name() == RUN_LOG]
+    path = Path(log_files[0]) if log_files else Path("logs") / f"traceback-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            handle.write(text)
+    except OSError:
+        return "not kept (logs/ is not writable)"
+    return str(path)
 
 
 def _setup(cfg_path: str | None, overrides: list[str], experiment_hint: str = "run"):
@@ -405,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    debug = "--debug" in argv or os.environ.get("DMLKIT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
@@ -416,19 +446,28 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 2)
     try:
         return args.func(args)
-    except _known_errors() as exc:
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OTHER_ERRORS as exc:
+        if debug:
+            raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"error: {message}", file=sys.stderr)
+        print(
+            f"  ({type(exc).__name__}; its traceback: {_keep_traceback(exc)}; --debug shows it here)", file=sys.stderr
+        )
         return 2
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            print(
-                f"error: disk full ({exc}); the stage's partial artifact is not marked complete and will be "
-                "redone on the next run; free space and rerun",
-                file=sys.stderr,
-            )
-            return 4
-        raise
+        if exc.errno not in STORAGE_ERRORS:
+            raise
+        what = "disk full" if exc.errno == errno.ENOSPC else "cannot write"
+        print(
+            f"error: {what} ({exc}); the stage's partial artifact is not marked complete and will be "
+            "redone on the next run; free space (or make the folder writable) and rerun",
+            file=sys.stderr,
+        )
+        return 4
     except KeyboardInterrupt:
         print("interrupted; completed artifacts are kept, partial ones will be redone", file=sys.stderr)
         return 130

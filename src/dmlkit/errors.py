@@ -27,3 +27,12 @@ class ExportError(RuntimeError):
 
 class PackageError(RuntimeError):
     """The package cannot be written (no project source to build the wheel from, a wheel missing)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is unreadable (truncated, not a checkpoint) or holds more than plain data:
+    loading it would run code, so it is refused."""
+
+
+class ArtifactError(ValueError):
+    """A cached artifact whose manifest or files cannot be read as written."""

@@ -26,6 +26,9 @@ log = logging.getLogger("dmlkit")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+RUN_LOG = "dmlkit-run-log"  # the name of the handler writing the run's log file
+
+
 def setup_logging(log_dir: Path | None = None, name: str = "run", level: int = logging.INFO) -> Path | None:
     """Console plus (when log_dir is given) a log file per run; returns the file's path.
 
@@ -47,6 +50,7 @@ def setup_logging(log_dir: Path | None = None, name: str = "run", level: int = l
         log_dir.mkdir(parents=True, exist_ok=True)
         path = log_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         file_handler = logging.FileHandler(path)
+        file_handler.set_name(RUN_LOG)
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
     for noisy in ("PIL", "matplotlib", "timm", "faiss", "faiss.loader"):

@@ -46,6 +46,12 @@ class FoldsConfig(Strict):
         "files), read its header (exists, non-empty, a size: for millions of images), or not at all",
     )
     seed: int = Field(42, ge=0, lt=2**32, description="the split's seed (numpy and scikit-learn take 0 … 2³²−1)")
+    fingerprint: Literal["stat", "content"] = Field(
+        "stat",
+        description="what tells a changed image from the cached one: its size and mtime (stat: cheap, what "
+        "copies and replacements change) or a hash of its bytes (content: for images edited in place that keep "
+        "their size and mtime; reads every image on each run)",
+    )
     unknown_classes: float | None = Field(
         None,
         ge=0.0,
@@ -432,7 +438,9 @@ class ExportConfig(Strict):
 class Config(Strict):
     experiment: str
     seed: int = 42
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch/OpenMP/faiss (default: all cores)")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads for torch/OpenMP/faiss (default: all cores; at most 1024)"
+    )
     competition: CompetitionConfig
     folds: FoldsConfig = FoldsConfig()
     members: list[MemberConfig] = Field(min_length=1)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+log = logging.getLogger(__name__)
+_FLOAT_WARNED: list[str] = []  # the first float image outside 0..1 (warned once a process)
 
 
 class UnreadableImageError(OSError):
@@ -142,6 +146,27 @@ def jpeg_orientation(data: bytes) -> int:
     return 1
 
 
+def png_orientation(data: bytes) -> int:
+    """A PNG's EXIF orientation (1–8, its eXIf chunk: a TIFF block as in a JPEG's APP1); 1 where
+    there is none. Chunk headers are read, nothing is decoded."""
+    if data[:8] != _PNG:
+        return 1
+    i = 8
+    while i + 8 <= len(data):
+        length, kind = int.from_bytes(data[i : i + 4], "big"), data[i + 4 : i + 8]
+        if kind == b"eXIf":
+            return _tiff_orientation(data[i + 8 : i + 8 + length])
+        if kind == b"IEND":
+            return 1
+        i += 12 + length
+    return 1
+
+
+def orientation(data: bytes) -> int:
+    """The EXIF orientation a JPEG or PNG carries (1: none), as `cv2.imread` shows a JPEG."""
+    return jpeg_orientation(data) if data[:3] == _JPEG else png_orientation(data)
+
+
 def _tiff_orientation(tiff: bytes) -> int:
     """Tag 0x0112 of the first image directory of EXIF's TIFF block; 1 where absent or malformed."""
     order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
@@ -190,13 +215,30 @@ def jpeg_reduction(data: bytes, min_side: int) -> int:
     return next((k for k in (8, 4, 2) if min(size) // k >= min_side), 1)
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
+def to_uint8(image: np.ndarray, path: str | Path = "") -> np.ndarray:
     """8 bits from a wider sample type, scaled by the type's range (the same for every image):
-    16-bit by 65535 (a PNG holding 12-bit data scales it up to 16 bits, per the PNG spec), float
-    taken as 0..1. Never by an image's own maximum, which would brighten dark images and darken
-    12-bit ones."""
+    16-bit by 65535 (a PNG holding 12-bit data scales it up to 16 bits, per the PNG spec). Never by
+    an integer image's own maximum, which would brighten dark images and darken 12-bit ones.
+
+    Float images have no range in their type: 0..1 (the convention) is scaled by 255, 0..255 kept,
+    anything else stretched from its own minimum to its maximum, with a warning (once a process)."""
     if np.issubdtype(image.dtype, np.floating):
-        scaled = image.astype(np.float32) * 255.0
+        values = np.nan_to_num(image.astype(np.float32))
+        low, high = float(values.min()), float(values.max())
+        if low >= 0.0 and high <= 1.0:
+            scaled = values * 255.0
+        else:
+            if not _FLOAT_WARNED:
+                _FLOAT_WARNED.append(str(path))
+                log.warning(
+                    "%s: a float image with values in [%g, %g], not 0..1: %s (the first; other such images alike)",
+                    path,
+                    low,
+                    high,
+                    "taken as 0..255" if low >= 0.0 and high <= 255.0 else "stretched from its minimum to its maximum",
+                )
+            in_bytes = low >= 0.0 and high <= 255.0
+            scaled = values if in_bytes else (values - low) * (255.0 / max(high - low, 1e-12))
     else:
         scaled = image.astype(np.float32) * (255.0 / np.iinfo(image.dtype).max)
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
@@ -204,8 +246,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 def read_image(path: str | Path, channels: int = 3, min_side: int | None = None) -> np.ndarray:
     """Decode to uint8 HxWx3 RGB (channels=3) or HxWx1 gray (channels=1), or raise naming the file.
-    A JPEG's EXIF orientation is applied, as `cv2.imread` does (a phone photo stored sideways is
-    shown upright).
+    A JPEG's (or PNG's eXIf) EXIF orientation is applied, as `cv2.imread` does for a JPEG (a phone
+    photo stored sideways is shown upright).
 
     `min_side`: the pipeline needs no more than this many pixels on the shorter side, so a JPEG at
     least twice that size is decoded at 1/2, 1/4 or 1/8 scale."""
@@ -214,7 +256,7 @@ def read_image(path: str | Path, channels: int = 3, min_side: int | None = None)
 
 def decode_image(data: bytes, path: str | Path, channels: int = 3, min_side: int | None = None) -> np.ndarray:
     """`read_image` on bytes already read from `path` (named in errors)."""
-    return apply_orientation(_decode_stored(data, path, channels, min_side), jpeg_orientation(data))
+    return apply_orientation(_decode_stored(data, path, channels, min_side), orientation(data))
 
 
 def _decode_stored(data: bytes, path: str | Path, channels: int, min_side: int | None) -> np.ndarray:
@@ -231,7 +273,7 @@ def _decode_stored(data: bytes, path: str | Path, channels: int, min_side: int |
     if image is None or image.size == 0:
         raise UnreadableImageError(f"{path}: {_UNDECODABLE}")
     if image.dtype != np.uint8:
-        image = to_uint8(image)
+        image = to_uint8(image, path)
     if image.ndim == 2:
         image = image[..., None]
     if image.shape[2] == 4:  # alpha: composite on white, as a viewer shows it

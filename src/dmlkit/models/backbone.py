@@ -106,6 +106,26 @@ def create_backbone(
     return timm.create_model(name, **kwargs)
 
 
+def weights_file_share(
+    backbone: str, in_chans: int, image_size: int | None, weights_file: str, extra: dict | None = None
+) -> float:
+    """The share of the backbone's weights (by elements) that loading `weights_file` sets: timm
+    loads a local file non-strictly, so another architecture's file leaves every weight at its
+    random start with a log line only. Two models from one seed, with and without the file, differ
+    exactly where the file was loaded (a file's weight equal to the start counts as not loaded)."""
+    torch.manual_seed(0)
+    plain = create_backbone(backbone, in_chans, image_size, extra=extra).state_dict()
+    torch.manual_seed(0)
+    loaded = create_backbone(backbone, in_chans, image_size, pretrained_file=weights_file, extra=extra).state_dict()
+    total = changed = 0
+    for name, start in plain.items():
+        if not start.is_floating_point():
+            continue
+        total += start.numel()
+        changed += int((loaded[name] != start).sum()) if loaded[name].shape == start.shape else start.numel()
+    return changed / max(1, total)
+
+
 def feature_layout(backbone: nn.Module, features: torch.Tensor) -> str:
     """'tokens' (B, N, C), 'nhwc' or 'nchw' for the output of `forward_features`."""
     if features.ndim == 3:

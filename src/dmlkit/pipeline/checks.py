@@ -13,14 +13,16 @@ import os
 from pathlib import Path
 
 from ..competitions.base import InputError
-from ..config import Config, ConfigError, device_notes, ineffective_values
+from ..config import Config, ConfigError, MemberConfig, device_notes, ineffective_values
 from ..data.transforms import TransformConfigError, build_augmentations
-from ..models.backbone import check_backbone
+from ..models.backbone import check_backbone, weights_file_share
 from ..retrieval.verify import load_extractor
 from ..runtime import is_main_process
 from .context import Context
 
 log = logging.getLogger("dmlkit")
+
+MIN_LOADED_SHARE = 0.5  # of a backbone's weights a pretrained_file must set (an adapted stem or head is fine)
 
 
 def before_run(ctx: Context, stages: list[str]) -> None:
@@ -53,11 +55,29 @@ def check_members(cfg: Config) -> None:
             build_augmentations(member.train.augment, member.image_size, f"members.{i}.train.augment")
         except TransformConfigError as exc:
             raise TransformConfigError(f"{cfg.source}: {exc}") from None
-        if member.pretrained_file and not Path(member.pretrained_file).is_file():
-            raise ConfigError(
-                f"{where}: key 'members.{i}.pretrained_file': '{member.pretrained_file}' is not a file "
-                "(nothing is downloaded for a local weights file)"
-            )
+        if member.pretrained_file:
+            check_weights_file(member, f"{where}: key 'members.{i}.pretrained_file'")
+
+
+def check_weights_file(member: MemberConfig, where: str) -> None:
+    """The member's pretrained_file exists and loads into its backbone (most of its weights, by name
+    and shape), so a garbage or another architecture's file stops the run now, not after the
+    members before it trained (or never: timm loads a mismatched file with a warning only)."""
+    path = Path(member.pretrained_file)
+    if not path.is_file():
+        raise ConfigError(f"{where}: '{path}' is not a file (nothing is downloaded for a local weights file)")
+    try:
+        share = weights_file_share(
+            member.backbone, member.in_chans, member.image_size, str(path), member.backbone_kwargs
+        )
+    except Exception as exc:  # timm, torch and safetensors each raise their own kind for a bad file
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{where}: '{path}' does not load into {member.backbone}: {reason}") from None
+    if share < MIN_LOADED_SHARE:
+        raise ConfigError(
+            f"{where}: '{path}' does not load into {member.backbone}: it sets {100 * share:.0f}% of the "
+            "backbone's weights (its names or shapes are another model's)"
+        )
 
 
 def check_extractor(cfg: Config) -> None:
@@ -68,9 +88,11 @@ def check_extractor(cfg: Config) -> None:
 
 
 def check_outputs(ctx: Context, stages: list[str]) -> None:
-    """Where the run writes a submission: images to predict and a writable folder, checked before
-    anything trains (a run without test rows would end in a header-only CSV)."""
-    if "submit" not in stages or not is_main_process():
+    """Where the run writes a submission or trains on its own test answers (pseudo-label rounds):
+    images to predict and a writable folder, checked before anything trains (a run without test
+    rows would end in a header-only CSV)."""
+    predicts = "submit" in stages or (ctx.cfg.pseudo.rounds > 0 and set(stages) != {"folds"})
+    if not predicts or not is_main_process():
         return
     if not (ctx.source_table["role"] == "test").any():
         raise InputError(ctx.adapter.no_queries_reason(ctx.root))

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import cache
-from ..runtime import is_main_process
+from ..errors import ArtifactError
+from ..runtime import barrier, is_main_process
 from .context import Context
 from .planning import planned
 from .ranks import compute_on_ranks
@@ -55,6 +56,24 @@ def artifact_path(ctx: Context, stage: Stage, name: str, key: str) -> Path:
     return next((path for path in paths if cache.is_complete(path)), paths[0])
 
 
+def _intact_manifest(label: str, final: Path, stage: Stage) -> dict | None:
+    """The manifest of a complete artifact whose files are as it recorded them; a damaged one (a
+    file changed, truncated or gone, an unreadable manifest) is moved aside with a warning naming
+    what differs, and None says: compute it again."""
+    try:
+        manifest = cache.read_manifest(final)
+        problem = cache.damage(final, manifest, stage.outputs)
+    except (ArtifactError, OSError) as exc:
+        problem = str(exc)
+    if problem is None:
+        return manifest
+    if is_main_process():
+        aside = cache.move_aside(final)
+        log.warning("[%s] %s is damaged (%s): moved to %s and computed again", label, final, problem, aside.name)
+    barrier()
+    return None
+
+
 def stage_key(stage: Stage, config_part: Any, upstream: dict[str, str], fingerprints: dict[str, str]) -> str:
     return cache.stage_key(stage.name, config_part, upstream, fingerprints, stage.version)
 
@@ -88,9 +107,10 @@ def run_cached(  # what the key hashes (3), how to compute (1) and three executo
         shown = f"round-{ctx.round}/{label}" if ctx.round else label
         ctx.done[label] = planned(ctx.plan, stage.name, shown, label, final, forced, new)
         return ctx.done[label]
-    if cache.is_complete(final) and not forced:
+    manifest = _intact_manifest(label, final, stage) if cache.is_complete(final) and not forced else None
+    if manifest is not None:
         log.info("[%s] reused %s", label, final)
-        art = cache.Artifact(stage.name, key, final, reused=True, manifest=cache.read_manifest(final))
+        art = cache.Artifact(stage.name, key, final, reused=True, manifest=manifest)
     else:
         manifest = cache.build_manifest(stage.name, key, config_part, upstream, fingerprints, stage.version)
         writer = cache.StageWriter(final, stage.name, key, manifest, resumable=resumable, outputs=stage.outputs)

@@ -105,9 +105,32 @@ class FeatureStore:
         self.where: dict[str, tuple[Path, int]] = {}  # key -> (shard, position)
         self._open: dict[Path, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for shard in sorted(self.folder.glob("shard-*")):
-            if shard.is_dir() and not shard.name.endswith(".partial"):
-                keys = np.load(shard / "keys.npy")
+            if shard.is_dir() and not shard.name.endswith((".partial", ".broken")):
+                keys = self._keys(shard)
                 self.where.update({str(k): (shard, i) for i, k in enumerate(keys)})
+
+    @staticmethod
+    def _keys(shard: Path) -> np.ndarray:
+        """The shard's image keys, when its four arrays read back and agree (offsets span the
+        keypoints and descriptors); a damaged shard is renamed `.broken`, with a warning naming the
+        file, and its images are extracted again."""
+
+        def load(name: str, mmap_mode: str | None = "r") -> np.ndarray:
+            try:
+                return np.load(shard / f"{name}.npy", mmap_mode=mmap_mode)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{shard / name}.npy: {exc}") from None
+
+        try:
+            keys = load("keys", None)
+            offsets, keypoints, descriptors = (load(name) for name in ("offsets", "keypoints", "descriptors"))
+            if len(offsets) != len(keys) + 1 or not int(offsets[-1]) == len(keypoints) == len(descriptors):
+                raise ValueError(f"{shard / 'offsets.npy'}: offsets do not span the keypoints and descriptors")
+            return keys
+        except (OSError, ValueError) as exc:
+            os.replace(shard, shard.with_name(f"{shard.name}.{uuid.uuid4().hex[:6]}.broken"))
+            log.warning("local features: %s is damaged (%s): set aside; its images are extracted again", shard, exc)
+            return np.array([], dtype=str)
 
     def __contains__(self, key: str) -> bool:
         return key in self.where

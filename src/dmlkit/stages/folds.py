@@ -20,6 +20,7 @@ import pandas as pd
 
 from .. import cache
 from ..cache import file_fingerprint, files_fingerprint, stage_key
+from ..competitions.base import InputError
 from ..config import FoldsConfig, config_slice
 from ..data.folds import assign_folds, held_out_classes
 from ..data.images import UnreadableImageError, image_header_problem, image_problem
@@ -68,6 +69,22 @@ def refuse_unreadable(unreadable: pd.DataFrame) -> None:
         )
 
 
+def duplicate_labels(train: pd.DataFrame, threads: int = 1) -> pd.DataFrame:
+    """Pairs of training images with identical bytes and different labels: `path_a, label_a, path_b,
+    label_b`. Only files whose size another image of another label shares are read and hashed."""
+    known = train[train["known"]]
+    sizes = pd.Series([os.stat(p).st_size for p in known["path"]], index=known.index)
+    candidates = known[sizes.map(sizes.value_counts()) > 1]
+    candidates = candidates[candidates.groupby(sizes[candidates.index])["label"].transform("nunique") > 1]
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        digests = list(pool.map(file_fingerprint, candidates["path"], chunksize=64))
+    pairs = []
+    for _, group in candidates.assign(digest=digests).groupby("digest"):
+        rows = list(group[["path", "label"]].itertuples(index=False))
+        pairs += [(*a, *b) for i, a in enumerate(rows) for b in rows[i + 1 :] if a.label != b.label]
+    return pd.DataFrame(pairs, columns=["path_a", "label_a", "path_b", "label_b"])
+
+
 def make_folds(
     table: pd.DataFrame,
     cfg: FoldsConfig,
@@ -77,13 +94,22 @@ def make_folds(
     unknown_classes: float = 0.0,
 ) -> dict:
     """The stage: check every image of the common table, drop unreadable training (and distractor)
-    images, assign folds, write table.csv, folds.csv and unreadable.csv. `train_data` keys what
+    images, refuse a single class, list identical training images under different labels
+    (duplicates.csv), assign folds, write table.csv, folds.csv and unreadable.csv. `train_data` keys what
     training reads: folds.csv and its images (a changed test image does not retrain)."""
     unreadable = find_unreadable(table, threads, progress, cfg.check_images)
     refuse_unreadable(unreadable)
     unreadable.to_csv(work / "unreadable.csv", index=False)
     table = table.drop(index=unreadable.index).reset_index(drop=True)
     train = table[table["role"] == "train"].reset_index(drop=True)
+    classes = train.loc[train["known"], "label"].nunique()
+    if classes < 2:
+        raise InputError(
+            f"training holds {classes} class(es) after the unreadable images are dropped: metric learning needs "
+            "at least 2 (one class trains to loss 0 and validates at 1.0, meaning nothing)"
+        )
+    duplicates = duplicate_labels(train, threads)
+    duplicates.to_csv(work / "duplicates.csv", index=False)
     train["fold"] = assign_folds(train, cfg.n_splits, cfg.seed)
     train["unknown_fold"] = held_out_classes(train, unknown_classes, cfg.n_splits, cfg.seed)
     table.to_csv(work / "table.csv", index=False)
@@ -98,6 +124,10 @@ def make_folds(
         "unreadable_train": len(dropped),
         "unreadable_train_first": dropped[:100],
         "unreadable_other": int((unreadable["role"] != "train").sum()),
+        "duplicate_pairs": len(duplicates),
+        "duplicate_pairs_first": [
+            f"{r.path_a} ({r.label_a}) = {r.path_b} ({r.label_b})" for r in duplicates.head(5).itertuples()
+        ],
         "train_data": stage_key(
             "train-data",
             {},
@@ -131,7 +161,11 @@ def run_folds(ctx: Context) -> cache.Artifact:
     fingerprints = ctx.adapter.fingerprints(ctx.root)
     if (ctx.root / "demo_params.json").exists():  # a regenerated demo can keep identical CSVs
         fingerprints["demo_params"] = cache.file_fingerprint(ctx.root / "demo_params.json")
-    fingerprints["images"] = cache.files_fingerprint(table["path"])  # a replaced image redoes the check
+    threads = ctx.cfg.threads or len(os.sched_getaffinity(0))
+    if ctx.cfg.folds.fingerprint == "content":  # images edited in place: their bytes, not size and mtime
+        fingerprints["images"] = cache.files_content_fingerprint(table["path"], threads)
+    else:  # a replaced image redoes the check
+        fingerprints["images"] = cache.files_fingerprint(table["path"])
     share = ctx.unknown_classes
     part = {
         "competition": {"name": ctx.cfg.competition.name, "root": ctx.cfg.competition.root},
@@ -139,7 +173,6 @@ def run_folds(ctx: Context) -> cache.Artifact:
         "unknown_classes": share,
         "distractor_pool": ctx.cfg.retrieve.penalty.pool,
     }
-    threads = ctx.cfg.threads or len(os.sched_getaffinity(0))
 
     def compute(work: Path) -> dict:
         # The images' size/mtime fingerprint is part of what folds hands on: embed must redo a
@@ -150,7 +183,21 @@ def run_folds(ctx: Context) -> cache.Artifact:
     art = run_cached(ctx, FOLDS, "", part, {}, fingerprints, compute)
     if ctx.plan is None:
         _report_unreadable(ctx, art)
+        _report_duplicates(art)
     return art
+
+
+def _report_duplicates(art: cache.Artifact) -> None:
+    """Warn (once per run) of identical training images under different labels, naming a few."""
+    result = art.manifest.get("result", {})
+    if result.get("duplicate_pairs") and is_main_process():
+        log.warning(
+            "[folds] %d pair(s) of identical training images carry different labels (all in %s): %s; "
+            "one label is likely wrong, or the two classes are one",
+            result["duplicate_pairs"],
+            art.file("duplicates.csv"),
+            "; ".join(result["duplicate_pairs_first"]),
+        )
 
 
 def _report_unreadable(ctx: Context, art: cache.Artifact) -> None:
@@ -171,7 +218,7 @@ def _report_unreadable(ctx: Context, art: cache.Artifact) -> None:
 
 FOLDS = Stage(
     name="folds",
-    version=3,
+    version=4,
     outputs=("table.csv", "folds.csv", "unreadable.csv", "images.fingerprint"),
     per_member=False,
     hashes="competition files and every image's size/mtime; folds section; unknown-class share; distractor pool",

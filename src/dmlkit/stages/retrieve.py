@@ -268,9 +268,13 @@ def retrieve(
         if adapter.gallery_role == "train":
             validation = validation_answers(adapter, queries, calibration)
     known_train = folds[folds["known"]]
-    predictions, answers = test_predictions(
-        cfg, formats, table, known_train, embeddings.ensemble, calibration, scorers, progress
-    )
+    predictions, answers = {}, {}
+    if (table["role"] == "test").any():
+        predictions, answers = test_predictions(
+            cfg, formats, table, known_train, embeddings.ensemble, calibration, scorers, progress
+        )
+    else:  # an image folder, a generic CSV without split=test: the validation report is the result
+        log.warning("retrieve: the competition has no test images; validation report only, nothing to submit")
     if validation is not None:
         answers["validation"] = validation  # answers-validation.csv: no format is named so
     tuned = calibration.tuned()

@@ -21,6 +21,7 @@ from .. import cache, tracking
 from ..competitions import Adapter
 from ..competitions.base import InputError
 from ..config import Config, MemberConfig, member_slice
+from ..errors import ArtifactError
 from ..models.backbone import fetch_pretrained
 from ..models.checkpoint import load_weights
 from ..pipeline.context import Context
@@ -204,9 +205,13 @@ def _trained_output(ctx: Context, member: MemberConfig) -> str:
     """The output digest of the member's trained weights, or a placeholder while it is untrained
     (then whatever starts from it is untrained too)."""
     path = _trained_path(ctx, member)
-    if not cache.is_complete(path):
+    try:
+        manifest = cache.read_manifest(path) if cache.is_complete(path) else None
+    except ArtifactError:  # damaged: its own run moves it aside and trains it again
+        manifest = None
+    if manifest is None:
         return f"untrained:{path.name}"
-    return cache.produced(cache.Artifact("train", path.name, path, reused=True, manifest=cache.read_manifest(path)))
+    return cache.produced(cache.Artifact("train", path.name, path, reused=True, manifest=manifest))
 
 
 def ensure_pretrained(ctx: Context) -> None:
