@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from conftest import with_command, write_tiny_config
-from dmlkit import cache, cli
+from dmlkit import cache, cli, tracking
 from dmlkit.build import load_member
 from dmlkit.competitions.base import InputError
 from dmlkit.config import ConfigError, config_tree, load_config
@@ -419,3 +419,85 @@ def test_reuse_reads_a_files_bytes_only_when_its_size_or_mtime_moved(tmp_path, m
     assert cache.damage(folder, manifest, ("*.npy",)) is None and len(reads) == 1  # a stat only
     np.save(folder / "embeddings.npy", np.zeros((3, 2), np.float32))  # same size, new bytes
     assert "its bytes differ" in cache.damage(folder, manifest, ("*.npy",)) and len(reads) == 2
+
+
+def _track_a_run(kind: str, artifacts: Path, png: Path) -> None:
+    """What a pipeline run reports: the config, two epochs of a member, a summary with its text, a PNG."""
+    tracking.start(kind, artifacts, "exp", {"seed": 3, "members": [{"name": "m0"}]})
+    tracking.epoch("m0", {"epoch": 1, "loss": 2.5, "val_score": 0.25, "note": "x"}, 1)
+    tracking.epoch("m0", {"epoch": 2, "loss": 1.5, "val_score": 0.5}, 2)
+    tracking.summary("validation", {"map@5": 0.625, "step": "kNN"}, "| step | map@5 |")
+    tracking.image("retrieve/grid", png)
+    tracking.finish()
+
+
+def test_mlflow_tracking_is_written_and_reads_back(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"file://{tmp_path / 'mlruns'}"  # mlflow-skinny (the test pin) has no sqlite store: a file store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    png = tmp_path / "grid.png"
+    cv2.imwrite(str(png), np.zeros((8, 8, 3), np.uint8))
+    _track_a_run("mlflow", tmp_path / "artifacts", png)
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    loss = client.get_metric_history(run.info.run_id, "train/m0/loss")
+    assert [(m.step, m.value) for m in sorted(loss, key=lambda m: m.step)] == [(1, 2.5), (2, 1.5)]
+    assert run.data.metrics["val/m0/score"] == 0.5 and run.data.metrics["validation/map_at_5"] == 0.625
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "validation.md", "retrieve"} <= names
+    assert (
+        json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path))).read_text())["seed"]
+        == 3
+    )
+
+
+def wandb_records(path: Path):
+    """The protobuf records of an offline run's .wandb file (wandb 0.31 ships no Python reader): a
+    7-byte header, then LevelDB-style log blocks of 32 KiB whose chunks carry a 7-byte header (crc,
+    length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def test_wandb_tracking_runs_offline_and_reads_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    png = tmp_path / "grid.png"
+    cv2.imwrite(str(png), np.zeros((8, 8, 3), np.uint8))
+    _track_a_run("wandb", tmp_path / "artifacts", png)
+    (log_file,) = (tmp_path / "artifacts" / "exp" / "wandb").glob("*/wandb/offline-run-*/run-*.wandb")
+    history, summary, config = [], {}, {}
+
+    def items(entries) -> dict:
+        return {e.key or "/".join(e.nested_key): json.loads(e.value_json) for e in entries}
+
+    for record in wandb_records(log_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append(items(record.history.item))
+        elif kind == "summary":
+            summary.update(items(record.summary.update))
+        elif kind == "run":
+            config.update(items(record.run.config.update))
+    train = [(row["train/m0/step"], row["train/m0/loss"]) for row in history if "train/m0/loss" in row]
+    assert train == [(1, 2.5), (2, 1.5)]
+    assert any(row.get("validation/map@5") == 0.625 for row in history)
+    assert summary["validation"] == "| step | map@5 |" and config["seed"] == 3

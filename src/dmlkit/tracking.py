@@ -3,9 +3,10 @@ per-epoch train/validation metrics (live while it trains, replayed from metrics.
 reused), the validation report, the local leaderboard and the PNGs (curves, retrieval grid).
 
 `tracking: tensorboard` (the default) writes event files under `artifacts/<experiment>/tensorboard/`:
-offline, no account, one pinned package; `tensorboard --logdir artifacts` shows them. `mlflow` (a
-local `mlruns/` file store unless MLFLOW_TRACKING_URI says otherwise) and `wandb` (offline unless
-WANDB_MODE says otherwise) are used where the user installed them. Only rank 0 tracks.
+offline, no account, one pinned package; `tensorboard --logdir artifacts` shows them. `mlflow`
+(mlflow's own default store — with mlflow 3 a sqlite `mlflow.db` in the working directory — unless
+MLFLOW_TRACKING_URI says otherwise) and `wandb` (offline unless WANDB_MODE says otherwise) are used
+where the user installed them (the tests pin mlflow-skinny and wandb and read both back). Only rank 0 tracks.
 
 A run is opened by the command (`start`), and the stages report through the module-level functions,
 which do nothing when no run is open (tests, notebooks, `tracking: none`).
@@ -18,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -76,6 +78,12 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+def mlflow_name(name: str) -> str:
+    """A metric name mlflow accepts (letters, digits, `_-. :/`): `map@5` → `map_at_5` (mlflow refuses
+    the metrics' own names, which ended a tracked run at its validation summary)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name.replace("@", "_at_"))
+
+
 class MlflowTracker:
     def __init__(self, experiment: str, run_name: str, config: dict):
         try:
@@ -88,7 +96,7 @@ class MlflowTracker:
         mlflow.log_dict(config, "config.json")
 
     def scalars(self, group: str, values: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({f"{group}/{k}": v for k, v in values.items()}, step=step)
+        self.mlflow.log_metrics({mlflow_name(f"{group}/{k}"): v for k, v in values.items()}, step=step)
 
     def text(self, name: str, body: str) -> None:
         self.mlflow.log_text(body, f"{name}.md")
