@@ -21,7 +21,7 @@ from .expansion import database_augmentation, query_expansion
 from .label_rerank import label_aware_rerank
 from .rerank import distractor_penalty, k_reciprocal_rerank, penalised_similarity
 from .search import as_views, knn
-from .second_stage import SecondStage, median_inliers
+from .second_stage import SecondStage, median_inliers, tune_fusion
 from .voting import vote
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,8 @@ def verify(cfg: RetrieveConfig, state: ChainState, progress: bool) -> ChainState
         inliers = second.inliers(result.ids, inputs.query_rows, inputs.gallery_rows, inputs.retrieval)
         same = inputs.tuning.same(result.ids[:, : inliers.shape[1]])
         offset = result.query_offset
-        second.tune(result.sims, result.ids, inliers, same, lambda s, i: inputs.tuning.score(s, i, offset))
+        score = lambda sims, ids: inputs.tuning.score(sims, ids, offset)  # noqa: E731
+        second.fusion = tune_fusion(cfg.verify, result.sims, result.ids, inliers, same, score)
         log.info(
             "validation: inliers of verified pairs of one class: median %.1f (%d pairs); of two: %.1f (%d pairs)",
             *median_inliers(inliers, same),

@@ -75,18 +75,6 @@ class SecondStage:
     def inliers(self, ids: np.ndarray, query_rows, gallery_rows, retrieval: bool) -> np.ndarray:
         return self.verifier(query_rows, gallery_rows, ids[:, : self.cfg.top_k_for(retrieval)])
 
-    def tune(
-        self,
-        sims: np.ndarray,
-        ids: np.ndarray,
-        inliers: np.ndarray,
-        same: np.ndarray,
-        score: Callable[[np.ndarray, np.ndarray], float],
-    ) -> Fusion:
-        """The fusion tuned on these validation shortlists (see `tune_fusion`), kept for the test."""
-        self.fusion = tune_fusion(self.cfg, sims, ids, inliers, same, score)
-        return self.fusion
-
     def apply(self, sims, ids, query_rows, gallery_rows, retrieval: bool) -> tuple[np.ndarray, np.ndarray]:
         if self.fusion is None:
             self.fusion = untuned_fusion(self.cfg)
