@@ -71,14 +71,19 @@ def test_the_model_library_imports_nothing_from_the_config_or_the_pipeline():
             assert not bad, f"{path} imports {bad}"
 
 
-def test_imports_inside_functions_are_third_party_and_say_why():
+def test_imports_inside_functions_are_for_heavy_or_optional_dependencies_and_say_why():
+    """Inside a function only: optional packages (kornia, trackers, wildlife-datasets) and the stage
+    machinery the light commands skip (cli.py's `commands`); each with its reason on the line."""
     for path in MODULES.values():
         lines = path.read_text().splitlines()
         for target, inner, line in imports(path):
             if not inner:
                 continue
-            assert not target.startswith("dmlkit"), f"{path}:{line}: import {target} at the top of the module"
             assert "#" in lines[line - 1], f"{path}:{line}: an import inside a function needs its reason on the line"
+            if target.startswith("dmlkit"):
+                assert (path.name, target) == ("cli.py", "dmlkit.commands"), (
+                    f"{path}:{line}: import {target} at the top"
+                )
 
 
 def test_modules_read_in_one_sitting():

@@ -371,8 +371,8 @@ def test_the_cli_keeps_the_traceback_of_an_error_that_may_be_the_codes(tmp_path,
     """A ValueError from a bug: one line and where its traceback went (--debug raises it); the
     project's own errors: one line, no traceback."""
     monkeypatch.chdir(tmp_path)
-    parser = cli.build_parser
-    monkeypatch.setattr(cli, "build_parser", lambda: _raising(parser(), ValueError("operands could not be broadcast")))
+    parser = cli.light_parser  # `runs` parses without the stage machinery
+    monkeypatch.setattr(cli, "light_parser", lambda: _raising(parser(), ValueError("operands could not be broadcast")))
     assert cli.main(["runs"]) == 2
     err = capsys.readouterr().err
     (kept,) = (tmp_path / "logs").glob("traceback-*.txt")
@@ -380,7 +380,7 @@ def test_the_cli_keeps_the_traceback_of_an_error_that_may_be_the_codes(tmp_path,
     assert "Traceback (most recent call last)" in kept.read_text() and "boom" in kept.read_text()
     with pytest.raises(ValueError, match="broadcast"):
         cli.main(["runs", "--debug"])
-    monkeypatch.setattr(cli, "build_parser", lambda: _raising(parser(), ConfigError("x.yaml: key 'seed': bad")))
+    monkeypatch.setattr(cli, "light_parser", lambda: _raising(parser(), ConfigError("x.yaml: key 'seed': bad")))
     assert cli.main(["runs"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: x.yaml: key 'seed': bad"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, with_command, write_tiny_config
-from dmlkit import cache, cli
+from dmlkit import cache, cli, commands
 from dmlkit.config import load_config
 from dmlkit.data.dataset import ImageDataset
 from dmlkit.data.images import UnreadableImageError, image_problem, read_image
@@ -262,9 +262,8 @@ def test_out_of_memory_suggests_the_config_change(monkeypatch, capsys):
     def boom(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(cli, "cmd_stage", boom)
-    parser_func = cli.build_parser
-    monkeypatch.setattr(cli, "build_parser", lambda: with_command(parser_func(), boom))
+    parser_func = commands.build_parser
+    monkeypatch.setattr(commands, "build_parser", lambda: with_command(parser_func(), boom))
     assert cli.main(["train", "-c", "x.yaml"]) == 3
     err = capsys.readouterr().err
     assert "out of memory" in err and "batch_size" in err and "grad_accum" in err

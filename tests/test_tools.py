@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import write_tiny_config
-from dmlkit.cli import cmd_clean, run_pipeline
+from dmlkit.commands import cmd_clean, run_pipeline
 from dmlkit.config import load_config
 from dmlkit.pipeline.context import Context, ensure_demo_data
 from dmlkit.pipeline.table import STAGE_NAMES as STAGES

@@ -36,3 +36,7 @@ class CheckpointError(ValueError):
 
 class ArtifactError(ValueError):
     """A cached artifact whose manifest or files cannot be read as written."""
+
+
+class UserError(Exception):
+    """An error the user can fix (a command's own check); printed without a traceback."""

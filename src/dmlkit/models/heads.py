@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning.losses import ProxyAnchorLoss
 from torch import nn
 
 
@@ -321,6 +320,8 @@ class ProxyAnchorHead(nn.Module):
     supports_partial_fc = False
 
     def __init__(self, embedding_size: int, num_classes: int, margin: float = 0.1, alpha: float = 32.0):
+        from pytorch_metric_learning.losses import ProxyAnchorLoss  # heavy (~1.5 s): only this head loads it
+
         super().__init__()
         self.num_classes = num_classes
         self.loss = ProxyAnchorLoss(num_classes, embedding_size, margin=margin, alpha=alpha)
