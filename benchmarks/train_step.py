@@ -17,7 +17,7 @@ from dmlkit.build import build_member_head, build_model, build_objective, optimi
 from dmlkit.config import HeadConfig, MemberConfig, SEEConfig, TrainConfig
 from dmlkit.inference import autocast_dtype
 from dmlkit.models.optim import make_optimizer
-from dmlkit.runtime import keep_freed_memory
+from dmlkit.process import keep_freed_memory
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

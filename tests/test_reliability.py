@@ -371,7 +371,7 @@ def test_killed_embedding_is_redone_to_the_same_result(tmp_path):
 
 _RSS_AFTER_FREE = """
 import os, numpy as np
-from dmlkit.runtime import keep_freed_memory
+from dmlkit.process import keep_freed_memory
 set_ = keep_freed_memory()
 def rss():
     with open("/proc/self/statm") as f:

@@ -32,8 +32,8 @@ from .errors import (
     TransformConfigError,
     UserError,
 )
+from .process import RUN_LOG, keep_freed_memory
 from .runs import read_runs, runs_table
-from .runtime import RUN_LOG, keep_freed_memory
 
 log = logging.getLogger("dmlkit")
 
