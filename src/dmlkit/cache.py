@@ -134,7 +134,8 @@ VERIFIED = ".verified"  # per artifact: each output file's size and mtime when i
 
 
 def _stats(folder: Path, names: list[str]) -> dict[str, list[int]]:
-    return {n: [(folder / n).stat().st_size, (folder / n).stat().st_mtime_ns] for n in names}
+    stats = {n: (folder / n).stat() for n in names}  # one stat per file
+    return {n: [st.st_size, st.st_mtime_ns] for n, st in stats.items()}
 
 
 RACY_NS = 2_000_000_000  # a file modified this close to its check may change again within one mtime tick
