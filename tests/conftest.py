@@ -49,7 +49,8 @@ def free_port() -> int:
 
 
 def write_tiny_config(tmp: Path, kind: str = "whale", extra: str = "", demo_params: dict | None = None) -> Path:
-    """A config over a tiny generated demo with a 0.4M-parameter backbone: seconds per stage."""
+    """A config over a tiny generated demo with a 0.4M-parameter backbone: seconds per stage. It trains
+    unaugmented (train.augment: none), so that the tests of other features do not hang on the preset's draws."""
     name, params = ("humpback-2019", TINY_WHALE) if kind == "whale" else ("landmark-recognition-2020", TINY_LANDMARK)
     params = {**params, **(demo_params or {})}
     extra_formats = "[landmark-retrieval]" if kind == "landmark" else "[]"
@@ -68,7 +69,7 @@ def write_tiny_config(tmp: Path, kind: str = "whale", extra: str = "", demo_para
           image_size: 32
           embedding_size: 32
           head: {{subcenters: 2, scale: 16.0, dynamic: glr3}}
-          train: {{epochs: 2, batch_size: 16, lr: 2.0e-3, amp: "off"}}
+          train: {{epochs: 2, batch_size: 16, lr: 2.0e-3, amp: "off", augment: none}}
         members:
           - {{name: m0, backbone: test_resnet, fold: 0}}
         embed: {{batch_size: 64}}

@@ -154,7 +154,7 @@ def _open_set_config(tmp_path: Path, kind: str = "landmark", extra: str = "") ->
           image_size: 32
           embedding_size: 32
           head: {{subcenters: 1, scale: 16.0, dynamic: none}}
-          train: {{epochs: 40, batch_size: 16, lr: 2.0e-3, amp: "off"}}
+          train: {{epochs: 40, batch_size: 16, lr: 2.0e-3, amp: "off", augment: none}}
         members:
           - {{name: m0, backbone: test_resnet, fold: 0}}
         embed: {{batch_size: 64, tta_flip: false}}

@@ -21,13 +21,18 @@ from .errors import ExportError
 from .models.backbone import EmbeddingModel
 from .models.embedder import ExportedEmbedder
 from .pipeline.context import Context
-from .stages.train import run_train
+from .stages.train import run_refit, run_train
 
 log = logging.getLogger(__name__)
 
 
 def export_members(
-    cfg: Config, members: list[MemberConfig], models: list[EmbeddingModel], out: Path, onnx: bool = True
+    cfg: Config,
+    members: list[MemberConfig],
+    models: list[EmbeddingModel],
+    out: Path,
+    onnx: bool = True,
+    weights: list[float] | None = None,
 ) -> dict[str, Path]:
     """Trace the members' embedder into `out` (TorchScript) and `out` with `.onnx`; returns what was
     written. The members must share image size and channels (one input for all)."""
@@ -38,7 +43,7 @@ def export_members(
             "export one with --member NAME"
         )
     (size, channels) = sizes.pop()
-    weights = [cfg.ensemble.weights.get(m.name, 1.0) for m in members]
+    weights = weights or [cfg.ensemble.weights.get(m.name, 1.0) for m in members]
     module = ExportedEmbedder(
         [m.eval() for m in models], weights, size, tta_flip=cfg.embed.tta_flip, tta_scales=cfg.embed.tta_scales
     ).eval()
@@ -93,10 +98,18 @@ def run_export(ctx: Context, member_names: list[str] | None = None, out: Path | 
     names = member_names or ctx.cfg.export.members or [m.name for m in ctx.cfg.members]
     members = [ctx.cfg.member(name) for name in names]
     cpu = torch.device("cpu")
-    models = [load_member(run_train(ctx, m.name).file("best.pt"), m, cpu)[0] for m in members]
+    exported, models, weights = [], [], []
+    for member in members:  # the models that answer the test: a refit member's refit model (and fold model)
+        weight = ctx.cfg.ensemble.weights.get(member.name, 1.0) / (2.0**0.5 if member.refit == "ensemble" else 1.0)
+        arts = [] if member.refit == "replace" else [run_train(ctx, member.name)]
+        arts += [run_refit(ctx, member.name)] if member.refit != "off" else []
+        for art in arts:
+            exported.append(member)
+            models.append(load_member(art.file("best.pt"), member, cpu)[0])
+            weights.append(weight)
     suffix = "" if len(names) == len(ctx.cfg.members) else "-" + "-".join(names)
     out = out or ctx.submissions / f"{ctx.cfg.experiment}{suffix}.pt"
-    written = export_members(ctx.cfg, members, models, out, ctx.cfg.export.onnx)
+    written = export_members(ctx.cfg, exported, models, out, ctx.cfg.export.onnx, weights)
     for kind, path in written.items():
         log.info("[export] %s: %s", kind, path)
     return written

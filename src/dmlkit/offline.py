@@ -28,7 +28,7 @@ from .pipeline.checks import check_outputs, check_values
 from .pipeline.context import Context
 from .pipeline.table import STAGE_NAMES, run_stage
 from .runtime import seed_everything, set_threads, setup_logging
-from .stages.train import run_train
+from .stages.train import refit_name, run_refit, run_train
 
 DEFAULT_WHEELS = ("faiss-gpu", "timm", "albumentations", "albucore")
 MEMBER_FILES = ("best.pt", "manifest.json", "metrics.csv")
@@ -128,13 +128,16 @@ def write_package(ctx, tree: dict, out: Path, wheels: tuple[str, ...]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     members = {}
     for member in ctx.cfg.members:
-        art = run_train(ctx, member.name)
-        folder = out / "members" / member.name
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in MEMBER_FILES:
-            if art.file(name).is_file():
-                shutil.copyfile(art.file(name), folder / name)
-        members[member.name] = art.key
+        arts = {member.name: run_train(ctx, member.name)}
+        if member.refit != "off":  # the refit model answers the test; the fold model still calibrates
+            arts[refit_name(member.name)] = run_refit(ctx, member.name)
+        for name, art in arts.items():
+            folder = out / "members" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for file in MEMBER_FILES:
+                if art.file(file).is_file():
+                    shutil.copyfile(art.file(file), folder / file)
+            members[name] = art.key
     tree = json.loads(json.dumps(tree))
     for key in ("demo", "demo_params"):
         tree.get("competition", {}).pop(key, None)
@@ -159,6 +162,9 @@ def predict(package: Path, input_dir: Path, out: Path) -> list[Path]:
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     trained = {m.name: package / "members" / m.name for m in cfg.members}
+    trained.update(
+        {refit_name(m.name): package / "members" / refit_name(m.name) for m in cfg.members if m.refit != "off"}
+    )
     ctx = Context(cfg, artifacts=out / "dmlkit-artifacts", submissions=out, trained=trained)
     check_values(ctx)
     check_outputs(ctx, list(STAGE_NAMES))

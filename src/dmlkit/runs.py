@@ -51,6 +51,10 @@ def run_record(ctx, config_path: str, differences: list[str], started: float, sc
         members.append(
             {"name": member.name, "backbone": member.backbone, "fold": member.fold, "val_score": best.get("score")}
         )
+        if member.refit != "off":  # validated by the fold model above; answers the test
+            members.append(
+                {"name": f"{member.name}-refit", "backbone": member.backbone, "fold": "all", "val_score": None}
+            )
     final = headline(ctx.done["retrieve"].manifest.get("result", {}).get("report") or [])
     return {
         "experiment": ctx.cfg.experiment,

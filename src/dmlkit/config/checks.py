@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import Config, MemberConfig
+from .members import MemberConfig
+from .schema import Config
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,13 @@ MEMBER_RULES: list[Check] = [
         "train.freeze_backbone_epochs",
         lambda m, w: m.train.freeze_backbone_epochs >= m.train.epochs and not m.train.stages,
         "the backbone would never train (epochs {s.train.epochs})",
+    ),
+    Rule(
+        "train.flip",
+        lambda m, w: not m.train.flip
+        and isinstance(m.train.augment, list)
+        and any(spec.get("type") == "HorizontalFlip" for spec in m.train.augment),
+        "false says a mirror is another identity, but train.augment lists a HorizontalFlip",
     ),
     Rule(
         "train.lr_scaling",
@@ -277,6 +285,16 @@ def _disabled_section_keys(r: Any, where: Where) -> Iterator[str]:
 
 
 RETRIEVE_RULES: list[Check] = [
+    Rule(
+        "retrieve.refit_threshold",
+        lambda r, w: _set(r, "refit_threshold") and all(m.refit == "off" for m in w.cfg.members),
+        "no member refits (members.N.refit), so the fold models answer the test with their own threshold",
+    ),
+    Rule(
+        "retrieve.refit_threshold",
+        lambda r, w: r.refit_threshold == "share" and r.unknown_share is not None,
+        "no effect next to retrieve.unknown_share (that share is answered 'new' first)",
+    ),
     *(
         Rule(
             f"retrieve.{name}",

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .schema import Config, ConfigError
+from .base import ConfigError
+from .schema import Config
 
 
 def deep_merge(base: Any, override: Any) -> Any:

@@ -1,24 +1,19 @@
-"""The config's schema: one pydantic model per section, each value checked as the config loads
-(types, ranges, allowed values) with the relations between members; the rules for values that
-would have no effect are in `checks.py`."""
+"""The config's schema: one pydantic model per section (a member's in `members.py`), each value
+checked as the config loads (types, ranges, allowed values) with the relations between members;
+the rules for values that would have no effect are in `checks.py`."""
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from .base import ConfigError, Strict, plain_name
+from .members import MemberConfig
+
+__all__ = ["Config", "ConfigError"]  # ConfigError: also importable from here, as before
 
 
-class ConfigError(ValueError):
-    """A config that cannot be loaded; the message names the file and the key."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# --------------------------------------------------------------------------- schema
 class CompetitionConfig(Strict):
     name: str = Field(description="adapter name, see dmlkit.competitions.ADAPTERS")
     root: str = Field(description="folder holding the competition's files")
@@ -60,185 +55,6 @@ class FoldsConfig(Strict):
         "classes, to calibrate 'new'); default 0.2 for MAP@5 competitions whose training has no unknown "
         "rows, else 0",
     )
-
-
-class AuxHeadConfig(Strict):
-    """A second margin head on another label column of the training table (Happywhale 2022 1st:
-    species, loss weights identity 0.437 and species 0.563). Rows without a value in the column
-    (pseudo-labelled test images, blanks) take no part in its loss."""
-
-    column: str = Field(description="a column of the competition's training table, e.g. species")
-    weight: float = Field(0.563, ge=0.0, description="the auxiliary loss's weight")
-    identity_weight: float = Field(0.437, gt=0.0, description="the identity loss's weight beside it")
-    subcenters: int = Field(1, ge=1)
-    scale: float = Field(30.0, gt=0.0)
-    margin: float = Field(0.3, ge=0.0, description="ArcFace margin of every auxiliary class")
-
-
-class HeadConfig(Strict):
-    type: Literal["arcface", "cosface", "none", "proxy_anchor"] = Field(
-        "arcface", description="margin softmax (arcface, cosface, none) or pytorch-metric-learning's Proxy-Anchor"
-    )
-    proxy_margin: float = Field(0.1, description="Proxy-Anchor's margin δ")
-    proxy_alpha: float = Field(32.0, gt=0, description="Proxy-Anchor's scale α")
-    subcenters: int = Field(1, ge=1, description="sub-centers per class (K=3: noisy labels, Deng et al. 2020)")
-    scale: float | Literal["adacos"] = 30.0
-    margin: float = Field(0.3, ge=0.0, description="fixed margin, used when dynamic is 'none'")
-    dynamic: Literal["none", "glr3", "power"] = Field(
-        "none", description="margins from class sizes (glr3: GLR2020 3rd, power: Humpback 2019); none: head.margin"
-    )
-    dynamic_a: float = 0.45
-    dynamic_b: float = 0.05
-    dynamic_lambda: float = -0.25
-    matmul: Literal["amp", "fp32"] = Field(
-        "amp",
-        description="precision of the embeddings × sub-centers product in training: the autocast dtype "
-        "(bf16/fp16, fp32 accumulation; the margin math stays fp32) or fp32",
-    )
-    sample_rate: float = Field(
-        1.0,
-        gt=0.0,
-        le=1.0,
-        description="Partial FC: the share of classes in each training step's softmax (the batch's "
-        "classes plus random others); 0.1 at 100k+ classes costs a tenth of the head's matmuls",
-    )
-    aux: AuxHeadConfig | None = Field(None, description="an auxiliary head on a second label column (species)")
-
-
-class SEEConfig(Strict):
-    """SEE as published is Proxy-Anchor + SEE with `gradient: proxies`; with margin heads (ArcFace,
-    CosFace, sub-centers) or `gradient: backbone` it is this project's extension."""
-
-    enabled: bool = False
-    n_expansion: int = Field(16, ge=1)
-    weight: float = Field(0.2, ge=0.0)
-    gradient: Literal["proxies", "backbone"] = Field(
-        "proxies",
-        description="proxies (the paper's): the synthetic rows are built from detached embeddings, so their "
-        "loss trains the head's proxies / class centres only; backbone (extension): it also reaches the backbone",
-    )
-    schedule: Literal["top_fraction", "threshold"] = Field(
-        "top_fraction",
-        description="top_fraction: the top round(B·fraction) of the global batch by cosine to the centre; "
-        "threshold: every sample with cosine ≥ a threshold",
-    )
-    start: float = Field(
-        0.04, description="fraction (top_fraction, rising) or cosine threshold (threshold, falling) at epoch 0"
-    )
-    end: float = Field(0.4, description="value approached at the last epoch (progress e/E, cosine schedule)")
-    lower_bound: float | None = Field(None, description="threshold schedule only: the threshold never goes below it")
-
-
-class TrainStage(Strict):
-    """One stage of progressive resizing (GLR2020 3rd: 256 → 512 → 672 px; GLR2021 1st: 256 → 448 →
-    448 px at a lower LR): the member continues from the previous stage's weights at this size."""
-
-    image_size: int = Field(ge=16)
-    epochs: int = Field(ge=1)
-    lr: float | None = Field(None, gt=0, description="this stage's LR (default: train.lr)")
-    freeze_backbone_epochs: int = Field(0, ge=0, description="GLR2021 1st: one epoch at the new size frozen")
-    reinit_head: bool = Field(False, description="start this stage with a new head (the backbone continues)")
-
-
-class TrainConfig(Strict):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=2)
-    batch_per: Literal["global", "gpu"] = Field(
-        "global",
-        description="what batch_size counts under torchrun: the global batch, split over the ranks (the "
-        "same optimisation as one process), or each GPU's batch (the global batch grows with the GPU count)",
-    )
-    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
-        "none",
-        description="with batch_per: gpu, lr (given for one process's batch) times the number of ranks "
-        "(linear, Goyal et al. 2017) or its square root (sqrt, for Adam-type optimizers)",
-    )
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    head_lr_mult: float = Field(10.0, gt=0)
-    weight_decay: float = 1e-4
-    warmup_epochs: float = Field(1.0, ge=0)
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-
-    @field_validator("amp", mode="before")
-    @classmethod
-    def _yaml_off(cls, value: Any) -> Any:
-        return "off" if value is False else value  # YAML reads an unquoted `off` as false
-
-    grad_accum: int = Field(1, ge=1)
-    clip_grad: float | None = 5.0
-    ema: float | None = Field(None, description="EMA decay of the weights, e.g. 0.999")
-    num_workers: int = Field(0, ge=0)
-    channels_last: bool = True
-    sync_bn: bool = Field(False, description="SyncBatchNorm across GPUs under torchrun (CUDA only)")
-    freeze_bn: bool = Field(False, description="BatchNorm layers use and keep their running statistics")
-    nan_policy: Literal["stop", "skip"] = "stop"
-    strict_images: bool = Field(False, description="fail on an unreadable training image instead of skipping")
-    validate_every: int = Field(1, ge=1)
-    freeze_backbone_epochs: int = Field(
-        0, ge=0, description="head-first: the first N epochs train neck and head with the backbone frozen (BN too)"
-    )
-    layer_decay: float | None = Field(
-        None, gt=0.0, le=1.0, description="layer-wise LR decay (timm's layer groups), e.g. 0.75 for ViTs"
-    )
-    class_rotations: list[Literal[90, 180, 270]] = Field(
-        default_factory=list,
-        description="each training class rotated by these angles becomes a class of its own (Omniglot "
-        "practice, Santoro et al. 2016); the saved head keeps the original classes only",
-    )
-    augment: list[dict[str, Any]] = Field(
-        default_factory=list, description="albumentations transforms: [{type: HorizontalFlip, p: 0.5}, ...]"
-    )
-    crops: dict[str, float] = Field(
-        default_factory=dict,
-        description="per training sample a box source drawn with these probabilities (sum 1; 'none': the "
-        "whole image), e.g. {fullbody: 0.6, backfin: 0.15, none: 0.05} (Happywhale 2022 1st); needs competition.boxes",
-    )
-    stages: list[TrainStage] = Field(
-        default_factory=list,
-        description="progressive sizes: the member trains through these stages in order (each stage's "
-        "image_size, epochs, lr and freeze_backbone_epochs replace the member's); the last one's size is the "
-        "member's image_size",
-    )
-
-
-def plain_name(value: str, names: str) -> str:
-    """A name that becomes one path component (``names`` says which files it names)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
-        raise ValueError(f"'{value}' is not a plain name (letters, digits, '.', '_', '-'): it names {names}")
-    return value
-
-
-class MemberConfig(Strict):
-    name: str
-    backbone: str
-    fold: int = Field(ge=0)
-    image_size: int = Field(ge=16)
-    in_chans: int = 3
-    backbone_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="more timm.create_model arguments, e.g. {drop_path_rate: 0.1}"
-    )
-    pretrained: bool = Field(False, description="timm's hub weights (downloaded once into the hub cache)")
-    pretrained_tag: str | None = Field(None, description="which of timm's weights, e.g. augreg_in21k_ft_in1k")
-    pretrained_file: str | None = Field(None, description="local timm weights (.safetensors/.pth)")
-    pool: Literal["auto", "gem", "model"] = Field(
-        "auto",
-        description="GeM over the feature map (tokens laid on their grid), or the model's own pooling "
-        "(class token / token average); auto: GeM for CNN maps, the model's own for transformers (tokens, "
-        "Swin's NHWC maps, whose LayerNorm outputs GeM's clamp would cut)",
-    )
-    embedding_size: int = Field(512, ge=8)
-    gem_p: float = 3.0
-    gem_learnable: bool = True
-    init_from: str | None = Field(None, description="another member whose trained weights start this one")
-    head: HeadConfig = HeadConfig()
-    see: SEEConfig = SEEConfig()
-    train: TrainConfig = TrainConfig()
-
-    @field_validator("name")
-    @classmethod
-    def _plain_member_name(cls, value: str) -> str:
-        return plain_name(value, "the member's artifacts folder and its export file")
 
 
 class EmbedConfig(Strict):
@@ -383,6 +199,12 @@ class RetrieveConfig(Strict):
         description="instead of the tuned threshold, answer unknown first on this share of the test "
         "(Happywhale 1st: 0.165)",
     )
+    refit_threshold: Literal["cosine", "share"] = Field(
+        "cosine",
+        description="members with refit: the fold models' tuned threshold applied to the refit models' scores "
+        "as it is (cosine), or moved to answer 'new' first on the share of the test the fold models answer so "
+        "(share)",
+    )
     unknown_per: str | None = Field(
         None,
         description="tune the unknown threshold per group of a label column, each query grouped by the "
@@ -471,6 +293,10 @@ class Config(Strict):
                 raise ValueError(
                     f"members: member '{member.name}' uses fold {member.fold} but folds.n_splits is "
                     f"{self.folds.n_splits}"
+                )
+            if member.refit != "off" and f"{member.name}-refit" in names:
+                raise ValueError(
+                    f"members: '{member.name}-refit' names the refit model of member '{member.name}'; rename it"
                 )
             if member.init_from is not None and member.init_from not in names:
                 raise ValueError(f"members: member '{member.name}' init_from unknown member '{member.init_from}'")

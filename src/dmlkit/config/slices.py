@@ -6,13 +6,18 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .schema import MemberConfig
+from .members import MemberConfig, augment_specs
 
 
 def member_slice(member: MemberConfig) -> dict:
     """The member's config as its training key hashes it: `head.aux` and `train.stages` only where
-    they are set (members trained before those existed keep their keys)."""
+    they are set (members trained before those existed keep their keys); train.augment as the
+    transforms it names (a preset and its list are one key; train.flip acts through them); refit
+    not at all (it trains a second model, keyed apart)."""
     data = config_slice(member)
+    data["train"]["augment"] = augment_specs(member.train.augment, member.train.flip)
+    data["train"].pop("flip", None)
+    data.pop("refit", None)
     if data["head"].get("aux") is None:
         data["head"].pop("aux", None)
     for key in ("stages", "crops"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..competitions.base import InputError
 from ..config import Config, ConfigError, MemberConfig, device_notes, ineffective_values
+from ..config.members import augment_specs
 from ..data.transforms import TransformConfigError, build_augmentations
 from ..models.backbone import check_backbone, weights_file_share
 from ..retrieval.verify import load_extractor
@@ -52,7 +53,8 @@ def check_members(cfg: Config) -> None:
         where = f"{cfg.source}: members.{i} ({member.name})"
         check_backbone(member.backbone, f"{cfg.source}: key 'members.{i}.backbone'")
         try:
-            build_augmentations(member.train.augment, member.image_size, f"members.{i}.train.augment")
+            specs = augment_specs(member.train.augment, member.train.flip)
+            build_augmentations(specs, member.image_size, f"members.{i}.train.augment")
         except TransformConfigError as exc:
             raise TransformConfigError(f"{cfg.source}: {exc}") from None
         if member.pretrained_file:

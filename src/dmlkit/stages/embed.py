@@ -20,7 +20,7 @@ from ..pipeline.context import Context
 from ..pipeline.executor import Stage, run_cached
 from ..runtime import is_main_process
 from .folds import load_table, run_folds
-from .train import box_inputs, run_train
+from .train import box_inputs, refit_name, run_refit, run_train
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,12 @@ def read_head_topk(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return classes[np.load(folder / "head_topk_index.npy")], np.load(folder / "head_topk_cos.npy")
 
 
-def read_views(folder: Path) -> np.ndarray:
+def read_views(folder: Path, prefix: str = "") -> np.ndarray:
     """A stage folder's embeddings.npy: (N, E), or with its mirror.npy (embed.flip_gallery) (N, 2, E)."""
-    emb = np.load(folder / "embeddings.npy")
-    if not (folder / "mirror.npy").is_file():
+    emb = np.load(folder / f"{prefix}embeddings.npy")
+    if not (folder / f"{prefix}mirror.npy").is_file():
         return emb
-    return np.stack([emb, np.load(folder / "mirror.npy")], axis=1)
+    return np.stack([emb, np.load(folder / f"{prefix}mirror.npy")], axis=1)
 
 
 def read_aux_groups(folders: list[Path], column: str) -> np.ndarray | None:
@@ -124,8 +124,21 @@ def read_aux_groups(folders: list[Path], column: str) -> np.ndarray | None:
 
 
 def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
+    """The member's embeddings of every image by its fold model; a member with refit has its refit
+    model's next (`run_embed_refit`)."""
+    art = _run_embed(ctx, member_name, run_train(ctx, member_name), member_name)
+    if ctx.cfg.member(member_name).refit != "off":
+        run_embed_refit(ctx, member_name)
+    return art
+
+
+def run_embed_refit(ctx: Context, member_name: str) -> cache.Artifact:
+    """Every image embedded by the member's refit model (member.refit), cached as embed/<member>-refit."""
+    return _run_embed(ctx, member_name, run_refit(ctx, member_name), refit_name(member_name))
+
+
+def _run_embed(ctx: Context, member_name: str, train_art: cache.Artifact, name: str) -> cache.Artifact:
     member = ctx.cfg.member(member_name)
-    train_art = run_train(ctx, member_name)
     folds_art = run_folds(ctx)
     part = {"embed": config_slice(ctx.cfg.embed), "image_size": member.image_size, "amp": member.train.amp}
 
@@ -135,7 +148,7 @@ def run_embed(ctx: Context, member_name: str) -> cache.Artifact:
 
     upstream = {"train": cache.produced(train_art), "folds": cache.produced(folds_art)}
     boxes = box_inputs(ctx) if ctx.cfg.embed.crops else {}
-    return run_cached(ctx, EMBED, member.name, part, upstream, boxes, compute, all_ranks=True)
+    return run_cached(ctx, EMBED, name, part, upstream, boxes, compute, all_ranks=True)
 
 
 EMBED = Stage(

@@ -42,7 +42,7 @@ from ..retrieval.voting import fuse_head, head_label_scores, label_similarities,
 from ..runs import headline
 from ..runtime import is_main_process
 from .embed import read_aux_groups, read_head_topk, read_views, run_embed
-from .ensemble import embeddings_of, run_ensemble
+from .ensemble import embeddings_of, run_ensemble, test_embeddings_of
 from .folds import load_table, run_folds
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class EmbeddingSet:
     ensemble: np.ndarray
     members: dict[str, np.ndarray]
     folds: dict[int, np.ndarray]
+    test: np.ndarray | None = None  # what answers the test where members refit (their refit models')
 
 
 def test_predictions(
@@ -107,6 +108,36 @@ def test_predictions(
         predictions[fmt.name] = _unknown_first(cfg, fmt, ranked, calibration, result.query_offset)
         answers[fmt.name] = first_answers(ranked, predictions[fmt.name])
     return predictions, answers
+
+
+def answer_test(  # test_predictions' arguments, with the embedding set instead of one table
+    cfg: RetrieveConfig,
+    formats: list[Adapter],
+    table: pd.DataFrame,
+    known_train: pd.DataFrame,
+    embeddings: EmbeddingSet,
+    calibration: Calibration,
+    scorers: Scorers,
+    progress: bool = True,
+) -> tuple[dict[str, Predictions], dict[str, pd.DataFrame]]:
+    """The test's predictions by the models that answer it: the ensemble, or where members refit their
+    refit models, whose "new" threshold is the fold models' (refit_threshold: cosine) or answers "new"
+    first on the share of the test the fold models answer so (share)."""
+    if embeddings.test is None:
+        return test_predictions(cfg, formats, table, known_train, embeddings.ensemble, calibration, scorers, progress)
+    adapter = formats[0]
+    if cfg.refit_threshold == "share" and adapter.unknown_label and cfg.unknown_share is None:
+        folds_view, _ = test_predictions(
+            cfg, formats[:1], table, known_train, embeddings.ensemble, calibration, scorers, progress
+        )
+        labels = folds_view[adapter.name].labels
+        share = float(np.mean([row[:1] == [adapter.unknown_label] for row in labels])) if labels else 0.0
+        log.info("refit: the fold models answer '%s' first on %.1f%% of the test", adapter.unknown_label, 100 * share)
+        if 0.0 < share < 1.0:
+            cfg = cfg.model_copy(update={"unknown_share": share})
+    else:
+        log.info("refit: the refit models answer the test with the threshold the fold models tuned on validation")
+    return test_predictions(cfg, formats, table, known_train, embeddings.test, calibration, scorers, progress)
 
 
 def _ranked_index(
@@ -270,9 +301,7 @@ def retrieve(
     known_train = folds[folds["known"]]
     predictions, answers = {}, {}
     if (table["role"] == "test").any():
-        predictions, answers = test_predictions(
-            cfg, formats, table, known_train, embeddings.ensemble, calibration, scorers, progress
-        )
+        predictions, answers = answer_test(cfg, formats, table, known_train, embeddings, calibration, scorers, progress)
     else:  # an image folder, a generic CSV without split=test: the validation report is the result
         log.warning("retrieve: the competition has no test images; validation report only, nothing to submit")
     if validation is not None:
@@ -362,7 +391,7 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
         warn_leaky_members(ctx.cfg.members, val_fold)
         ensemble = embeddings_of(ensemble_art)
         members = {m.name: read_views(run_embed(ctx, m.name).path) for m in ctx.cfg.members}
-        embeddings = EmbeddingSet(ensemble, members, fold_ensembles(ctx.cfg, members))
+        embeddings = EmbeddingSet(ensemble, members, fold_ensembles(ctx.cfg, members), test_embeddings_of(ensemble_art))
         scorers = make_scorers(ctx, table)
         predictions, report, tuned, answers = retrieve(
             ctx.cfg.retrieve, ctx.formats, table, folds, embeddings, val_fold, scorers, ctx.progress

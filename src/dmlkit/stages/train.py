@@ -51,6 +51,7 @@ class TrainJob:
     adapter: Adapter
     device: torch.device
     progress: bool = True
+    refit: bool = False  # train on every training row, validate on none (member.refit)
 
 
 def train_member(job: TrainJob, member: MemberConfig, work: Path, init_state: dict | None = None) -> dict:
@@ -123,7 +124,7 @@ def train_stage(job: TrainJob, member: MemberConfig, work: Path, init_state: dic
     # The initial weights depend on the seed and the member only, not on what this process did before
     # (a member trained after a cached one would otherwise start elsewhere than in a fresh run).
     seed_everything(zlib.crc32(f"{cfg.seed}:{member.name}".encode()))
-    data = fold_data(member, folds)
+    data = fold_data(member, folds, job.refit)
     model, head = build_networks(member, data, device, init_state)
     boxes = competition_boxes(cfg, folds["id"].tolist()) if member.train.crops or cfg.embed.crops else None
     dataset = training_dataset(member, data, training_cropper(cfg, member, data, boxes))
@@ -135,7 +136,7 @@ def train_stage(job: TrainJob, member: MemberConfig, work: Path, init_state: dic
         row = train_epoch(cfg, member, run, dataset, epoch, device, work / "last.pt", progress)
         row["train_s"] = round(time.time() - epoch_started, 1)
         row["elapsed_s"] = round(time.time() - started, 1)
-        if (epoch + 1) % t.validate_every == 0 or epoch + 1 == t.epochs:
+        if not job.refit and ((epoch + 1) % t.validate_every == 0 or epoch + 1 == t.epochs):
             validation_started = time.time()
             row.update(validate(cfg, member, run.eval_model, data, adapter, device, progress, boxes))
             row["val_s"] = round(time.time() - validation_started, 1)
@@ -170,14 +171,14 @@ def train_stage(job: TrainJob, member: MemberConfig, work: Path, init_state: dic
 
 
 # ------------------------------------------------------------------------------------ the stage
-def _train_inputs(ctx: Context, member: MemberConfig) -> tuple[dict, dict, dict]:
-    """(config part, upstream keys, fingerprints) of a member's training."""
+def _train_inputs(ctx: Context, member: MemberConfig, refit: bool = False) -> tuple[dict, dict, dict]:
+    """(config part, upstream keys, fingerprints) of a member's training (`refit`: its refit model's)."""
     folds = run_folds(ctx)
     # folds.csv and its images; a folds artifact still pending in `plan` stands for itself
     upstream = {"train_data": folds.manifest.get("result", {}).get("train_data", cache.produced(folds))}
     if member.init_from:
         upstream["init"] = _trained_output(ctx, ctx.cfg.member(member.init_from))
-    part = {"member": member_slice(member), "seed": ctx.cfg.seed}
+    part = {"member": member_slice(member), "seed": ctx.cfg.seed, **({"refit": True} if refit else {})}
     weights = {"pretrained_file": cache.file_fingerprint(member.pretrained_file)} if member.pretrained_file else {}
     if member.train.crops or ctx.cfg.embed.crops:  # what it crops (training, and its validation's embedding)
         weights.update(box_inputs(ctx))
@@ -224,15 +225,54 @@ def ensure_pretrained(ctx: Context) -> None:
     ctx.pretrained_checked = True
 
 
+def refit_name(member_name: str) -> str:
+    """The artifacts name of a member's refit model (member.refit)."""
+    return f"{member_name}-refit"
+
+
 def run_train(ctx: Context, member_name: str) -> cache.Artifact:
-    """The member's trained weights (an offline package's member stands in for training)."""
+    """The member's trained weights (an offline package's member stands in for training); a member
+    with refit trains its refit model next (`run_refit`)."""
+    art = _run_train(ctx, member_name)
+    if ctx.cfg.member(member_name).refit != "off":
+        run_refit(ctx, member_name)
+    return art
+
+
+def _packaged(ctx: Context, name: str) -> cache.Artifact:
+    """An offline package's trained model (`ctx.trained[name]`) as the train artifact."""
+    manifest = cache.read_manifest(ctx.trained[name])
+    ctx.done[f"train/{name}"] = cache.Artifact("train", manifest["key"], ctx.trained[name], True, manifest)
+    return ctx.done[f"train/{name}"]
+
+
+def run_refit(ctx: Context, member_name: str) -> cache.Artifact:
+    """The member trained again on every training row with its fold model's schedule (member.refit);
+    cached as train/<member>-refit."""
+    member = ctx.cfg.member(member_name)
+    if f"train/{refit_name(member_name)}" in ctx.done:
+        return ctx.done[f"train/{refit_name(member_name)}"]
+    if refit_name(member_name) in ctx.trained:
+        return _packaged(ctx, refit_name(member_name))
+    folds_art = run_folds(ctx)
+    init_art = run_train(ctx, member.init_from) if member.init_from else None
+    part, upstream, weights = _train_inputs(ctx, member, refit=True)
+
+    def compute(work: Path) -> dict:
+        _, folds = load_table(folds_art)
+        init_state = load_weights(init_art.file("final.pt")) if init_art else None
+        job = TrainJob(ctx.cfg, folds, ctx.adapter, ctx.device, ctx.progress, refit=True)
+        return train_member(job, member, work, init_state)
+
+    flags = {"resumable": True, "all_ranks": True}
+    return run_cached(ctx, TRAIN, refit_name(member.name), part, upstream, weights, compute, **flags)
+
+
+def _run_train(ctx: Context, member_name: str) -> cache.Artifact:
     if f"train/{member_name}" in ctx.done:
         return ctx.done[f"train/{member_name}"]
     if member_name in ctx.trained:
-        path = ctx.trained[member_name]
-        manifest = cache.read_manifest(path)
-        ctx.done[f"train/{member_name}"] = cache.Artifact("train", manifest["key"], path, True, manifest)
-        return ctx.done[f"train/{member_name}"]
+        return _packaged(ctx, member_name)
     member = ctx.cfg.member(member_name)
     folds_art = run_folds(ctx)
     ensure_pretrained(ctx)

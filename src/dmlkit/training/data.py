@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config, MemberConfig
+from ..config.members import augment_specs
 from ..data.crops import Cropper, box_id, missing_boxes, read_boxes, rows_boxes
 from ..data.dataset import ImageDataset, with_rotated_classes
 from ..data.folds import fold_parts
@@ -35,8 +36,12 @@ class FoldData:
     aux_targets: np.ndarray | None = None  # per training row, its auxiliary class (−1: none)
 
 
-def fold_data(member: MemberConfig, folds: pd.DataFrame) -> FoldData:
-    train_part, val_part = fold_parts(folds, member.fold)
+def fold_data(member: MemberConfig, folds: pd.DataFrame, refit: bool = False) -> FoldData:
+    """The member's fold; `refit`: every known training row trains (every fold and class), none validates."""
+    if refit:
+        train_part, val_part = folds[folds["known"]].reset_index(drop=True), folds.iloc[:0].copy()
+    else:
+        train_part, val_part = fold_parts(folds, member.fold)
     train_rows, head_classes = with_rotated_classes(train_part, member.train.class_rotations)
     class_index = {c: i for i, c in enumerate(head_classes)}
     data = FoldData(
@@ -100,7 +105,7 @@ def training_dataset(member: MemberConfig, data: FoldData, cropper: Cropper | No
     return ImageDataset(
         data.train_rows["path"].tolist(),
         targets,
-        make_pipeline(member.image_size, augment=t.augment),
+        make_pipeline(member.image_size, augment=augment_specs(t.augment, t.flip)),
         member.in_chans,
         member.image_size,
         skip_unreadable=not t.strict_images,
