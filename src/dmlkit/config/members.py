@@ -166,8 +166,8 @@ class TrainConfig(Strict):
     augment: Literal["none", "light", "default", "strong"] | list[dict[str, Any]] = Field(
         "default",
         description="a preset (none | light | default | strong: AUGMENT_PRESETS in config/members.py; light, "
-        "default and strong with a horizontal flip where train.flip allows it) or albumentations transforms: [{type: Affine, rotate: [-10, "
-        "10]}, ...]",
+        "default and strong with a horizontal flip where train.flip allows it) or albumentations transforms: "
+        "[{type: Affine, rotate: [-10, 10]}, ...]",
     )
     flip: bool = Field(
         True,

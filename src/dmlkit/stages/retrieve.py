@@ -384,6 +384,8 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
     folds_art = run_folds(ctx)
     val_fold = ctx.val_fold
     part = {"retrieve": config_slice(ctx.cfg.retrieve), "formats": [f.name for f in ctx.formats], "val_fold": val_fold}
+    if all(m.refit == "off" for m in ctx.cfg.members):  # read only where members refit: earlier keys stand
+        part["retrieve"].pop("refit_threshold")
 
     def compute(work: Path) -> dict:
         table, folds = load_table(folds_art)
