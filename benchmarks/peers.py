@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from common import RESULTS
+from common import RESULTS, machine
 
 from dmlkit.config import load_config
-from dmlkit.pipeline.context import Context
+from dmlkit.pipeline.context import Context, ensure_demo_data
 from dmlkit.pipeline.table import run_stage
 from dmlkit.runtime import seed_everything, set_threads, setup_logging
 from dmlkit.stages.ensemble import embeddings_of, test_embeddings_of
@@ -50,7 +48,9 @@ def labelled_rows(config: str, overrides: list[str], classes: int | None, per_cl
     """The config's known training rows (path, label), optionally cut to the first `classes` classes
     (sorted by name) and `per_class` images each."""
     cfg = load_config(config, overrides)
-    table = Context(cfg, progress=False).adapter.read(Path(cfg.competition.root))
+    ctx = Context(cfg, progress=False)
+    ensure_demo_data(ctx)  # a demo config's data is generated on first use
+    table = ctx.adapter.read(Path(cfg.competition.root))
     rows = table[(table["role"] == "train") & table["known"]][["path", "label"]].sort_values("path")
     if classes:
         rows = rows[rows["label"].isin(sorted(rows["label"].unique())[:classes])]
@@ -197,7 +197,7 @@ def run_pipeline(overrides: list[str], seed: int, split: pd.DataFrame, work: Pat
     cfg = load_config(str(pipeline_config(work.parent, split, seed, args)), overrides)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
-    ctx = Context(cfg, artifacts=work / "artifacts", progress=False)
+    ctx = Context(cfg, artifacts=work.parent / "artifacts", progress=False)  # systems share what they can
     for stage in ("folds", "train", "embed", "ensemble"):
         run_stage(ctx, stage)
     ensemble = ctx.done["ensemble"]
@@ -206,6 +206,7 @@ def run_pipeline(overrides: list[str], seed: int, split: pd.DataFrame, work: Pat
     table, _ = load_table(ctx.done["folds"])
     order = pd.Series(np.arange(len(table)), index=table["id"].astype(str))
     rows = order.loc[[str(Path(p).resolve()) for p in split["path"]]].to_numpy()
+    work.mkdir(parents=True, exist_ok=True)
     out = work / f"emb-{seed}-{ensemble.key[:16]}.npy"
     np.save(out, emb[rows])
     train_s = sum(art.manifest.get("wall_time_s", 0.0) for label, art in ctx.done.items() if label.startswith("train/"))
@@ -242,6 +243,20 @@ def merged_records(path: Path, records: list[dict]) -> pd.DataFrame:
         return old
     keep = ~old.set_index(["system", "seed"]).index.isin(new.set_index(["system", "seed"]).index)
     return pd.concat([old[keep], new], ignore_index=True)
+
+
+def save_results(out: Path, records: list[dict], args: argparse.Namespace, echo: bool = False) -> None:
+    """Writes this run's records merged over the file's earlier ones, with the summary table."""
+    results = merged_records(out, records)
+    metrics = ["closed_top1", "closed_map5", "open_map5", "baks", "baus"]
+    table = summary(results, "dmlkit", metrics) if not results.empty else pd.DataFrame()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(), "args": vars(args),
+                               "records": results.to_dict("records"), "summary": table.to_dict("records")},
+                              indent=2))  # fmt: skip
+    if echo:
+        print(table.to_string(index=False))
+        print(f"wrote {out}")
 
 
 def parse_systems(specs: list[str]) -> dict[str, list[str]]:
@@ -287,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     peers = [p for p in args.peers.split(",") if p]
-    records = []
+    out = RESULTS / f"peers-{tag}.json"
+    records: list[dict] = []
     for seed in args.seeds:
         for system in peers:
             started = time.time()
@@ -296,22 +312,14 @@ def main(argv: list[str] | None = None) -> int:
                 records.append({"system": system + suffix, "seed": seed, "train_s": got["train_s"],
                                 **evaluate(np.load(file), split)})  # fmt: skip
             print(f"[bench] {system} seed {seed}: {records[-1]} ({time.time() - started:.0f} s)", flush=True)
+            save_results(out, records, args)  # each result kept as it comes: a long run may be cut off
         for name, overrides in parse_systems(args.system).items():
             got = run_pipeline(overrides, seed, split, work / name, args)
             records.append({"system": name, "seed": seed, "train_s": got["train_s"],
                             **evaluate(np.load(got["embeddings"][""]), split)})  # fmt: skip
             print(f"[bench] {name} seed {seed}: {records[-1]}", flush=True)
-    out = RESULTS / f"peers-{tag}.json"
-    results = merged_records(out, records)
-    metrics = ["closed_top1", "closed_map5", "open_map5", "baks", "baus"]
-    table = summary(results, "dmlkit", metrics)
-    print(table.to_string(index=False))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine, "args": vars(args),
-                               "records": results.to_dict("records"), "summary": table.to_dict("records")},
-                              indent=2))  # fmt: skip
-    print(f"wrote {out}")
+            save_results(out, records, args)
+    save_results(RESULTS / f"peers-{tag}.json", records, args, echo=True)
     return 0
 
 

@@ -80,6 +80,20 @@ def write_tiny_config(tmp: Path, kind: str = "whale", extra: str = "", demo_para
     return path
 
 
+def run_all_stages(cfg_path: Path, tmp_path: Path, overrides: list[str]):
+    """Every stage of a config in-process, artifacts and submissions under tmp_path; the Context."""
+    from dmlkit.config import load_config
+    from dmlkit.pipeline.context import Context, ensure_demo_data
+    from dmlkit.pipeline.table import STAGE_NAMES, run_stage
+
+    cfg = load_config(cfg_path, overrides)
+    ctx = Context(cfg, artifacts=tmp_path / "artifacts", submissions=tmp_path / "submissions", progress=False)
+    ensure_demo_data(ctx)
+    for stage in STAGE_NAMES:
+        run_stage(ctx, stage)
+    return ctx
+
+
 @pytest.fixture
 def tiny_whale_config(tmp_path: Path) -> Path:
     return write_tiny_config(tmp_path, "whale")

@@ -260,3 +260,28 @@ def test_amp_auto_uses_bf16_on_the_cpu_only_where_it_is_native(monkeypatch):
         assert inference.autocast_dtype(cpu, "bf16") is torch.bfloat16
         assert inference.autocast_dtype(cpu, "off") is None
     inference._cpu_auto_dtype.cache_clear()
+
+
+def test_every_config_key_says_what_it_does():
+    """Each field of the schema carries a description (what the configuration reference shows)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from dmlkit.config.schema import Config
+
+    missing, seen = [], set()
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{field.alias or name}"
+            if not field.description:
+                missing.append(key)
+            for outer in (field.annotation, *typing.get_args(field.annotation)):
+                for inner in (outer, *typing.get_args(outer)):
+                    if isinstance(inner, type) and issubclass(inner, BaseModel) and (key, inner) not in seen:
+                        seen.add((key, inner))
+                        walk(inner, key + ".")
+
+    walk(Config, "")
+    assert len(seen) > 20 and not missing, missing

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import write_tiny_config
+from conftest import run_all_stages, write_tiny_config
 from dmlkit.competitions import Calibration, get_adapter
 from dmlkit.config import ConfigError, load_config, member_slice
 from dmlkit.config.checks import ineffective_values
@@ -159,12 +159,7 @@ def test_refit_threshold_share_answers_new_first_as_often_as_the_fold_models(tmp
 
 # --------------------------------------------------------------------------------------- end to end
 def _run(cfg_path: Path, tmp_path: Path, overrides: list[str]) -> Context:
-    cfg = load_config(cfg_path, overrides)
-    ctx = Context(cfg, artifacts=tmp_path / "artifacts", submissions=tmp_path / "submissions", progress=False)
-    ensure_demo_data(ctx)
-    for stage in STAGE_NAMES:
-        run_stage(ctx, stage)
-    return ctx
+    return run_all_stages(cfg_path, tmp_path, overrides)
 
 
 def test_a_refit_member_trains_on_every_row_and_answers_the_test_while_the_fold_model_validates(tmp_path: Path):

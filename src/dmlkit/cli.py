@@ -108,7 +108,7 @@ def cmd_score(args) -> int:
     result = score_files(Path(args.submission), Path(args.solution))
     print(format_scores(result))
     if args.json:
-        keys = ("metric", "public", "private", "open_set")
+        keys = ("metric", "public", "private", "open_set", "all", "ami")
         print(json.dumps({k: result[k] for k in keys if k in result}))
     return 0
 

@@ -120,3 +120,19 @@ def open_set_scores(top1: Sequence[str], truths: Sequence[str], unknown_label: s
     baus = float(np.mean(unknown_right)) if unknown_right else None
     both = baks is not None and baus is not None
     return {"baks": baks, "baus": baus, "open_set": float(np.sqrt(baks * baus)) if both else None}
+
+
+def clustering_scores(truths: Sequence[str], clusters: Sequence[object]) -> dict[str, float]:
+    """AnimalCLEF 2026's clustering score (ARI, the leaderboard's) and AMI, of predicted cluster ids
+    against true identities; both are label-permutation invariant, 1 for the same partition and
+    about 0 for a random one (scikit-learn's definitions)."""
+    from sklearn import metrics as sk  # heavy (~1 s): `score` loads it for clusters only
+
+    if len(truths) != len(clusters):
+        raise ValueError(f"clustering scores: {len(truths)} identities for {len(clusters)} cluster ids")
+    truth = [str(t) for t in truths]
+    predicted = [str(c) for c in clusters]
+    return {
+        "ari": float(sk.adjusted_rand_score(truth, predicted)),
+        "ami": float(sk.adjusted_mutual_info_score(truth, predicted)),
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..metrics import clustering_scores
 from . import adapter_for_header
 from .base import InputError, read_csv_file
 
@@ -11,6 +12,8 @@ from .base import InputError, read_csv_file
 def score_files(submission: Path, solution: Path) -> dict:
     submission, solution = Path(submission), Path(solution)
     frame = read_csv_file(submission)
+    if "cluster" in frame.columns:
+        return score_clusters(frame, submission, solution)
     adapter = adapter_for_header(list(frame.columns))
     answers = adapter.read_solution(solution)
     if answers.columns[0] != adapter.solution_columns[0] or answers.columns[1] != adapter.solution_columns[1]:
@@ -23,9 +26,36 @@ def score_files(submission: Path, solution: Path) -> dict:
     return result
 
 
+def score_clusters(frame, submission: Path, truth_file: Path) -> dict:
+    """ARI (AnimalCLEF 2026's score) and AMI of a clustering (first column the image, a `cluster`
+    column; retrieve.cluster's clusters.csv) against the true identities (first column the image,
+    second its identity, an optional Usage: scored per usage as well)."""
+    truth = read_csv_file(truth_file)
+    if len(truth.columns) < 2:
+        raise InputError(f"{truth_file}: needs the image and its identity as its first two columns")
+    image, identity = truth.columns[:2]
+    clusters = dict(zip(frame[frame.columns[0]], frame["cluster"], strict=True))
+    missing = [i for i in truth[image] if i not in clusters]
+    if missing:
+        raise InputError(f"{submission}: no cluster for {len(missing)} image(s) of {truth_file}, e.g. {missing[0]}")
+    usages = {"public": "Public", "private": "Private", "all": None}
+    result: dict = {"competition": "clusters", "metric": "ari", "ami": {}}
+    for name, usage in usages.items():
+        part = truth if usage is None or "Usage" not in truth.columns else truth[truth["Usage"] == usage]
+        scores = clustering_scores(part[identity].tolist(), [clusters[i] for i in part[image]]) if len(part) else None
+        result[name] = None if scores is None else scores["ari"]
+        result["ami"][name] = None if scores is None else scores["ami"]
+    return result
+
+
 def format_scores(result: dict) -> str:
     def fmt(value):
         return "n/a" if value is None else f"{value:.5f}"
+
+    if result["competition"] == "clusters":
+        ari = "  ".join(f"{k} {fmt(result[k])}" for k in ("public", "private", "all"))
+        ami = "  ".join(f"{k} {fmt(v)}" for k, v in result["ami"].items())
+        return f"clusters (ARI): {ari}  | AMI: {ami}"
 
     line = (
         f"{result['competition']} ({result['metric']}): public {fmt(result['public'])}  "

@@ -275,7 +275,7 @@ def _unknown_per_problem(r: Any, where: Where) -> str | None:
 
 def _disabled_section_keys(r: Any, where: Where) -> Iterator[str]:
     """Keys of a switched-off second-stage section set to other than their defaults."""
-    for section, name in ((r.verify, "verify"), (r.label_rerank, "label_rerank")):
+    for section, name in ((r.verify, "verify"), (r.label_rerank, "label_rerank"), (r.cluster, "cluster")):
         if section.enabled:
             continue
         default = type(section)()
@@ -285,6 +285,11 @@ def _disabled_section_keys(r: Any, where: Where) -> Iterator[str]:
 
 
 RETRIEVE_RULES: list[Check] = [
+    Rule(
+        "retrieve.cluster.enabled",
+        lambda r, w: r.cluster.enabled and w.metric != "map@5",
+        "only identification competitions (MAP@5, answering 'new') have new identities to cluster (metric: {metric})",
+    ),
     Rule(
         "retrieve.refit_threshold",
         lambda r, w: _set(r, "refit_threshold") and all(m.refit == "off" for m in w.cfg.members),

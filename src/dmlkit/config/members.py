@@ -47,8 +47,8 @@ class AuxHeadConfig(Strict):
     column: str = Field(description="a column of the competition's training table, e.g. species")
     weight: float = Field(0.563, ge=0.0, description="the auxiliary loss's weight")
     identity_weight: float = Field(0.437, gt=0.0, description="the identity loss's weight beside it")
-    subcenters: int = Field(1, ge=1)
-    scale: float = Field(30.0, gt=0.0)
+    subcenters: int = Field(1, ge=1, description="sub-centers per auxiliary class")
+    scale: float = Field(30.0, gt=0.0, description="the auxiliary head's logit scale s")
     margin: float = Field(0.3, ge=0.0, description="ArcFace margin of every auxiliary class")
 
 
@@ -59,14 +59,16 @@ class HeadConfig(Strict):
     proxy_margin: float = Field(0.1, description="Proxy-Anchor's margin δ")
     proxy_alpha: float = Field(32.0, gt=0, description="Proxy-Anchor's scale α")
     subcenters: int = Field(1, ge=1, description="sub-centers per class (K=3: noisy labels, Deng et al. 2020)")
-    scale: float | Literal["adacos"] = 30.0
+    scale: float | Literal["adacos"] = Field(
+        30.0, description="logit scale s; adacos: √2·log(C−1), fixed from the class count C (AdaCos)"
+    )
     margin: float = Field(0.3, ge=0.0, description="fixed margin, used when dynamic is 'none'")
     dynamic: Literal["none", "glr3", "power"] = Field(
         "none", description="margins from class sizes (glr3: GLR2020 3rd, power: Humpback 2019); none: head.margin"
     )
-    dynamic_a: float = 0.45
-    dynamic_b: float = 0.05
-    dynamic_lambda: float = -0.25
+    dynamic_a: float = Field(0.45, description="dynamic margins: the span a (glr3: m = a·t + b; power: m = a·n^λ + b)")
+    dynamic_b: float = Field(0.05, description="dynamic margins: the smallest margin b")
+    dynamic_lambda: float = Field(-0.25, description="power: the exponent λ on the class size n")
     matmul: Literal["amp", "fp32"] = Field(
         "amp",
         description="precision of the embeddings × sub-centers product in training: the autocast dtype "
@@ -86,9 +88,11 @@ class SEEConfig(Strict):
     """SEE as published is Proxy-Anchor + SEE with `gradient: proxies`; with margin heads (ArcFace,
     CosFace, sub-centers) or `gradient: backbone` it is this project's extension."""
 
-    enabled: bool = False
-    n_expansion: int = Field(16, ge=1)
-    weight: float = Field(0.2, ge=0.0)
+    enabled: bool = Field(False, description="train with Spherical Embedding Expansion's synthetic rows")
+    n_expansion: int = Field(
+        16, ge=1, description="synthetic rows drawn around each selected embedding (a simplex's vertices)"
+    )
+    weight: float = Field(0.2, ge=0.0, description="the synthetic rows' loss weight beside the real rows'")
     gradient: Literal["proxies", "backbone"] = Field(
         "proxies",
         description="proxies (the paper's): the synthetic rows are built from detached embeddings, so their "
@@ -110,16 +114,16 @@ class TrainStage(Strict):
     """One stage of progressive resizing (GLR2020 3rd: 256 → 512 → 672 px; GLR2021 1st: 256 → 448 →
     448 px at a lower LR): the member continues from the previous stage's weights at this size."""
 
-    image_size: int = Field(ge=16)
-    epochs: int = Field(ge=1)
+    image_size: int = Field(ge=16, description="this stage's training size (px)")
+    epochs: int = Field(ge=1, description="this stage's epochs")
     lr: float | None = Field(None, gt=0, description="this stage's LR (default: train.lr)")
     freeze_backbone_epochs: int = Field(0, ge=0, description="GLR2021 1st: one epoch at the new size frozen")
     reinit_head: bool = Field(False, description="start this stage with a new head (the backbone continues)")
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=2)
+    epochs: int = Field(10, ge=1, description="passes over the member's training rows")
+    batch_size: int = Field(64, ge=2, description="images per optimiser step (see batch_per)")
     batch_per: Literal["global", "gpu"] = Field(
         "global",
         description="what batch_size counts under torchrun: the global batch, split over the ranks (the "
@@ -130,28 +134,38 @@ class TrainConfig(Strict):
         description="with batch_per: gpu, lr (given for one process's batch) times the number of ranks "
         "(linear, Goyal et al. 2017) or its square root (sqrt, for Adam-type optimizers)",
     )
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    head_lr_mult: float = Field(10.0, gt=0)
-    weight_decay: float = 1e-4
-    warmup_epochs: float = Field(1.0, ge=0)
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="the optimiser (sgd: momentum 0.9, Nesterov)")
+    lr: float = Field(
+        1e-3, gt=0, description="peak learning rate of the backbone and neck (linear warmup, cosine decay)"
+    )
+    head_lr_mult: float = Field(10.0, gt=0, description="the head's learning rate as a multiple of lr")
+    weight_decay: float = Field(
+        1e-4,
+        description="weight decay (AdamW: decoupled) on every parameter; norms and biases exempt only with layer_decay",
+    )
+    warmup_epochs: float = Field(1.0, ge=0, description="epochs of linear warmup before the cosine decay")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto",
+        description="mixed precision: auto is bf16 where the device runs it natively, fp16 on older GPUs, else fp32",
+    )
 
     @field_validator("amp", mode="before")
     @classmethod
     def _yaml_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML reads an unquoted `off` as false
 
-    grad_accum: int = Field(1, ge=1)
-    clip_grad: float | None = 5.0
+    grad_accum: int = Field(1, ge=1, description="batches whose gradients add up to one step")
+    clip_grad: float | None = Field(5.0, description="the gradients' global norm is clipped to this (null: never)")
     ema: float | None = Field(None, description="EMA decay of the weights, e.g. 0.999")
-    num_workers: int = Field(0, ge=0)
-    channels_last: bool = True
+    num_workers: int = Field(0, ge=0, description="DataLoader processes decoding and augmenting images")
+    channels_last: bool = Field(True, description="NHWC memory layout (faster convolutions in bf16/fp16)")
     sync_bn: bool = Field(False, description="SyncBatchNorm across GPUs under torchrun (CUDA only)")
     freeze_bn: bool = Field(False, description="BatchNorm layers use and keep their running statistics")
-    nan_policy: Literal["stop", "skip"] = "stop"
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop", description="a non-finite loss stops training with the step named (stop) or its step is skipped (skip)"
+    )
     strict_images: bool = Field(False, description="fail on an unreadable training image instead of skipping")
-    validate_every: int = Field(1, ge=1)
+    validate_every: int = Field(1, ge=1, description="epochs between validations (the last epoch always validates)")
     freeze_backbone_epochs: int = Field(
         0, ge=0, description="head-first: the first N epochs train neck and head with the backbone frozen (BN too)"
     )
@@ -188,11 +202,11 @@ class TrainConfig(Strict):
 
 
 class MemberConfig(Strict):
-    name: str
-    backbone: str
-    fold: int = Field(ge=0)
-    image_size: int = Field(ge=16)
-    in_chans: int = 3
+    name: str = Field(description="the member's name: its artifacts folder and export file")
+    backbone: str = Field(description="a timm model name, e.g. resnet50 or convnext_tiny")
+    fold: int = Field(ge=0, description="the fold it validates on (it trains on the others)")
+    image_size: int = Field(ge=16, description="training and embedding size (px, square)")
+    in_chans: int = Field(3, description="input channels: 3 (RGB) or 1 (gray)")
     backbone_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="more timm.create_model arguments, e.g. {drop_path_rate: 0.1}"
     )
@@ -205,9 +219,9 @@ class MemberConfig(Strict):
         "(class token / token average); auto: GeM for CNN maps, the model's own for transformers (tokens, "
         "Swin's NHWC maps, whose LayerNorm outputs GeM's clamp would cut)",
     )
-    embedding_size: int = Field(512, ge=8)
-    gem_p: float = 3.0
-    gem_learnable: bool = True
+    embedding_size: int = Field(512, ge=8, description="the neck's output: the embedding's dimension")
+    gem_p: float = Field(3.0, description="GeM pooling's starting power p (1: average, ∞: max)")
+    gem_learnable: bool = Field(True, description="GeM's p is trained")
     init_from: str | None = Field(None, description="another member whose trained weights start this one")
     refit: Literal["off", "replace", "ensemble"] = Field(
         "off",
@@ -222,9 +236,9 @@ class MemberConfig(Strict):
     def _refit_bool(cls, value: Any) -> Any:
         return {True: "replace", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
-    head: HeadConfig = HeadConfig()
-    see: SEEConfig = SEEConfig()
-    train: TrainConfig = TrainConfig()
+    head: HeadConfig = Field(HeadConfig(), description="the training head (margin softmax or Proxy-Anchor)")
+    see: SEEConfig = Field(SEEConfig(), description="Spherical Embedding Expansion")
+    train: TrainConfig = Field(TrainConfig(), description="the training schedule and its data")
 
     @field_validator("name")
     @classmethod

@@ -21,7 +21,10 @@ class CompetitionConfig(Strict):
         default_factory=list, description="more submissions from the same data, e.g. landmark-retrieval"
     )
     demo: str | None = Field(None, description="demo generator that builds `root` when it is missing")
-    demo_params: dict[str, Any] = Field(default_factory=dict)
+    demo_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the demo generator's parameters (its dataclass in dmlkit/demo), e.g. {n_individuals: 40}",
+    )
     download: str | None = Field(
         None, description="wildlife: a wildlife-datasets dataset (MacaqueFaces, ...) fetched if metadata.csv is missing"
     )
@@ -34,7 +37,9 @@ class CompetitionConfig(Strict):
 
 
 class FoldsConfig(Strict):
-    n_splits: int = Field(5, ge=2)
+    n_splits: int = Field(
+        5, ge=2, description="folds the training images are split into (a member validates on its fold)"
+    )
     check_images: Literal["decode", "header", "off"] = Field(
         "decode",
         description="how the folds stage checks every image before training: decode it (catches truncated "
@@ -58,8 +63,10 @@ class FoldsConfig(Strict):
 
 
 class EmbedConfig(Strict):
-    batch_size: int = Field(128, ge=1)
-    tta_flip: bool = True
+    batch_size: int = Field(128, ge=1, description="images per embedding batch")
+    tta_flip: bool = Field(
+        True, description="average each image's embedding with its mirror's (off where a mirror is another identity)"
+    )
     crops: list[str] = Field(
         default_factory=list,
         description="box sources whose crops' embeddings are averaged ('none': the whole image), e.g. "
@@ -77,47 +84,59 @@ class EmbedConfig(Strict):
 
 class EnsembleConfig(Strict):
     weights: dict[str, float] = Field(default_factory=dict, description="member name -> weight (default 1)")
-    pca_whiten: bool = False
-    pca_dim: int | None = None
+    pca_whiten: bool = Field(
+        False, description="PCA whitening of the concatenated embeddings, fitted on the training images"
+    )
+    pca_dim: int | None = Field(None, ge=1, description="components kept by the whitening (default: all)")
 
 
 class ExpansionConfig(Strict):
-    enabled: bool = False
-    alpha: float = 3.0
-    k: int = Field(5, ge=1)
+    """α-weighted query expansion (qe) or database-side augmentation (dba): an embedding replaced by
+    the mean of itself and its top-k neighbours, each weighted by max(cos, 0)^α."""
+
+    enabled: bool = Field(False, description="switch it on")
+    alpha: float = Field(3.0, description="the weight's power on each neighbour's cosine")
+    k: int = Field(5, ge=1, description="neighbours averaged in")
 
 
 class RerankConfig(Strict):
-    enabled: bool = False
-    k1: int = Field(20, ge=1)
-    k2: int = Field(6, ge=1)
-    lambda_: float = Field(0.3, alias="lambda", ge=0, le=1)
+    """k-reciprocal re-ranking (Zhong et al. 2017), sparse over the kNN lists."""
+
+    enabled: bool = Field(False, description="re-rank the kNN lists by k-reciprocal (Jaccard) distance")
+    k1: int = Field(20, ge=1, description="the k-reciprocal neighbourhood's size")
+    k2: int = Field(6, ge=1, description="neighbours whose sets are averaged (local query expansion)")
+    lambda_: float = Field(
+        0.3, alias="lambda", ge=0, le=1, description="weight of the original distance beside the Jaccard distance"
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class PenaltyConfig(Strict):
-    enabled: bool = False
+    """GLR2020 1st's non-landmark penalty: each gallery image's similarity lowered by its mean top-k
+    similarity to a pool of non-landmark images."""
+
+    enabled: bool = Field(False, description="lower the gallery images that look like non-landmarks")
     pool: str | None = Field(
         None,
         description="folder, .zip or .csv (column `path`) of non-landmark images; default: the competition's "
         "index/ images where it has them",
     )
-    k_gallery: int = Field(5, ge=1)
-    k_query: int = Field(10, ge=1)
-    query_side: bool = False
+    k_gallery: int = Field(5, ge=1, description="distractor neighbours averaged into a gallery image's penalty")
+    k_query: int = Field(10, ge=1, description="distractor neighbours averaged into a query's penalty")
+    query_side: bool = Field(False, description="penalise the queries too")
 
 
 class VotingConfig(Strict):
-    k: int = Field(5, ge=1)
-    power: float = 3.0
+    k: int = Field(5, ge=1, description="neighbours whose labels vote")
+    power: float = Field(3.0, description="a neighbour's vote: max(cos, 0) to this power")
     head_weight: float = Field(0.0, ge=0, le=1, description="weight of the head's class cosines in the fusion")
 
 
 class VerifyConfig(Strict):
     """Second stage: local features on each query's shortlist, verified by a homography."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="verify each query's shortlist and fuse the inliers with the cosine")
     extractor: Literal["sift", "disk"] = Field(
         "sift", description="sift: OpenCV SIFT + RootSIFT (no weights); disk: kornia's DISK (a GPU extractor)"
     )
@@ -146,15 +165,48 @@ class VerifyConfig(Strict):
 
 
 class LabelRerankConfig(Strict):
-    enabled: bool = False
+    """Label-aware retrieval (GLR2019): index images whose predicted label is the query's move ahead."""
+
+    enabled: bool = Field(
+        False, description="move index images of the query's predicted label ahead (retrieval formats)"
+    )
     k: int = Field(5, ge=1, description="neighbours voting each query's and index image's label")
     min_score: float = Field(
         0.0, ge=0.0, description="a predicted label below this vote counts as none (not moved ahead)"
     )
 
 
+class ClusterConfig(Strict):
+    """New identities (retrieval/clusters.py): the test images grouped by their pairwise cosines
+    into individuals (AnimalCLEF 2026), written to clusters.csv."""
+
+    enabled: bool = Field(
+        False, description="cluster the test (clusters.csv) and attach known identities to 'new' answers"
+    )
+    linkage: Literal["average", "single", "complete"] = Field(
+        "average",
+        description="a group's cosine to another: the mean of their pairs' (average), the best pair's "
+        "(single: graph components) or the worst's (complete)",
+    )
+    threshold: float | Literal["tune"] = Field(
+        "tune",
+        description="the cosine under which groups stay apart; tune: the best on the validation fold's "
+        "queries (their identities known, unseen classes included) by tune_on",
+    )
+    tune_on: Literal["ami", "ari"] = Field(
+        "ami", description="what the threshold is tuned for (AnimalCLEF 2026 9th: tuning on ARI over-merged)"
+    )
+    attach: bool = Field(
+        True,
+        description="a test image answered 'new' first whose cluster holds test images answered with a known "
+        "identity takes that identity first ('new' second)",
+    )
+
+
 class RetrieveConfig(Strict):
-    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    index: Literal["flat", "ivf", "hnsw"] = Field(
+        "flat", description="faiss index: exact inner product (flat), or approximate (ivf, hnsw) for millions of images"
+    )
 
     @field_validator("index", mode="before")
     @classmethod
@@ -166,12 +218,12 @@ class RetrieveConfig(Strict):
             )
         return value
 
-    nlist: int = 1024
-    nprobe: int = 16
-    hnsw_m: int = 32
-    k: int = Field(100, ge=1)
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
-    query_batch: int = Field(16384, ge=1)
+    nlist: int = Field(1024, ge=1, description="ivf: the coarse quantiser's cells")
+    nprobe: int = Field(16, ge=1, description="ivf: cells searched per query")
+    hnsw_m: int = Field(32, ge=2, description="hnsw: links per node")
+    k: int = Field(100, ge=1, description="neighbours searched per query (the re-ranking chain's shortlist)")
+    use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="faiss on the GPU (auto: where one is present)")
+    query_batch: int = Field(16384, ge=1, description="queries searched per batch (bounds the memory of the results)")
     val_fold: int | None = Field(None, description="validation fold (default: the first member's)")
     validation_queries: int | None = Field(
         None,
@@ -179,14 +231,17 @@ class RetrieveConfig(Strict):
         description="at most this many validation queries per fold (a seeded random sample) for the report, "
         "the tuning and the verification; null: the whole fold",
     )
-    qe: ExpansionConfig = ExpansionConfig()
-    dba: ExpansionConfig = ExpansionConfig()
-    rerank: RerankConfig = RerankConfig()
-    penalty: PenaltyConfig = PenaltyConfig()
-    voting: VotingConfig = VotingConfig()
-    verify: VerifyConfig = VerifyConfig()
-    label_rerank: LabelRerankConfig = LabelRerankConfig()
-    unknown_threshold: float | Literal["tune"] = "tune"
+    qe: ExpansionConfig = Field(ExpansionConfig(), description="query expansion (αQE)")
+    dba: ExpansionConfig = Field(ExpansionConfig(), description="database-side augmentation of the gallery")
+    rerank: RerankConfig = Field(RerankConfig(), description="k-reciprocal re-ranking")
+    penalty: PenaltyConfig = Field(PenaltyConfig(), description="the non-landmark distractor penalty")
+    voting: VotingConfig = Field(VotingConfig(), description="labels voted from the neighbours")
+    verify: VerifyConfig = Field(VerifyConfig(), description="local-feature verification of the shortlists")
+    label_rerank: LabelRerankConfig = Field(LabelRerankConfig(), description="label-aware retrieval")
+    cluster: ClusterConfig = Field(ClusterConfig(), description="the test clustered into new identities")
+    unknown_threshold: float | Literal["tune"] = Field(
+        "tune", description="the score under which 'new' is answered before a label; tune: on the validation fold"
+    )
     unknown_score: Literal["auto", "vote", "cosine"] = Field(
         "auto",
         description="what the unknown threshold compares: a label's vote, or its best neighbour's cosine; "
@@ -258,20 +313,22 @@ class ExportConfig(Strict):
 
 
 class Config(Strict):
-    experiment: str
-    seed: int = 42
+    experiment: str = Field(description="the run's name: its artifacts folder, log and submission file")
+    seed: int = Field(42, description="seed of training and sampling (torch, numpy, python)")
     threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads for torch/OpenMP/faiss (default: all cores; at most 1024)"
     )
-    competition: CompetitionConfig
-    folds: FoldsConfig = FoldsConfig()
-    members: list[MemberConfig] = Field(min_length=1)
-    embed: EmbedConfig = EmbedConfig()
-    ensemble: EnsembleConfig = EnsembleConfig()
-    retrieve: RetrieveConfig = RetrieveConfig()
-    export: ExportConfig = ExportConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
-    pseudo: PseudoConfig = PseudoConfig()
+    competition: CompetitionConfig = Field(description="the data: which adapter reads which folder")
+    folds: FoldsConfig = Field(FoldsConfig(), description="the fold split")
+    members: list[MemberConfig] = Field(
+        min_length=1, description="the models: each a backbone trained on one fold (member_defaults merged in)"
+    )
+    embed: EmbedConfig = Field(EmbedConfig(), description="embedding extraction and TTA")
+    ensemble: EnsembleConfig = Field(EnsembleConfig(), description="how the members' embeddings are combined")
+    retrieve: RetrieveConfig = Field(RetrieveConfig(), description="search, re-ranking, voting and 'new'")
+    export: ExportConfig = Field(ExportConfig(), description="the exported embedding module")
+    runtime: RuntimeConfig = Field(RuntimeConfig(), description="device and distributed settings")
+    pseudo: PseudoConfig = Field(PseudoConfig(), description="pseudo-label rounds")
     tracking: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
         "tensorboard", description="experiment tracker of each run (tensorboard: offline, no account)"
     )

@@ -30,6 +30,7 @@ class WhaleDemoParams:
     new_whale_train: int = 80
     test_share_of_known: float = 0.5  # identified individuals that get one test photo
     new_whale_test_share: float = 0.25  # of the test set: individuals never seen in training
+    new_test_images: int = 1  # photos of each unseen individual in the test (>1: groups to cluster, AnimalCLEF 2026)
     image_size: int = 96
     difficulty: float = 0.7
     public_share: float = 0.5
@@ -159,7 +160,15 @@ def generate(root: Path, params: WhaleDemoParams) -> dict:
     pd.DataFrame({"Image": test["Image"], "Id": "new_whale"}).to_csv(root / "sample_submission.csv", index=False)
     usage = _usage(rng, params, len(test))
     pd.DataFrame({"Image": test["Image"], "Id": test["Id"], "Usage": usage}).to_csv(root / "solution.csv", index=False)
+    write_identities(root, test["Image"], test["identity"], usage)
     return _stats(train.rename(columns={"Id": "label"}), test.rename(columns={"Id": "label"}), "new_whale")
+
+
+def write_identities(root: Path, images: pd.Series, identities: pd.Series, usage: np.ndarray) -> None:
+    """identities.csv: each test image's true individual, unseen ones included (the solution calls them
+    all new): the answer key of a test clustering (`./run.sh score clusters.csv identities.csv`)."""
+    frame = pd.DataFrame({"image": images.to_numpy(), "identity": identities.to_numpy(), "Usage": usage})
+    frame.to_csv(root / "identities.csv", index=False)
 
 
 def _usage(rng: np.random.Generator, params: WhaleDemoParams, n: int) -> np.ndarray:
@@ -203,8 +212,9 @@ def _photograph(
         jobs.append(("test", int(ind_seeds[i]), names[i], kind(i)))
     n_known_test = int(with_test.sum())
     n_new_test = int(round(n_known_test * params.new_whale_test_share / (1 - params.new_whale_test_share)))
-    for _ in range(n_new_test):
-        jobs.append(("test", int(rng.integers(2**31, 2**32)), UNKNOWN, draw_kind()))
+    per_new = max(1, params.new_test_images)
+    for _ in range(max(1, round(n_new_test / per_new)) if n_new_test else 0):
+        jobs += [("test", int(rng.integers(2**31, 2**32)), UNKNOWN, draw_kind())] * per_new
     order = rng.permutation(len(jobs))
     jobs = [jobs[i] for i in order]
 
@@ -216,7 +226,13 @@ def _photograph(
             flukes[ind_seed, species_index] = render_fluke(individual_of(ind_seed, species_index))
         image_id = _image_id(params.seed, n)
         fluke, photo_rng = flukes[ind_seed, species_index], np.random.default_rng([params.seed, n])
-        record = {"Image": image_id, "Id": label, "role": role}
+        # the true individual (identities.csv): an unknown animal's own, which the labels do not tell
+        record = {
+            "Image": image_id,
+            "Id": label,
+            "role": role,
+            "identity": label if label != UNKNOWN else f"unseen-{ind_seed:x}",
+        }
         if getattr(params, "wide_shots", False):  # the Happywhale variant's wide shots, with the animal's box
             other_seed = int(ind_seeds[photo_rng.integers(len(ind_seeds))])
             other = render_fluke(individual_of(other_seed, int(photo_rng.integers(len(SPECIES)))))
@@ -347,6 +363,7 @@ def generate_happywhale(root: Path, params: HappywhaleDemoParams) -> dict:
     usage = _usage(rng, params, len(test))
     solution = pd.DataFrame({"image": test["Image"], "individual_id": test["Id"], "Usage": usage})
     solution.to_csv(root / "solution.csv", index=False)
+    write_identities(root, test["Image"], test["identity"], usage)
     if params.wide_shots:
         detector_boxes(frame, params.seed, params.image_size).to_csv(root / "boxes.csv", index=False)
     stats = _stats(train.rename(columns={"Id": "label"}), test.rename(columns={"Id": "label"}), "new_individual")

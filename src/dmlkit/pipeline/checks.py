@@ -29,6 +29,7 @@ MIN_LOADED_SHARE = 0.5  # of a backbone's weights a pretrained_file must set (an
 def before_run(ctx: Context, stages: list[str]) -> None:
     """Every check, in order: values without effect, then members, learned extractors, outputs."""
     check_values(ctx)
+    check_cluster_size(ctx)
     check_members(ctx.cfg)
     check_extractor(ctx.cfg)
     check_outputs(ctx, stages)
@@ -44,6 +45,23 @@ def check_values(ctx: Context) -> None:
     if is_main_process():
         for note in device_notes(ctx.cfg, ctx.device.type):
             log.warning("%s", note)
+
+
+MAX_CLUSTER_IMAGES = 20_000  # retrieve.cluster's cosine matrix, distances and merge tree: ~16 bytes × N²
+
+
+def check_cluster_size(ctx: Context) -> None:
+    """retrieve.cluster holds the test's pairwise cosines in memory: refuse a test too large for it
+    before anything trains."""
+    if not ctx.cfg.retrieve.cluster.enabled:
+        return
+    n = int((ctx.source_table["role"] == "test").sum())
+    if n > MAX_CLUSTER_IMAGES:
+        raise ConfigError(
+            f"{ctx.cfg.source}: retrieve.cluster.enabled: the test holds {n:,} images; clustering keeps their "
+            f"{n * (n - 1) // 2:,} pairs in memory (~{n * n * 16 / 2**30:.0f} GiB), at most {MAX_CLUSTER_IMAGES:,} "
+            "images are supported"
+        )
 
 
 def check_members(cfg: Config) -> None:

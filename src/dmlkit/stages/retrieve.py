@@ -24,6 +24,7 @@ from ..plots import plot_retrieval_grid
 from ..pseudo import without_pseudo_rows
 from ..retrieval.chain import ChainInputs, LabelledGallery, run_chain
 from ..retrieval.ensemble import concatenate_views
+from ..retrieval.identities import cluster_test
 from ..retrieval.search import as_views
 from ..retrieval.second_stage import SecondStage, shortlist_verifier
 from ..retrieval.validation import (
@@ -46,6 +47,9 @@ from .ensemble import embeddings_of, run_ensemble, test_embeddings_of
 from .folds import load_table, run_folds
 
 log = logging.getLogger(__name__)
+MIN_GROUPED_SHARE = (
+    0.2  # of the validation queries sharing an identity, below which a tuned cluster threshold is doubtful
+)
 
 
 @dataclass
@@ -261,8 +265,8 @@ def write_retrieval(
 ) -> None:
     for name, pred in predictions.items():
         (work / f"predictions-{name}.json").write_text(json.dumps(pred.__dict__))
-    for name, frame in (answers or {}).items():
-        frame.to_csv(work / f"answers-{name}.csv", index=False)
+    for name, frame in (answers or {}).items():  # retrieve.cluster's test clusters: clusters.csv
+        frame.to_csv(work / ("clusters.csv" if name == "clusters" else f"answers-{name}.csv"), index=False)
     report.to_csv(work / "report.csv", index=False)
 
 
@@ -306,11 +310,24 @@ def retrieve(
         log.warning("retrieve: the competition has no test images; validation report only, nothing to submit")
     if validation is not None:
         answers["validation"] = validation  # answers-validation.csv: no format is named so
+    clustered = None
+    if cfg.cluster.enabled and adapter.name in predictions:  # the members that never saw the fold tune it
+        validation_view = embeddings.folds.get(val_fold, embeddings.ensemble)
+        test = embeddings.ensemble if embeddings.test is None else embeddings.test
+        test_view = test[np.flatnonzero((table["role"] == "test").to_numpy())]
+        clustered = cluster_test(
+            cfg.cluster, adapter.unknown_label, split, validation_view, test_view, predictions[adapter.name]
+        )
+    if clustered is not None:
+        row, answers["clusters"], predictions[adapter.name], summary = clustered
+        report.append(row)
     tuned = calibration.tuned()
     if scorers.verifier is not None and scorers.verifier.fusion is not None:
         tuned["verify"] = scorers.verifier.fusion.to_json()
     figures = ("unknown_share", "unknown_precision", "unknown_recall", "score_known", "score_unknown")
     tuned.update({f"validation_{k}": tuned_on[k] for k in figures if k in tuned_on})
+    if clustered is not None:
+        tuned["cluster"] = summary
     return predictions, pd.DataFrame(report), tuned, answers
 
 
@@ -386,6 +403,8 @@ def run_retrieve(ctx: Context) -> cache.Artifact:
     part = {"retrieve": config_slice(ctx.cfg.retrieve), "formats": [f.name for f in ctx.formats], "val_fold": val_fold}
     if all(m.refit == "off" for m in ctx.cfg.members):  # read only where members refit: earlier keys stand
         part["retrieve"].pop("refit_threshold")
+    if not ctx.cfg.retrieve.cluster.enabled:  # off: keys from before retrieve.cluster stand
+        part["retrieve"].pop("cluster")
 
     def compute(work: Path) -> dict:
         table, folds = load_table(folds_art)
@@ -431,7 +450,7 @@ def _log_report(ctx: Context, art: cache.Artifact) -> None:
 RETRIEVE = Stage(
     name="retrieve",
     version=7,
-    outputs=("predictions-*.json", "answers-*.csv", "report.csv"),
+    outputs=("predictions-*.json", "answers-*.csv", "report.csv", "clusters.csv"),
     per_member=False,
     hashes="the retrieve section, the submission formats and the validation fold; the ensemble's and each "
     "member's embeddings; table.csv and folds.csv",
