@@ -33,7 +33,7 @@ DEFAULT_SETS = [
 ]
 VARIANTS = {
     "no clusters": [],
-    "clusters, attach": ["retrieve.cluster.enabled=true"],
+    "clusters, attach": ["retrieve.cluster.enabled=true", "retrieve.cluster.attach=true"],
     "clusters, no attach": ["retrieve.cluster.enabled=true", "retrieve.cluster.attach=false"],
 }
 

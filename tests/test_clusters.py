@@ -99,7 +99,13 @@ def test_the_test_is_clustered_and_new_answers_take_their_clusters_known_identit
     # answer takes the identity the known answers vote for
     plain = _run_whale(tmp_path, ["retrieve.unknown_share=0.5"])
     clustered = _run_whale(
-        tmp_path, ["retrieve.unknown_share=0.5", "retrieve.cluster.enabled=true", "retrieve.cluster.threshold=-1.0"]
+        tmp_path,
+        [
+            "retrieve.unknown_share=0.5",
+            "retrieve.cluster.enabled=true",
+            "retrieve.cluster.threshold=-1.0",
+            "retrieve.cluster.attach=true",
+        ],
     )
     root = Path(clustered.cfg.competition.root)
     truth = pd.read_csv(root / "identities.csv")
@@ -125,7 +131,7 @@ def test_the_test_is_clustered_and_new_answers_take_their_clusters_known_identit
     assert clusters["cluster"].nunique() == 1
     assert moved == sum(answer == "new_whale" for answer in first_before.values()) > 0
     report = pd.read_csv(art.file("report.csv"))
-    assert report["step"].str.contains("clusters of the validation queries").any()
+    assert report["step"].str.contains("validation images").any()
     assert report["step"].iloc[-1].startswith("  · clusters")  # an indented row: not the headline
 
     # the score command: ARI / AMI of clusters.csv against the true identities
@@ -138,7 +144,7 @@ def test_the_test_is_clustered_and_new_answers_take_their_clusters_known_identit
 
 def test_clustering_without_attach_leaves_the_answers_and_is_refused_where_nothing_is_new(tmp_path: Path):
     plain = _run_whale(tmp_path, [])
-    kept = _run_whale(tmp_path, ["retrieve.cluster.enabled=true", "retrieve.cluster.attach=false"])
+    kept = _run_whale(tmp_path, ["retrieve.cluster.enabled=true"])  # attach is off by default
     name = "predictions-humpback-2019.json"
     assert kept.done["retrieve"].file(name).read_text() == plain.done["retrieve"].file(name).read_text()
     assert kept.done["retrieve"].file("clusters.csv").is_file()
@@ -197,3 +203,26 @@ def test_each_unknown_row_is_its_own_identity_and_singletons_are_counted():
     truth = identity_truths(["a", "new_whale", "a", "new_whale", "b"], "new_whale")
     assert truth[0] == truth[2] == "a" and len({truth[1], truth[3], "a", "b"}) == 4
     assert grouped_share(truth) == pytest.approx(2 / 5)  # only the two "a" images share an identity
+
+
+def test_clusters_tune_on_the_queries_and_every_image_of_the_classes_held_out_of_the_fold():
+    from dmlkit.retrieval.validation import validation_split
+    from dmlkit.stages.retrieve import cluster_tuning_rows
+
+    # class c is held out of fold 0: its images in folds 1 and 2 never train fold 0's members
+    folds = pd.DataFrame(
+        {
+            "id": ["a1", "a2", "b1", "c1", "c2", "c3"],
+            "label": ["a", "a", "b", "c", "c", "c"],
+            "fold": [0, 1, 1, 0, 1, 2],
+            "known": True,
+            "unknown_fold": [-1, -1, -1, 0, 0, 0],
+        }
+    )
+    table = folds[["id", "label"]].assign(role="train")
+    split = validation_split(table, folds, 0)
+    rows, labels = cluster_tuning_rows(table, folds, split, 0)
+    assert rows.tolist() == [0, 3, 4, 5] and labels.tolist() == ["a", "c", "c", "c"]
+    # without held-out classes: the fold's queries only
+    rows, labels = cluster_tuning_rows(table, folds.drop(columns="unknown_fold"), split, 0)
+    assert rows.tolist() == [0, 3] and labels.tolist() == ["a", "c"]

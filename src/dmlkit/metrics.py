@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -132,7 +133,9 @@ def clustering_scores(truths: Sequence[str], clusters: Sequence[object]) -> dict
         raise ValueError(f"clustering scores: {len(truths)} identities for {len(clusters)} cluster ids")
     truth = [str(t) for t in truths]
     predicted = [str(c) for c in clusters]
-    return {
-        "ari": float(sk.adjusted_rand_score(truth, predicted)),
-        "ami": float(sk.adjusted_mutual_info_score(truth, predicted)),
-    }
+    with warnings.catch_warnings():  # many singletons read to scikit-learn like a regression target: not here
+        warnings.simplefilter("ignore", UserWarning)
+        return {
+            "ari": float(sk.adjusted_rand_score(truth, predicted)),
+            "ami": float(sk.adjusted_mutual_info_score(truth, predicted)),
+        }

@@ -15,11 +15,10 @@ from ..config.schema import ClusterConfig
 from ..metrics import clustering_scores
 from .clusters import attach_known, cut_tree, merge_tree, tune_cluster_threshold
 from .search import as_views
-from .validation import ValidationSplit
 
 log = logging.getLogger(__name__)
 THRESHOLD_GRID = np.round(np.arange(-0.2, 1.0, 0.02), 3)
-MIN_GROUPED_SHARE = 0.2  # of the validation queries sharing an identity, below which a tuned threshold is doubtful
+MIN_GROUPED_SHARE = 0.2  # of the tuning images sharing an identity, below which a tuned threshold is doubtful
 
 
 def pair_similarities(embeddings: np.ndarray) -> np.ndarray:
@@ -109,32 +108,34 @@ def cluster_answers(
     return frame, out
 
 
-def cluster_test(
+def cluster_test(  # the tuning rows and labels, then the views that embed them and the test
     c: ClusterConfig,
     unknown_label: str,
-    split: ValidationSplit,
+    tune_rows: np.ndarray,
+    tune_labels: np.ndarray,
     validation_view: np.ndarray,
     test_view: np.ndarray,
     predictions: Predictions,
 ) -> tuple[dict, pd.DataFrame, Predictions, dict] | None:
-    """retrieve.cluster: the threshold from the validation fold's queries (rows of `validation_view`,
-    embedded by the members that never saw the fold; fixed where configured; their ARI / AMI in the
-    report row), the test's clusters (`test_view`: the test rows' embeddings), its predictions with
-    known identities attached and a summary for the manifest; None where nothing can tune it."""
-    row: dict = {"step": "  · clusters of the validation queries"}
+    """retrieve.cluster: the threshold from labelled images the members never saw (`tune_rows` of
+    `validation_view`: the validation fold's queries and its held-out classes; fixed where configured;
+    their ARI / AMI in the report row), the test's clusters (`test_view`: the test rows' embeddings),
+    its predictions with known identities attached and a summary for the manifest; None where nothing
+    can tune it."""
+    row: dict = {"step": "  · clusters of the validation images"}
     threshold = c.threshold
-    if len(split.query_rows) > 1:
-        truth = identity_truths(split.query_labels, unknown_label)
+    if len(tune_rows) > 1:
+        truth = identity_truths(tune_labels, unknown_label)
         if c.threshold == "tune" and grouped_share(truth) < MIN_GROUPED_SHARE:
             log.warning(
-                "retrieve.cluster: only %.0f%% of the validation queries share their identity with another query: the "
+                "retrieve.cluster: only %.0f%% of the validation images share their identity with another one: the "
                 "tuned threshold learns to keep images apart. Hold whole classes out (folds.unknown_classes: 0.2) or "
                 "set retrieve.cluster.threshold", 100 * grouped_share(truth),
             )  # fmt: skip
-        got = tune_clusters(validation_view[split.query_rows], truth, c.tune_on, c.linkage, c.threshold)
+        got = tune_clusters(validation_view[tune_rows], truth, c.tune_on, c.linkage, c.threshold)
         threshold = got["threshold"]
         tuned = f"tuned on {c.tune_on.upper()}, in-sample" if c.threshold == "tune" else "fixed"
-        row = {"step": f"  · clusters of the validation queries (cosine {threshold:.2f}, {tuned})", **got}
+        row = {"step": f"  · clusters of {len(tune_rows)} validation images (cosine {threshold:.2f}, {tuned})", **got}
         log.info("retrieve.cluster: %s", row)
     elif threshold == "tune":  # found after training: a warning, not an error that loses the run
         log.warning("retrieve.cluster: no validation queries to tune the threshold on; set retrieve.cluster.threshold")

@@ -29,6 +29,7 @@ from ..retrieval.search import as_views
 from ..retrieval.second_stage import SecondStage, shortlist_verifier
 from ..retrieval.validation import (
     Scorers,
+    ValidationSplit,
     calibrate,
     distractor_rows,
     first_answers,
@@ -315,8 +316,9 @@ def retrieve(
         validation_view = embeddings.folds.get(val_fold, embeddings.ensemble)
         test = embeddings.ensemble if embeddings.test is None else embeddings.test
         test_view = test[np.flatnonzero((table["role"] == "test").to_numpy())]
+        rows, labels = cluster_tuning_rows(table, folds, split, val_fold)
         clustered = cluster_test(
-            cfg.cluster, adapter.unknown_label, split, validation_view, test_view, predictions[adapter.name]
+            cfg.cluster, adapter.unknown_label, rows, labels, validation_view, test_view, predictions[adapter.name]
         )
     if clustered is not None:
         row, answers["clusters"], predictions[adapter.name], summary = clustered
@@ -329,6 +331,19 @@ def retrieve(
     if clustered is not None:
         tuned["cluster"] = summary
     return predictions, pd.DataFrame(report), tuned, answers
+
+
+def cluster_tuning_rows(
+    table: pd.DataFrame, folds: pd.DataFrame, split: ValidationSplit, val_fold: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """What retrieve.cluster tunes on (table rows, labels): the validation queries and every image of
+    the classes held out of this fold (folds.unknown_classes), which its members never saw — the
+    groups of one unseen identity that the test holds (a held-out class has one image per fold)."""
+    held = folds[folds["unknown_fold"] == val_fold] if "unknown_fold" in folds else folds.iloc[:0]
+    rows = np.concatenate([split.query_rows, table_rows(table, "train", held["id"])])
+    labels = np.concatenate([split.query_labels, held["label"].to_numpy()])
+    rows, first = np.unique(rows, return_index=True)
+    return rows, labels[first]
 
 
 # ------------------------------------------------------------------------------------ the stage
@@ -449,7 +464,7 @@ def _log_report(ctx: Context, art: cache.Artifact) -> None:
 
 RETRIEVE = Stage(
     name="retrieve",
-    version=7,
+    version=8,
     outputs=("predictions-*.json", "answers-*.csv", "report.csv", "clusters.csv"),
     per_member=False,
     hashes="the retrieve section, the submission formats and the validation fold; the ensemble's and each "
