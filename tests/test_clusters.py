@@ -226,3 +226,11 @@ def test_clusters_tune_on_the_queries_and_every_image_of_the_classes_held_out_of
     # without held-out classes: the fold's queries only
     rows, labels = cluster_tuning_rows(table, folds.drop(columns="unknown_fold"), split, 0)
     assert rows.tolist() == [0, 3] and labels.tolist() == ["a", "c"]
+
+
+def test_a_cluster_threshold_that_is_no_cosine_is_refused_at_load(tmp_path: Path):
+    cfg_path = write_tiny_config(tmp_path, "whale")
+    assert load_config(cfg_path, ["retrieve.cluster.threshold=-1.0"]).retrieve.cluster.threshold == -1.0
+    assert load_config(cfg_path, ["retrieve.cluster.threshold=tune"]).retrieve.cluster.threshold == "tune"
+    with pytest.raises(ConfigError, match=r"retrieve\.cluster\.threshold"):
+        load_config(cfg_path, ["retrieve.cluster.threshold=5"])

@@ -188,7 +188,7 @@ class ClusterConfig(Strict):
         description="a group's cosine to another: the mean of their pairs' (average), the best pair's "
         "(single: graph components) or the worst's (complete)",
     )
-    threshold: float | Literal["tune"] = Field(
+    threshold: Annotated[float, Field(ge=-1.0, le=1.0)] | Literal["tune"] = Field(
         "tune",
         description="the cosine under which groups stay apart; tune: the best on the validation fold's "
         "queries (their identities known, unseen classes included) by tune_on",
