@@ -41,9 +41,8 @@ def cut_tree(tree: np.ndarray, n: int, threshold: float) -> np.ndarray:
 def cluster_by_similarity(sims: np.ndarray, threshold: float, linkage: str = "average") -> np.ndarray:
     """Cluster ids (0..c-1, in order of first appearance) of n items from their (n, n) cosine matrix,
     agglomerated (see `merge_tree`) until the linkage's cosine between groups falls under `threshold`."""
-    if len(sims) < 2:
-        return np.zeros(len(sims), dtype=np.int64)
-    return cut_tree(merge_tree(sims, linkage), len(sims), threshold)
+    tree = merge_tree(sims, linkage) if len(sims) >= 2 else np.zeros((0, 4))
+    return cut_tree(tree, len(sims), threshold)
 
 
 def _first_appearance(ids: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import pandas as pd
 from ..competitions import Predictions
 from ..config.schema import ClusterConfig
 from ..metrics import clustering_scores
-from .clusters import attach_known, cut_tree, merge_tree, tune_cluster_threshold
+from .clusters import attach_known, cluster_by_similarity, tune_cluster_threshold
 from .search import as_views
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,7 @@ def tune_clusters(
         threshold, _ = tune_cluster_threshold(
             sims, truth, THRESHOLD_GRID, lambda t, c: clustering_scores(t, c)[tune_on], linkage
         )
-    clusters = (
-        cut_tree(merge_tree(sims, linkage), len(sims), float(threshold)) if len(sims) > 1 else np.zeros(len(sims))
-    )
+    clusters = cluster_by_similarity(sims, float(threshold), linkage)
     return {"threshold": float(threshold), **clustering_scores(truth, clusters), "clusters": int(len(set(clusters)))}
 
 
@@ -73,7 +71,7 @@ def cluster_answers(
     identity takes the identity first and "new" second. `identity` is the cluster's known identity,
     or new-<cluster> where it has none."""
     sims = pair_similarities(embeddings)
-    clusters = cut_tree(merge_tree(sims, linkage), len(sims), threshold) if len(sims) > 1 else np.zeros(len(sims), int)
+    clusters = cluster_by_similarity(sims, threshold, linkage)
     first = [row[0] if row else unknown_label for row in predictions.labels]
     known = [None if answer == unknown_label else answer for answer in first]
     attached = attach_known(clusters, known)
@@ -95,13 +93,12 @@ def cluster_answers(
                     by_label = dict(zip(old, values[i], strict=True))
                     values[i] = [by_label.get(label, 0.0) for label in out.labels[i]]
             moved += 1
-    labels = out.labels
     frame = pd.DataFrame(
         {
             "id": predictions.ids,
             "cluster": clusters,
             "identity": [a if a is not None else f"new-{c}" for a, c in zip(attached, clusters.tolist(), strict=True)],
-            "answer": [row[0] if row else "" for row in labels],
+            "answer": [row[0] if row else "" for row in out.labels],
         }
     )
     frame.attrs["attached"] = moved
