@@ -2,6 +2,7 @@
 # The one entry point. See README.md or `./run.sh --help`.
 #   ./run.sh                 set up .venv, build the demo data, run every stage on each demo config
 #   ./run.sh test            set up .venv with the test tools, lint, run the test suite
+#   ./run.sh docs            regenerate docs/configuration.md and serve the documentation (MkDocs)
 #   ./run.sh STAGE -c CFG    run one stage (folds|train|embed|ensemble|retrieve|submit|all), --force redoes it
 #   ./run.sh data | score SUB SOL | bench ...
 set -euo pipefail
@@ -39,6 +40,12 @@ ensure_env() {
 }
 
 case "${1:-}" in
+  docs)
+    shift
+    ensure_env requirements.txt requirements-test.txt
+    "$VENV/bin/python" -m dmlkit.config.reference docs/configuration.md
+    exec "$VENV/bin/mkdocs" serve "$@"
+    ;;
   test)
     shift
     ensure_env requirements.txt requirements-test.txt

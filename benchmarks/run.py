@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 HOT_PATHS = ["train_step", "see", "head_memory", "knn", "rerank", "loader", "verify", "end_to_end"]
-BENCHMARKS = [*HOT_PATHS, "ablation", "clusters", "omniglot", "peers", "recipe", "refit", "scale", "gpu"]
+BENCHMARKS = [*HOT_PATHS, "ablation", "clusters", "fusion", "omniglot", "peers", "recipe", "refit", "scale", "gpu"]
 
 
 def main(argv: list[str]) -> int:

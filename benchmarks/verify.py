@@ -17,12 +17,21 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from common import report
 from threadpoolctl import threadpool_limits
 
 from dmlkit.config import VerifyConfig
-from dmlkit.retrieval.local import root_sift, verify_pair
-from dmlkit.retrieval.verify import FeatureStore, ensure_features, extract, verify_shortlists, worker_count
+from dmlkit.retrieval.learned import aliked_features, lightglue_pairs, load_aliked, load_lightglue
+from dmlkit.retrieval.local import homography_inliers, root_sift, verify_pair
+from dmlkit.retrieval.verify import (
+    FeatureStore,
+    ensure_features,
+    extract,
+    read_for_features,
+    verify_shortlists,
+    worker_count,
+)
 
 GLDV2_TEST_QUERIES = 117_577  # GLDv2 recognition test images
 GLDV2_TOP_K = 10
@@ -113,14 +122,58 @@ def pool_throughput(paths: list[str], cfg: VerifyConfig, folder: Path) -> dict[s
     }
 
 
+def learned_speed(paths: list[str], source: np.ndarray, args: argparse.Namespace, folder: Path) -> dict:
+    """ALIKED features and LightGlue matching (+ MAGSAC) on one core (torch on one thread), with weights
+    saved from random models (no download here). Random LightGlue weights never stop early (its
+    confidence heads are untrained), so every pair runs all 9 layers: the slowest case."""
+    from kornia.feature import ALIKED, LightGlue  # kornia only for this mode
+
+    torch.manual_seed(0)
+    torch.save(ALIKED(model_name="aliked-n16").state_dict(), folder / "aliked.pth")
+    torch.save(LightGlue(None, input_dim=128).state_dict(), folder / "lightglue.pth")
+    torch.set_num_threads(1)
+    extractor = load_aliked(str(folder / "aliked.pth"), torch.device("cpu"), "bench", args.max_keypoints)
+    matcher = load_lightglue("aliked", str(folder / "lightglue.pth"), torch.device("cpu"), "bench")
+    images = [read_for_features(path, args.image_size, channels=3) for path in paths]
+    aliked_features(extractor, images[0], args.max_keypoints)  # warm-up
+    start = time.perf_counter()
+    features = [aliked_features(extractor, image, args.max_keypoints) for image in images]
+    rate = len(images) / (time.perf_counter() - start)
+    rng = np.random.default_rng(1)
+    chosen = [tuple(rng.choice(len(features), 2, replace=False)) for _ in range(args.learned_pairs)]
+    start = time.perf_counter()
+    for a, b in chosen:
+        pairs = lightglue_pairs(matcher, features[a], features[b], args.image_size)
+        if len(pairs):
+            homography_inliers(features[a].keypoints[pairs[:, 0]], features[b].keypoints[pairs[:, 1]], 5.0)
+    pair_rate = len(chosen) / (time.perf_counter() - start)
+    return {
+        "extractor": "aliked-n16 (random weights)",
+        "matcher": "lightglue (random weights)",
+        "image_size": args.image_size,
+        "max_keypoints": args.max_keypoints,
+        "mean_keypoints": round(float(np.mean([len(f) for f in features]))),
+        "images_per_s_per_core": round(rate, 2),
+        "pairs_per_s_per_core": round(pair_rate, 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./run.sh bench verify")
     parser.add_argument("--quick", action="store_true", help="fewer photos and pairs")
     parser.add_argument("--photo-size", type=int, default=800, help="stored width of the photos (px)")
     parser.add_argument("--image-size", type=int, default=512, help="retrieve.verify.image_size")
     parser.add_argument("--max-keypoints", type=int, default=1000)
+    parser.add_argument("--learned", action="store_true", help="ALIKED + LightGlue instead of SIFT + ratio test")
+    parser.add_argument("--learned-pairs", type=int, default=40, help="LightGlue pairs timed (--learned)")
     args = parser.parse_args(argv)
     count, pairs = (24, 40) if args.quick else (96, 200)
+    if args.learned:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths, source = write_views(Path(tmp), min(count, 24), args.photo_size)
+            row = learned_speed(paths, source, args, Path(tmp))
+        report("verify-learned", [row], {"photos": f"{len(paths)} perspective views, JPEG {args.photo_size} px wide"})
+        return 0
     cfg = VerifyConfig(enabled=True, image_size=args.image_size, max_keypoints=args.max_keypoints)
     with tempfile.TemporaryDirectory() as tmp:
         paths, source = write_views(Path(tmp), count, args.photo_size)

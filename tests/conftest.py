@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +113,39 @@ def with_command(parser, func):
         for sub in action.choices.values():
             sub.set_defaults(func=func)
     return parser
+
+
+# --------------------------------------------------------------------------- local-feature test images
+H = np.array([[0.92, 0.12, 18.0], [-0.06, 1.05, 9.0], [1.2e-4, -0.8e-4, 1.0]])
+
+
+def textured(seed: int, size: int = 320) -> np.ndarray:
+    """A grey picture with detail at several scales (blobs and edges SIFT can find)."""
+    rng = np.random.default_rng(seed)
+    field = np.zeros((size, size), np.float32)
+    for cell in (3, 8, 20):
+        coarse = rng.standard_normal((size // cell + 1, size // cell + 1)).astype(np.float32)
+        field += cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+    return np.clip(128 + 40 * field, 0, 255).astype(np.uint8)
+
+
+def warped(image: np.ndarray) -> np.ndarray:
+    return cv2.warpPerspective(image, H, image.shape[::-1], borderMode=cv2.BORDER_REFLECT101)
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    base = textured(5)
+    paths = {
+        "query": tmp_path / "query.png",
+        "same": tmp_path / "same.png",
+        "other": tmp_path / "other.png",
+        "blank": tmp_path / "blank.png",
+        "corrupt": tmp_path / "corrupt.jpg",
+    }
+    cv2.imwrite(str(paths["query"]), base)
+    cv2.imwrite(str(paths["same"]), warped(base))
+    cv2.imwrite(str(paths["other"]), textured(6))
+    cv2.imwrite(str(paths["blank"]), np.full((200, 200), 90, np.uint8))
+    paths["corrupt"].write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return {k: str(v) for k, v in paths.items()}

@@ -12,10 +12,11 @@ import torch
 
 from conftest import ROOT, write_tiny_config
 from dmlkit.build import build_member_head, build_model, build_objective
-from dmlkit.config import MemberConfig, load_config
+from dmlkit.config import ConfigError, MemberConfig, load_config, member_slice
 from dmlkit.export import run_export
 from dmlkit.inference import embed_paths
 from dmlkit.models.optim import OptimizerSettings, make_optimizer
+from dmlkit.pipeline.checks import check_members
 from dmlkit.pipeline.context import Context, ensure_demo_data
 from dmlkit.stages.embed import run_embed
 
@@ -255,3 +256,35 @@ def test_weights_command_saves_the_hub_weights_a_pretrained_file_then_loads(tmp_
         assert torch.equal(value, model.backbone.state_dict()[key]), key
     assert cli.main(["weights", "-c", str(cfg), "--out", str(out)]) == 2  # no hub member: says so
     assert "no member has pretrained: true" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("neck", ["linear_bn_prelu", "linear_bn", "linear", "none"])
+def test_each_neck_gives_its_layers_and_none_embeds_the_pooled_features(neck):
+    torch.manual_seed(0)
+    size = 512 if neck == "none" else 16  # resnet18's pooled features: 512
+    model = build_model(member("cnn", neck=neck, embedding_size=size)).eval()
+    images = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)
+    with torch.no_grad():
+        emb = model(images)
+        pooled = model.pooled(model.backbone.forward_features((images.float() - model.pixel_mean) / model.pixel_std))
+    assert emb.shape == (3, size)
+    layers = [type(layer).__name__ for layer in model.neck.children()]
+    assert layers == {"linear_bn_prelu": ["Linear", "BatchNorm1d", "PReLU"], "linear_bn": ["Linear", "BatchNorm1d"],
+                      "linear": ["Linear"], "none": []}[neck]  # fmt: skip
+    if neck == "none":
+        torch.testing.assert_close(emb, torch.nn.functional.normalize(pooled, dim=1))
+
+
+def test_the_default_neck_keeps_its_checkpoint_names_and_training_key():
+    default, plain = member("cnn"), member("cnn", neck="linear")
+    assert [k for k in build_model(default).state_dict() if k.startswith("neck.")] == [
+        "neck.0.weight", "neck.0.bias", "neck.1.weight", "neck.1.bias", "neck.1.running_mean",
+        "neck.1.running_var", "neck.1.num_batches_tracked", "neck.2.weight",
+    ]  # fmt: skip
+    assert "neck" not in member_slice(default) and member_slice(plain)["neck"] == "linear"
+
+
+def test_neck_none_with_another_embedding_size_stops_before_training(tmp_path):
+    cfg = load_config(write_tiny_config(tmp_path), ["member_defaults.neck=none"])  # its embedding_size: 32
+    with pytest.raises(ConfigError, match=r"members\.0\.embedding_size.*set embedding_size: \d+"):
+        check_members(cfg)

@@ -132,7 +132,12 @@ ROUND_TRIPS = {
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
 def test_submission_round_trip(tmp_path, name):
     adapter = get_adapter(name)
-    frame = adapter.build_submission(ROUND_TRIPS[name], ["q2", "q1"])
+    if adapter.output == "clusters":  # retrieve's clusters.csv, not ranked predictions
+        clusters = pd.DataFrame({"id": ["q1", "q2"], "cluster": [0, 1], "identity": ["m1", "new-1"], "answer": ""})
+        frame = adapter.build_clusters_submission(clusters, ["q2", "q1"])
+        assert frame["cluster"].tolist() == ["new-1", "m1"]
+    else:
+        frame = adapter.build_submission(ROUND_TRIPS[name], ["q2", "q1"])
     path = tmp_path / "sub.csv"
     frame.to_csv(path, index=False)
     back = pd.read_csv(path, dtype=str, keep_default_na=False)

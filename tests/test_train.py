@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port, write_tiny_config
-from dmlkit.config import load_config
+from dmlkit.config import MemberConfig, load_config, member_slice
+from dmlkit.config.members import member_schedule
 from dmlkit.models.optim import lr_factor
 from dmlkit.pipeline.context import Context, ensure_demo_data
 
@@ -55,6 +56,21 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(9, 100, 10) == pytest.approx(1.0)
     assert lr_factor(10, 100, 10) == pytest.approx(1.0)
     assert lr_factor(100, 100, 10) == pytest.approx(0.01)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.01 + 0.99 * 0.5)  # half way through the decay
+    assert lr_factor(0, 100, 10, "constant") == pytest.approx(0.1)  # the same warmup
+    assert [lr_factor(s, 100, 10, "constant") for s in (10, 55, 100)] == [1.0, 1.0, 1.0]
+
+
+def test_schedule_auto_is_constant_from_random_init_and_cosine_from_trained_weights():
+    base = {"name": "m", "backbone": "resnet18", "fold": 0, "image_size": 32, "train": {"schedule": "auto"}}
+    assert member_schedule(MemberConfig.model_validate(base)) == "constant"
+    for start in ({"pretrained": True}, {"pretrained_file": "w.pth"}, {"init_from": "other"}):
+        assert member_schedule(MemberConfig.model_validate({**base, **start})) == "cosine"
+    fixed = MemberConfig.model_validate({**base, "train": {"schedule": "cosine"}})
+    assert member_schedule(fixed) == "cosine" and "schedule" not in member_slice(fixed)["train"]  # keys as before
+    assert member_slice(MemberConfig.model_validate(base))["train"]["schedule"] == "constant"  # auto as resolved
+    plain = MemberConfig.model_validate({k: v for k, v in base.items() if k != "train"})
+    assert plain.train.schedule == "auto" and member_schedule(plain) == "constant"  # the default
 
 
 def test_killed_training_resumes_to_the_same_weights(tmp_path):

@@ -32,6 +32,7 @@ def build_model(member: MemberConfig, weights: bool = True) -> EmbeddingModel:
         pretrained=member.pretrained and weights,
         pretrained_tag=member.pretrained_tag,
         backbone_kwargs=member.backbone_kwargs,
+        neck=member.neck,
     )
 
 

@@ -82,7 +82,7 @@ def file_fingerprint(path: str | Path, content: bool = True) -> str:
 def files_fingerprint(paths: Iterable[str]) -> str:
     """Cheap fingerprint of many files (images): each path's size and mtime, in the given order.
 
-    A replaced or touched file changes it; its content is not read (2.3 µs per file here, README).
+    A replaced or touched file changes it; its content is not read (2.3 µs per file here, docs/runs.md).
     """
     digest = hashlib.sha256()
     for path in paths:
@@ -122,7 +122,7 @@ def output_digest(folder: Path, patterns: tuple[str, ...]) -> str:
 
 def file_check(path: Path) -> dict:
     """What reuse checks a file against: its size and a CRC-32 of its bytes (3.7 GB/s here, about
-    three times as fast as numpy reads the same array back: README 'The cache')."""
+    three times as fast as numpy reads the same array back: docs/runs.md, 'The cache')."""
     crc = 0
     with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):

@@ -62,6 +62,8 @@ def export_members(
         "members": [m.name for m in members],
         "input": f"uint8 {'RGB' if channels == 3 else 'gray'} (B, {channels}, {size}, {size}), resized with "
         "OpenCV INTER_LINEAR",
+        "image_size": size,
+        "channels": channels,
         "embedding_size": int(sum(m.embedding_size for m in members)),
         "tta_flip": cfg.embed.tta_flip,
         "tta_scales": cfg.embed.tta_scales,

@@ -1,4 +1,4 @@
-"""Official competition metrics, as pure functions (definitions in README 'Metrics')."""
+"""Official competition metrics, as pure functions (definitions in docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -139,3 +139,14 @@ def clustering_scores(truths: Sequence[str], clusters: Sequence[object]) -> dict
             "ari": float(sk.adjusted_rand_score(truth, predicted)),
             "ami": float(sk.adjusted_mutual_info_score(truth, predicted)),
         }
+
+
+__all__ = [
+    "average_precision_at_k",
+    "clustering_scores",
+    "global_average_precision",
+    "map_at_5",
+    "mean_average_precision_at_k",
+    "open_set_scores",
+    "recall_at_k",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .animalclef import AnimalCLEF2026
 from .base import Adapter, Calibration, InputError, Predictions
 from .generic_csv import GenericCSV
 from .happywhale import Happywhale
@@ -21,6 +22,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
         GenericCSV,
         ImageFolder,
         Wildlife,
+        AnimalCLEF2026,
     )
 }
 

@@ -158,6 +158,7 @@ class Adapter(ABC):
     max_predictions: ClassVar[int] = 5
     solution_file: ClassVar[str] = "solution.csv"  # the answers, where a competition ships them (demos)
     gallery_role: ClassVar[str] = "train"  # test queries search the labelled training images, or `index`
+    output: ClassVar[str] = "predictions"  # what the submission is built from: the ranked answers, or `clusters`
 
     @abstractmethod
     def read(self, root: Path) -> pd.DataFrame:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..metrics import clustering_scores
-from . import adapter_for_header
+from . import ADAPTERS, adapter_for_header
+from .animalclef import clusters_result
 from .base import InputError, read_csv_file
 
 
 def score_files(submission: Path, solution: Path) -> dict:
     submission, solution = Path(submission), Path(solution)
     frame = read_csv_file(submission)
-    if "cluster" in frame.columns:
+    if "cluster" in frame.columns and tuple(frame.columns) not in {cls.header for cls in ADAPTERS.values()}:
         return score_clusters(frame, submission, solution)
     adapter = adapter_for_header(list(frame.columns))
     answers = adapter.read_solution(solution)
@@ -38,24 +38,17 @@ def score_clusters(frame, submission: Path, truth_file: Path) -> dict:
     missing = [i for i in truth[image] if i not in clusters]
     if missing:
         raise InputError(f"{submission}: no cluster for {len(missing)} image(s) of {truth_file}, e.g. {missing[0]}")
-    usages = {"public": "Public", "private": "Private", "all": None}
-    result: dict = {"competition": "clusters", "metric": "ari", "ami": {}}
-    for name, usage in usages.items():
-        part = truth if usage is None or "Usage" not in truth.columns else truth[truth["Usage"] == usage]
-        scores = clustering_scores(part[identity].tolist(), [clusters[i] for i in part[image]]) if len(part) else None
-        result[name] = None if scores is None else scores["ari"]
-        result["ami"][name] = None if scores is None else scores["ami"]
-    return result
+    return {"competition": "clusters", **clusters_result(truth, clusters, image, identity)}
 
 
 def format_scores(result: dict) -> str:
     def fmt(value):
         return "n/a" if value is None else f"{value:.5f}"
 
-    if result["competition"] == "clusters":
+    if result["metric"] == "ari":
         ari = "  ".join(f"{k} {fmt(result[k])}" for k in ("public", "private", "all"))
         ami = "  ".join(f"{k} {fmt(v)}" for k, v in result["ami"].items())
-        return f"clusters (ARI): {ari}  | AMI: {ami}"
+        return f"{result['competition']} (ARI): {ari}  | AMI: {ami}"
 
     line = (
         f"{result['competition']} ({result['metric']}): public {fmt(result['public'])}  "

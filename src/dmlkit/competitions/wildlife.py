@@ -1,6 +1,7 @@
 """Animal re-identification datasets as the `wildlife-datasets` library describes them (~60 of
 them, one metadata table each): `metadata.csv` with `path` (relative to the root), `identity` and
-`split` (train/test), optional `species`/`date`.
+`split` (train/test, or AnimalCLEF's database/query), optional `image_id` (then the images' name in
+the table and the submission), `species`, `date`.
 
 `unknown` (the library's name for an unidentified animal) is an ordinary training row that is not a
 class, like Humpback's `new_whale`. Test rows are the queries; a test identity that no training
@@ -25,6 +26,13 @@ from .humpback import Humpback
 
 LIBRARY_UNKNOWN = "unknown"
 METADATA = "metadata.csv"
+SPLIT_ALIASES = {"database": "train", "query": "test"}  # AnimalCLEF's names for the gallery and the queries
+
+
+def image_ids(data: pd.DataFrame) -> pd.Series:
+    """What names an image in the table and the submission: `image_id` where the table has it
+    (AnimalCLEF), else its path."""
+    return data["image_id"] if "image_id" in data.columns else data["path"]
 
 
 class Wildlife(Humpback):
@@ -40,10 +48,19 @@ class Wildlife(Humpback):
     def _metadata(self, root: Path) -> pd.DataFrame:
         csv = root / METADATA
         data = read_csv_checked(csv, ["path", "identity", "split"], id_column="path", nonempty=("path", "split"))
+        if "image_id" in data.columns:  # AnimalCLEF's tables: submissions name images by it
+            bad = data["image_id"].duplicated(keep=False) | (data["image_id"].str.strip() == "")
+            if bad.any():
+                line = int(data.index[bad][0]) + 2
+                raise InputError(f"{csv}: line {line}: image_id '{data['image_id'][bad].iloc[0]}' is empty or repeated")
+        data["split"] = data["split"].replace(SPLIT_ALIASES)
         bad = ~data["split"].isin(["train", "test"])
         if bad.any():
             line = int(data.index[bad][0]) + 2
-            raise InputError(f"{csv}: line {line}: split '{data['split'][bad].iloc[0]}' (train or test expected)")
+            raise InputError(
+                f"{csv}: line {line}: split '{data['split'][bad].iloc[0]}' (train or test expected; database or "
+                "query as AnimalCLEF names them)"
+            )
         train = data["split"] == "train"
         blank = train & (data["identity"].str.strip() == "")
         if blank.any():
@@ -61,7 +78,7 @@ class Wildlife(Humpback):
         train = data["split"] == "train"
         table = pd.DataFrame(
             {
-                "id": data["path"],
+                "id": image_ids(data),
                 "path": [str(root / p) for p in data["path"]],
                 "label": [i if t else None for i, t in zip(data["identity"], train, strict=True)],
                 "role": data["split"],
@@ -77,7 +94,7 @@ class Wildlife(Humpback):
 
     def submission_ids(self, root: Path) -> list[str]:
         data = self._metadata(root)
-        return data.loc[data["split"] == "test", "path"].tolist()
+        return image_ids(data)[data["split"] == "test"].tolist()
 
     def read_solution(self, path: Path) -> pd.DataFrame:
         if path.name != METADATA:
@@ -87,9 +104,9 @@ class Wildlife(Humpback):
         test = data[data["split"] == "test"]
         return pd.DataFrame(
             {
-                "image": test["path"].tolist(),
+                self.solution_columns[0]: image_ids(test).tolist(),
                 "identity": [i if i in known else self.unknown_label for i in test["identity"]],
-                "Usage": [usage_of(p) for p in test["path"]],
+                "Usage": [usage_of(p) for p in image_ids(test)],
             }
         )
 

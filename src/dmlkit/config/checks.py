@@ -360,8 +360,8 @@ RETRIEVE_RULES: list[Check] = [
     *(
         Rule(
             f"retrieve.verify.{name}",
-            lambda r, w, name=name: _set(r.verify, name) and r.verify.fusion == "calibrated",
-            "only retrieve.verify.fusion 'additive' uses it (got 'calibrated')",
+            lambda r, w, name=name: _set(r.verify, name) and r.verify.fusion != "additive",
+            "only retrieve.verify.fusion 'additive' uses it (got '{s.verify.fusion}')",
         )
         for name in ("weight", "cap")
     ),
@@ -373,7 +373,23 @@ RETRIEVE_RULES: list[Check] = [
     Rule(
         "retrieve.verify.weights_file",
         lambda r, w: r.verify.weights_file is not None and r.verify.extractor == "sift",
-        "SIFT has no weights (only retrieve.verify.extractor 'disk')",
+        "SIFT has no weights (only retrieve.verify.extractor 'disk' or 'aliked')",
+    ),
+    Rule(
+        "retrieve.verify.matcher",
+        lambda r, w: r.verify.matcher == "lightglue" and r.verify.extractor == "sift",
+        "LightGlue's SIFT model reads each keypoint's scale and orientation, which the SIFT cache does not keep: "
+        "set retrieve.verify.extractor to disk or aliked",
+    ),
+    Rule(
+        "retrieve.verify.ratio",
+        lambda r, w: _set(r.verify, "ratio") and r.verify.matcher == "lightglue",
+        "LightGlue decides its own matches (only retrieve.verify.matcher 'ratio' uses it)",
+    ),
+    Rule(
+        "retrieve.verify.matcher_weights_file",
+        lambda r, w: r.verify.matcher_weights_file is not None and r.verify.matcher == "ratio",
+        "the ratio test has no weights (only retrieve.verify.matcher 'lightglue')",
     ),
     _disabled_section_keys,
     Rule(

@@ -143,7 +143,13 @@ class TrainConfig(Strict):
         1e-4,
         description="weight decay (AdamW: decoupled) on every parameter; norms and biases exempt only with layer_decay",
     )
-    warmup_epochs: float = Field(1.0, ge=0, description="epochs of linear warmup before the cosine decay")
+    warmup_epochs: float = Field(1.0, ge=0, description="epochs of linear warmup before the schedule")
+    schedule: Literal["auto", "cosine", "constant"] = Field(
+        "auto",
+        description="after the warmup: cosine decay to 1% of lr, or lr to the end (OML's and PML's examples); auto: "
+        "cosine for a member that starts from trained weights (pretrained, pretrained_file, init_from), constant "
+        "from random init (benchmarks/README.md, 'Peers')",
+    )
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto",
         description="mixed precision: auto is bf16 where the device runs it natively, fp16 on older GPUs, else fp32",
@@ -219,6 +225,11 @@ class MemberConfig(Strict):
         "(class token / token average); auto: GeM for CNN maps, the model's own for transformers (tokens, "
         "Swin's NHWC maps, whose LayerNorm outputs GeM's clamp would cut)",
     )
+    neck: Literal["linear_bn_prelu", "linear_bn", "linear", "none"] = Field(
+        "linear_bn_prelu",
+        description="the layers from the pooled features to the embedding: Linear, BatchNorm1d, PReLU (default) or "
+        "fewer; none: the pooled features themselves (embedding_size must be the backbone's feature count)",
+    )
     embedding_size: int = Field(512, ge=8, description="the neck's output: the embedding's dimension")
     gem_p: float = Field(3.0, description="GeM pooling's starting power p (1: average, ∞: max)")
     gem_learnable: bool = Field(True, description="GeM's p is trained")
@@ -244,3 +255,11 @@ class MemberConfig(Strict):
     @classmethod
     def _plain_member_name(cls, value: str) -> str:
         return plain_name(value, "the member's artifacts folder and its export file")
+
+
+def member_schedule(member: MemberConfig) -> str:
+    """The member's learning-rate schedule after the warmup, `train.schedule: auto` resolved."""
+    if member.train.schedule != "auto":
+        return member.train.schedule
+    warm_start = member.pretrained or member.pretrained_file is not None or member.init_from is not None
+    return "cosine" if warm_start else "constant"

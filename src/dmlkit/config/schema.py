@@ -137,11 +137,22 @@ class VerifyConfig(Strict):
     """Second stage: local features on each query's shortlist, verified by a homography."""
 
     enabled: bool = Field(False, description="verify each query's shortlist and fuse the inliers with the cosine")
-    extractor: Literal["sift", "disk"] = Field(
-        "sift", description="sift: OpenCV SIFT + RootSIFT (no weights); disk: kornia's DISK (a GPU extractor)"
+    extractor: Literal["sift", "disk", "aliked"] = Field(
+        "sift",
+        description="sift: OpenCV SIFT + RootSIFT (no weights); disk or aliked: kornia's DISK or ALIKED-n16 "
+        "(GPU extractors)",
     )
     weights_file: str | None = Field(
-        None, description="disk: a local weights file; null: kornia's 'depth' checkpoint, fetched before anything runs"
+        None,
+        description="disk/aliked: a local weights file; null: kornia's checkpoint, fetched before anything runs",
+    )
+    matcher: Literal["ratio", "lightglue"] = Field(
+        "ratio",
+        description="ratio: mutual nearest descriptors under Lowe's ratio; lightglue: kornia's LightGlue for the "
+        "extractor's features (disk or aliked); both then count MAGSAC++ homography inliers",
+    )
+    matcher_weights_file: str | None = Field(
+        None, description="lightglue: a local weights file; null: kornia's hub weights, fetched before anything runs"
     )
     image_size: int = Field(512, ge=64, description="longer side the features are extracted at (px)")
     max_keypoints: int = Field(1000, ge=8, description="the strongest keypoints kept per image")
@@ -150,10 +161,11 @@ class VerifyConfig(Strict):
     )
     ratio: float = Field(0.8, gt=0.0, le=1.0, description="Lowe's ratio test on RootSIFT distances")
     ransac_threshold: float = Field(5.0, gt=0.0, description="MAGSAC++ reprojection threshold, px at image_size")
-    fusion: Literal["additive", "calibrated"] = Field(
+    fusion: Literal["additive", "calibrated", "stacked"] = Field(
         "additive",
         description="additive: score + weight·min(inliers, cap)/cap; calibrated: isotonic P(same) of the "
-        "cosine and of the inliers, averaged (WildFusion)",
+        "cosine and of the inliers, averaged (WildFusion); stacked: gradient-boosted P(same) over the pair's "
+        "cosine, rank, gap to the best and inliers (a pair classifier)",
     )
     weight: float | Literal["tune"] = Field("tune", description="additive fusion's weight, or tuned on validation")
     cap: int | Literal["tune"] = Field("tune", description="additive fusion's inlier cap, or tuned on validation")

@@ -1,4 +1,4 @@
-"""A timm backbone → pooling → Linear/BatchNorm1d/PReLU neck → L2-normalised embedding.
+"""A timm backbone → pooling → neck (Linear/BatchNorm1d/PReLU by default) → L2-normalised embedding.
 
 Any timm image model: CNNs give NCHW maps, Swin-like models NHWC maps, ViT/DeiT/EVA/CLIP-ViT
 tokens (B, N, C). Token models are created for the member's image size (and, where timm allows,
@@ -34,6 +34,29 @@ class GeM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p.float().clamp(min=1.0)
         return x.float().clamp(min=self.eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+NECKS = ("linear_bn_prelu", "linear_bn", "linear", "none")
+
+
+def make_neck(kind: str, channels: int, embedding_size: int) -> nn.Module:
+    """The layers between the pooled features and the embedding. `none`: the pooled features are the
+    embedding (as OML's and PML's examples use a timm model), so `embedding_size` must be `channels`.
+    The default's layer names (neck.0/1/2) are those of every checkpoint written before this option."""
+    if kind == "none":
+        if embedding_size != channels:
+            raise ValueError(
+                f"neck 'none' embeds the backbone's {channels} pooled features: set embedding_size: {channels}"
+            )
+        return nn.Identity()
+    layers = {
+        "linear_bn_prelu": [nn.BatchNorm1d(embedding_size), nn.PReLU()],
+        "linear_bn": [nn.BatchNorm1d(embedding_size)],
+        "linear": [],
+    }
+    if kind not in layers:
+        raise ValueError(f"unknown neck '{kind}' (one of {NECKS})")
+    return nn.Sequential(nn.Linear(channels, embedding_size), *layers[kind])
 
 
 def check_backbone(name: str, where: str) -> None:
@@ -167,6 +190,7 @@ class EmbeddingModel(nn.Module):
         pretrained: bool = False,
         pretrained_tag: str | None = None,
         backbone_kwargs: dict | None = None,
+        neck: str = "linear_bn_prelu",
     ):
         super().__init__()
         self.backbone = create_backbone(
@@ -182,10 +206,11 @@ class EmbeddingModel(nn.Module):
         # were trained with (class token or token average); from random init GeM over the patch grid
         # scored higher on the landmark demo (benchmarks/README.md, "Backbone families"): `pool: gem`
         self.pool_rule = pool if pool != "auto" else ("gem" if self.layout == "nchw" else "model")
-        channels = probe.shape[-1] if self.layout != "nchw" else probe.shape[1]
         self.prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0) or 0)
         self.pool = GeM(gem_p, gem_learnable)
-        self.neck = nn.Sequential(nn.Linear(channels, embedding_size), nn.BatchNorm1d(embedding_size), nn.PReLU())
+        with torch.no_grad():  # the model's own pooling may add layers (MobileNetV3's conv_head)
+            channels = self.pooled(probe).shape[-1]
+        self.neck = make_neck(neck, channels, embedding_size)
         self.unused_parameters = self._freeze_unreached(probe)
         self.in_chans = in_chans
         self.embedding_size = embedding_size
@@ -246,3 +271,6 @@ class EmbeddingModel(nn.Module):
             pooled = self.pooled(features)  # GeM's p keeps learning while the backbone is frozen
         with torch.autocast(device_type=images.device.type, enabled=False):
             return F.normalize(self.neck(pooled.float()), dim=1)
+
+
+__all__ = ["NECKS", "EmbeddingModel", "GeM", "create_backbone", "make_neck"]

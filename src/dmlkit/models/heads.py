@@ -394,3 +394,19 @@ def create_head(name: str, embedding_size: int, class_counts: np.ndarray, **opti
     if unknown:
         raise TypeError(f"head '{name}' takes no option(s) {sorted(unknown)}; it takes {list(head_options(name))}")
     return HEADS[name].from_counts(embedding_size, np.asarray(class_counts), **options)
+
+
+__all__ = [
+    "HEADS",
+    "ArcFaceHead",
+    "CosFaceHead",
+    "LossTerms",
+    "MarginHead",
+    "NoMarginHead",
+    "ProxyAnchorHead",
+    "adacos_scale",
+    "create_head",
+    "dynamic_margins",
+    "head_options",
+    "sample_classes",
+]

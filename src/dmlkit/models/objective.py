@@ -135,3 +135,6 @@ def auxiliary_loss(
     logits = head.margin_logits(head.subcenter_cosines(embeddings, head.center_factors(matmul_dtype)), targets)
     losses = F.cross_entropy(logits, targets, reduction="none")
     return (losses * known).sum() / known.sum().clamp(min=1)
+
+
+__all__ = ["AuxWeights", "MarginModel", "SEESettings"]

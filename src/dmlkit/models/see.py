@@ -122,3 +122,6 @@ def select_confident(cos_to_center: torch.Tensor, schedule: str, value: float) -
     if schedule == "threshold":
         return cos_to_center >= value
     raise ValueError(f"unknown SEE schedule '{schedule}' (top_fraction, threshold)")
+
+
+__all__ = ["epoch_value", "see_expand", "select_confident", "simplex_vertices", "top_fraction_mask"]

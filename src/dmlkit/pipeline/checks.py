@@ -12,12 +12,15 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
+from ..build import build_model
 from ..competitions.base import InputError
 from ..config import Config, ConfigError, MemberConfig, device_notes, ineffective_values
 from ..config.members import augment_specs
 from ..data.transforms import TransformConfigError, build_augmentations
 from ..models.backbone import check_backbone, weights_file_share
-from ..retrieval.verify import load_extractor
+from ..retrieval.verify import load_extractor, load_matcher
 from ..runtime import is_main_process
 from .context import Context
 
@@ -42,6 +45,11 @@ def check_values(ctx: Context) -> None:
     if problems:
         where = ctx.cfg.source or "config"
         raise ConfigError(f"{where}: value(s) without effect in this config:\n  " + "\n  ".join(problems))
+    clustered = [fmt.name for fmt in ctx.formats if fmt.output == "clusters"]
+    if clustered and not ctx.cfg.retrieve.cluster.enabled:
+        raise ConfigError(
+            f"{ctx.cfg.source}: {clustered[0]} submits the test's clusters: set retrieve.cluster.enabled: true"
+        )
     if is_main_process():
         for note in device_notes(ctx.cfg, ctx.device.type):
             log.warning("%s", note)
@@ -77,6 +85,20 @@ def check_members(cfg: Config) -> None:
             raise TransformConfigError(f"{cfg.source}: {exc}") from None
         if member.pretrained_file:
             check_weights_file(member, f"{where}: key 'members.{i}.pretrained_file'")
+        if member.neck == "none":
+            check_neck_size(member, f"{where}: key 'members.{i}.embedding_size'")
+
+
+def check_neck_size(member: MemberConfig, where: str) -> None:
+    """With neck none the embedding is the pooled features: embedding_size must be their count. The
+    model is built on the meta device (shapes only, no memory, no weights)."""
+    try:
+        with torch.device("meta"):
+            build_model(member, weights=False)
+    except ValueError as exc:
+        if "neck 'none'" in str(exc):
+            raise ConfigError(f"{where}: {exc}") from None
+        raise
 
 
 def check_weights_file(member: MemberConfig, where: str) -> None:
@@ -101,10 +123,12 @@ def check_weights_file(member: MemberConfig, where: str) -> None:
 
 
 def check_extractor(cfg: Config) -> None:
-    """A learned local-feature extractor's weights, loaded (fetched) before anything trains."""
+    """A learned local-feature extractor's and matcher's weights, loaded (fetched) before anything trains."""
     verify = cfg.retrieve.verify
     if verify.enabled and verify.extractor != "sift":
         load_extractor(verify, f"{cfg.source}: retrieve.verify")
+    if verify.enabled and verify.matcher != "ratio":
+        load_matcher(verify, f"{cfg.source}: retrieve.verify")
 
 
 def check_outputs(ctx: Context, stages: list[str]) -> None:

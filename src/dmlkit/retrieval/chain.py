@@ -167,8 +167,8 @@ def verify(cfg: RetrieveConfig, state: ChainState, progress: bool) -> ChainState
             "validation: inliers of verified pairs of one class: median %.1f (%d pairs); of two: %.1f (%d pairs)",
             *median_inliers(inliers, same),
         )
-        fused = second.fusion(result.sims, result.ids, inliers)
-        label += f" ({second.fusion.describe()}; tuned on these queries)"
+        fused = second.fusion.on_validation(result.sims, result.ids, inliers, same)
+        label += f" ({second.fusion.describe()}; {second.fusion.tuned_on()})"
     else:
         fused = second.apply(result.sims, result.ids, inputs.query_rows, inputs.gallery_rows, inputs.retrieval)
         label += f" ({second.fusion.describe()})"
@@ -260,3 +260,6 @@ def run_chain(
             if on_step:
                 on_step(state.label or step.name, state.result)
     return state.result
+
+
+__all__ = ["CHAIN", "ChainInputs", "ChainStep", "Neighbours", "run_chain"]

@@ -82,3 +82,6 @@ def tune_cluster_threshold(
         if value > best[1]:
             best = (float(threshold), float(value))
     return best
+
+
+__all__ = ["LINKAGES", "attach_known", "cluster_by_similarity", "cut_tree", "merge_tree", "tune_cluster_threshold"]

@@ -46,3 +46,6 @@ def database_augmentation(
     `self_sims/self_ids` is the gallery's kNN graph against itself, the row itself first.
     """
     return weighted_neighbour_mean(gallery, gallery, self_sims[:, 1:], self_ids[:, 1:], alpha, k)
+
+
+__all__ = ["database_augmentation", "query_expansion", "weighted_neighbour_mean"]

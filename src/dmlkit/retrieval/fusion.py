@@ -3,7 +3,10 @@
 Each query's first `top_k` candidates carry an inlier count; the rest were not verified.
 - additive (GLR2019 3rd, the GLR2020 DELG baseline): score + w·min(inliers, cap)/cap;
 - calibrated (WildFusion): the global cosine and the inlier count each mapped to P(same class)
-  by an isotonic regression fitted on validation pairs, the two probabilities averaged.
+  by an isotonic regression fitted on validation pairs, the two probabilities averaged;
+- stacked (AnimalCLEF 2025 2nd/7th, bestfitting GLR2020): P(same class) from gradient-boosted trees
+  over each pair's signals together (`PAIR_FEATURES`), fitted on validation pairs; its validation
+  score is cross-fitted (no query is scored by trees that saw its pairs).
 Both keep a row's unverified candidates in their global order, below or among the verified ones
 by their fused score, and return rows re-sorted best first.
 """
@@ -82,6 +85,67 @@ class CalibratedFusion:
         return {"global": self.global_score.to_json(), "inliers": self.inliers.to_json()}
 
 
+PAIR_FEATURES = ("cosine", "rank", "cosine - the row's best", "inliers", "inliers / the row's most", "verified")
+STACK_FOLDS = 5
+
+
+def pair_features(sims: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+    """(Q, K, len(PAIR_FEATURES)) per candidate: its signals alone and against its row's."""
+    q, k = sims.shape
+    counts = _padded(inliers, k)
+    most = np.maximum(counts.max(axis=1, keepdims=True), 1.0)
+    verified = np.zeros((q, k), np.float32)
+    verified[:, : inliers.shape[1]] = 1.0
+    rank = np.broadcast_to(np.arange(k, dtype=np.float32), (q, k))
+    parts = (sims, rank, sims - sims[:, :1], counts, counts / most, verified)
+    return np.stack([np.asarray(p, np.float32) for p in parts], axis=2)
+
+
+@dataclass(frozen=True)
+class StackedFusion:
+    """scikit-learn's HistGradientBoostingClassifier over `pair_features`: P(same class) per pair."""
+
+    model: object
+
+    @staticmethod
+    def fit(sims: np.ndarray, inliers: np.ndarray, same: np.ndarray, seed: int = 0) -> StackedFusion:
+        """Fitted on the verified pairs (the first inliers.shape[1] columns) of these rows."""
+        from sklearn.ensemble import HistGradientBoostingClassifier  # loads only for fusion: stacked
+
+        width = inliers.shape[1]
+        x = pair_features(sims, inliers)[:, :width].reshape(-1, len(PAIR_FEATURES))
+        y = np.asarray(same[:, :width]).ravel().astype(int)
+        if len(np.unique(y)) < 2:
+            raise ValueError("stacked fusion needs validation pairs of one class and of two")
+        model = HistGradientBoostingClassifier(
+            max_iter=200, max_leaf_nodes=15, l2_regularization=1.0, random_state=seed
+        )
+        return StackedFusion(model.fit(x, y))
+
+    def __call__(self, sims: np.ndarray, inliers: np.ndarray) -> np.ndarray:
+        x = pair_features(sims, inliers).reshape(-1, len(PAIR_FEATURES))
+        return self.model.predict_proba(x)[:, 1].reshape(sims.shape).astype(np.float32)
+
+    def to_json(self) -> dict:
+        return {"features": list(PAIR_FEATURES), "iterations": int(self.model.n_iter_)}
+
+
+def cross_fitted(sims: np.ndarray, inliers: np.ndarray, same: np.ndarray, folds: int = STACK_FOLDS) -> np.ndarray:
+    """P(same) of every pair from trees fitted on the other folds' rows (queries dealt round-robin)."""
+    out = np.zeros(sims.shape, np.float32)
+    part = np.arange(len(sims)) % folds
+    width = inliers.shape[1]
+    for fold in range(min(folds, len(sims))):
+        held = part == fold
+        rest = np.asarray(same[~held][:, :width])
+        if rest.all() or not rest.any():  # the other folds hold one kind of pair: its rate is all they say
+            out[held] = float(rest.mean()) if rest.size else 0.0
+            continue
+        model = StackedFusion.fit(sims[~held], inliers[~held], same[~held], seed=fold)
+        out[held] = model(sims[held], inliers[held])
+    return out
+
+
 ADDITIVE_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 ADDITIVE_CAPS = (5, 10, 20, 40, 70)
 
@@ -103,3 +167,16 @@ def tune_additive(
             if value > best[2]:
                 best = (float(weight), float(cap), float(value))
     return best
+
+
+__all__ = [
+    "PAIR_FEATURES",
+    "CalibratedFusion",
+    "Calibrator",
+    "StackedFusion",
+    "additive_fusion",
+    "cross_fitted",
+    "pair_features",
+    "resort",
+    "tune_additive",
+]

@@ -159,3 +159,12 @@ def penalised_similarity(
     if query_penalty is not None:
         out = out - query_penalty[:, None]
     return np.where(ids >= 0, out, -np.inf)  # padding (-1) stays last
+
+
+__all__ = [
+    "distractor_penalty",
+    "jaccard_distance",
+    "k_reciprocal_encoding",
+    "k_reciprocal_rerank",
+    "penalised_similarity",
+]

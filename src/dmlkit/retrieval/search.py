@@ -165,3 +165,6 @@ def best_per_row(sims: np.ndarray, ids: np.ndarray, n_rows: int, k: int) -> tupl
     missing = ~np.isfinite(out_sims)
     out_sims[missing], out_ids[missing] = MISSING, -1
     return out_sims.astype(np.float32), out_ids.astype(np.int64)
+
+
+__all__ = ["build_index", "knn", "knn_over_views"]

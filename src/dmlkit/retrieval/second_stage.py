@@ -15,7 +15,17 @@ from pathlib import Path
 import numpy as np
 
 from ..config import VerifyConfig
-from .fusion import ADDITIVE_CAPS, ADDITIVE_WEIGHTS, CalibratedFusion, additive_fusion, resort, tune_additive
+from .fusion import (
+    ADDITIVE_CAPS,
+    ADDITIVE_WEIGHTS,
+    STACK_FOLDS,
+    CalibratedFusion,
+    StackedFusion,
+    additive_fusion,
+    cross_fitted,
+    resort,
+    tune_additive,
+)
 from .verify import FeatureStore, verify_shortlists
 
 log = logging.getLogger(__name__)
@@ -42,7 +52,7 @@ class Fusion:
     kind: str
     weight: float = 0.0
     cap: float = 1.0
-    calibrated: CalibratedFusion | None = None
+    calibrated: CalibratedFusion | StackedFusion | None = None
     gain: float | None = None  # the tuned grid point's validation score
 
     def __call__(self, sims: np.ndarray, ids: np.ndarray, inliers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -53,10 +63,24 @@ class Fusion:
             fused = additive_fusion(sims, inliers, self.weight, self.cap)
         return resort(fused, ids)
 
+    def on_validation(self, sims, ids, inliers, same) -> tuple[np.ndarray, np.ndarray]:
+        """The fused validation shortlists the report scores: cross-fitted for the stacked trees
+        (fitted on the very pairs they would score, they would report their own memory)."""
+        if self.kind == "stacked":
+            return resort(cross_fitted(sims, inliers, same), ids)
+        return self(sims, ids, inliers)
+
     def describe(self) -> str:
+        if self.kind == "stacked":
+            return "stacked: gradient-boosted P(same) over cosine, rank, gap and inliers"
         if self.calibrated is not None:
             return "calibrated: isotonic P(same) of the cosine and of the inliers, averaged"
         return f"additive: w={self.weight:g}, cap={self.cap:g}"
+
+    def tuned_on(self) -> str:
+        if self.kind == "stacked":
+            return f"cross-fitted on these queries, {STACK_FOLDS} folds"
+        return "tuned on these queries"
 
     def to_json(self) -> dict:
         if self.calibrated is not None:
@@ -83,8 +107,8 @@ class SecondStage:
 
 def untuned_fusion(cfg: VerifyConfig) -> Fusion:
     """Without validation queries: the configured additive fusion, else GLR2019 3rd's (w 1, cap 70)."""
-    if cfg.fusion == "calibrated":
-        raise ValueError("retrieve.verify.fusion 'calibrated' is fitted on validation pairs, and there are none")
+    if cfg.fusion != "additive":
+        raise ValueError(f"retrieve.verify.fusion '{cfg.fusion}' is fitted on validation pairs, and there are none")
     weight = 1.0 if cfg.weight == "tune" else float(cfg.weight)
     cap = 70.0 if cfg.cap == "tune" else float(cfg.cap)
     log.warning("retrieve: no validation queries to tune the fusion on; additive w=%g, cap=%g", weight, cap)
@@ -103,6 +127,11 @@ def tune_fusion(
     shortlists `score` best, or the isotonic calibrations fitted on the pairs (`same`: one class)."""
     if cfg.fusion == "calibrated":
         return Fusion("calibrated", calibrated=CalibratedFusion.fit(sims, inliers, same))
+    verified = np.asarray(same)[:, : inliers.shape[1]]
+    if cfg.fusion == "stacked" and verified.any() and not verified.all():
+        return Fusion("stacked", calibrated=StackedFusion.fit(sims, inliers, same))
+    if cfg.fusion == "stacked":  # found after training: a warning and the additive fusion, not a lost run
+        log.warning("retrieve.verify.fusion 'stacked': the validation pairs are all of one kind; additive instead")
     weights = ADDITIVE_WEIGHTS if cfg.weight == "tune" else (float(cfg.weight),)
     caps = ADDITIVE_CAPS if cfg.cap == "tune" else (float(cfg.cap),)
     if cfg.weight != "tune" and float(cfg.weight) == 0.0:

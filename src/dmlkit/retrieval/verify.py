@@ -7,8 +7,9 @@ is a folder of four .npy files (keys, offsets, keypoints, descriptors) written u
 name and renamed, so an interrupted run leaves no half shard; reading memory-maps it, so
 verifying a million pairs holds only the pages the current pairs touch.
 
-SIFT extraction and all matching run in worker processes, one OpenCV and BLAS thread each; a
-learned extractor (DISK through kornia) runs in this process, on the GPU where there is one.
+SIFT extraction and ratio-test matching run in worker processes, one OpenCV and BLAS thread each; a
+learned extractor (DISK or ALIKED through kornia) and the LightGlue matcher run in this process, on
+the GPU where there is one.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from ..cache import canonical_json
 from ..config import VerifyConfig
 from ..data.images import UnreadableImageError, decode_image, jpeg_shape, read_image_bytes
 from ..runtime import progress_bar
-from .learned import disk_features, load_disk
-from .local import LocalFeatures, fit_long_side, sift_features, unit_descriptors, verify_pair
+from .learned import aliked_features, disk_features, lightglue_pairs, load_aliked, load_disk, load_lightglue
+from .local import LocalFeatures, fit_long_side, homography_inliers, sift_features, unit_descriptors, verify_pair
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ def feature_key(cfg: VerifyConfig) -> str:
     """What the features depend on (not the matching or fusion settings)."""
     payload = {"extractor": cfg.extractor, "size": cfg.image_size, "keypoints": cfg.max_keypoints}
     if cfg.extractor != "sift":
-        payload["weights"] = image_key(cfg.weights_file) if cfg.weights_file else "kornia:depth"
+        hub = {"disk": "kornia:depth", "aliked": "kornia:aliked-n16"}[cfg.extractor]
+        payload["weights"] = image_key(cfg.weights_file) if cfg.weights_file else hub
     payload["version"] = FEATURES_VERSION
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
 
@@ -80,21 +82,34 @@ def extract(path: str, image_size: int, max_keypoints: int) -> LocalFeatures | N
     return None if gray is None else sift_features(gray, max_keypoints)
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_extractor(cfg: VerifyConfig, where: str = "retrieve.verify"):
     """The learned extractor's model on the GPU when there is one (None for SIFT); its weights
     are fetched here, so a missing download stops the run before anything trains."""
     if cfg.extractor == "sift":
         return None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return load_disk(cfg.weights_file, device, where)
+    if cfg.extractor == "aliked":
+        return load_aliked(cfg.weights_file, _device(), where, cfg.max_keypoints)
+    return load_disk(cfg.weights_file, _device(), where)
+
+
+def load_matcher(cfg: VerifyConfig, where: str = "retrieve.verify"):
+    """LightGlue for the extractor's features (None for the ratio test), fetched like the extractor."""
+    if cfg.matcher == "ratio":
+        return None
+    return load_lightglue(cfg.extractor, cfg.matcher_weights_file, _device(), where)
 
 
 def _learned_parts(cfg: VerifyConfig, paths: Sequence[str], chunk: int) -> Iterator[list[LocalFeatures | None]]:
     """A learned extractor in this process (its model on the GPU where there is one)."""
     model = load_extractor(cfg)
+    features = aliked_features if cfg.extractor == "aliked" else disk_features
     for part in _chunks(paths, chunk):
         images = [read_for_features(path, cfg.image_size, channels=3) for path in part]
-        yield [None if image is None else disk_features(model, image, cfg.max_keypoints) for image in images]
+        yield [None if image is None else features(model, image, cfg.max_keypoints) for image in images]
 
 
 class FeatureStore:
@@ -318,6 +333,8 @@ def verify_shortlists(
         counts.unreadable,
         counts.featureless,
     )
+    if cfg.matcher == "lightglue":
+        return _lightglue_shortlists(store, cfg, keys, query_rows, candidate_rows, progress)
     out = np.zeros(candidate_rows.shape, np.int32)
     tasks = _verify_tasks(str(store.folder), keys, query_rows, candidate_rows, cfg)
     n_tasks = -(-len(query_rows) // TASK_QUERIES)
@@ -331,4 +348,25 @@ def verify_shortlists(
         )
         for task, part in enumerate(parts):
             out[task * TASK_QUERIES : task * TASK_QUERIES + len(part)] = part
+    return out
+
+
+def _lightglue_shortlists(
+    store: FeatureStore, cfg: VerifyConfig, keys: dict[int, str], query_rows, candidate_rows, progress: bool
+) -> np.ndarray:
+    """Inliers (Q, top_k) of LightGlue's matches under MAGSAC++'s homography, pair by pair in this
+    process (the matcher on the GPU where there is one)."""
+    model = load_matcher(cfg)
+    out = np.zeros(candidate_rows.shape, np.int32)
+    for q in progress_bar(range(len(query_rows)), "verify (LightGlue, a query a step)", progress, len(query_rows)):
+        query = store.get(keys[int(query_rows[q])])
+        for j, row in enumerate(candidate_rows[q]):
+            if row < 0:
+                continue
+            candidate = store.get(keys[int(row)])
+            pairs = lightglue_pairs(model, query, candidate, cfg.image_size)
+            if len(pairs):
+                out[q, j] = homography_inliers(
+                    query.keypoints[pairs[:, 0]], candidate.keypoints[pairs[:, 1]], cfg.ransac_threshold
+                )
     return out

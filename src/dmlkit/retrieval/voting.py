@@ -169,3 +169,6 @@ def landmark_confidence(labels: list[list[str]], scores: list[list[float]], form
 
 
 CONFIDENCE_FORMS = ("vote", "margin", "share")
+
+
+__all__ = ["insert_unknown", "landmark_confidence", "tune_unknown_threshold", "vote"]

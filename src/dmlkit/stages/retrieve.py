@@ -409,17 +409,27 @@ def make_scorers(ctx: Context, table: pd.DataFrame) -> Scorers:
     return scorers
 
 
+def retrieve_key(cfg: Config) -> dict:
+    """The retrieve section as the stage's key hashes it: options added later are left out where
+    they do nothing (their defaults), so results computed before them stand."""
+    key = config_slice(cfg.retrieve)
+    if all(m.refit == "off" for m in cfg.members):  # read only where members refit
+        key.pop("refit_threshold")
+    if not cfg.retrieve.cluster.enabled:
+        key.pop("cluster")
+    if cfg.retrieve.verify.matcher == "ratio":
+        key["verify"].pop("matcher")
+        key["verify"].pop("matcher_weights_file")
+    return key
+
+
 def run_retrieve(ctx: Context) -> cache.Artifact:
     if "retrieve" in ctx.done:  # already run (and its report logged) in this process
         return ctx.done["retrieve"]
     ensemble_art = run_ensemble(ctx)
     folds_art = run_folds(ctx)
     val_fold = ctx.val_fold
-    part = {"retrieve": config_slice(ctx.cfg.retrieve), "formats": [f.name for f in ctx.formats], "val_fold": val_fold}
-    if all(m.refit == "off" for m in ctx.cfg.members):  # read only where members refit: earlier keys stand
-        part["retrieve"].pop("refit_threshold")
-    if not ctx.cfg.retrieve.cluster.enabled:  # off: keys from before retrieve.cluster stand
-        part["retrieve"].pop("cluster")
+    part = {"retrieve": retrieve_key(ctx.cfg), "formats": [f.name for f in ctx.formats], "val_fold": val_fold}
 
     def compute(work: Path) -> dict:
         table, folds = load_table(folds_art)

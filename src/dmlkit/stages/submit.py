@@ -8,6 +8,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import pandas as pd
+
 from .. import cache
 from ..competitions import Adapter, Predictions
 from ..competitions.base import submission_name
@@ -23,8 +25,12 @@ log = logging.getLogger(__name__)
 def write_submissions(formats: list[Adapter], root: Path, experiment: str, predictions_dir: Path, work: Path) -> dict:
     written = {}
     for fmt in formats:
-        pred = Predictions(**json.loads((predictions_dir / f"predictions-{fmt.name}.json").read_text()))
-        frame = fmt.build_submission(pred, fmt.submission_ids(root))
+        if fmt.output == "clusters":  # retrieve.cluster's clusters.csv (required by the pre-run checks)
+            clusters = pd.read_csv(predictions_dir / "clusters.csv", dtype=str, keep_default_na=False)
+            frame = fmt.build_clusters_submission(clusters, fmt.submission_ids(root))
+        else:
+            pred = Predictions(**json.loads((predictions_dir / f"predictions-{fmt.name}.json").read_text()))
+            frame = fmt.build_submission(pred, fmt.submission_ids(root))
         name = submission_name(experiment, fmt)
         frame.to_csv(work / name, index=False)
         written[fmt.name] = name

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..build import build_aux, build_member_head, build_model, build_objective, optimizer_settings
 from ..config import MemberConfig, TrainConfig
+from ..config.members import member_schedule
 from ..data.dataset import ImageDataset
 from ..inference import autocast_dtype
 from ..models.backbone import EmbeddingModel
@@ -152,7 +153,9 @@ def training_run(
     settings = optimizer_settings(member.train, lr)
     optimizer = make_optimizer(settings, model, list(head.parameters()), device, head_rows=rows, aux=aux)
     steps_per_epoch = max(1, (len(dataset) // world_size()) // per_rank_batch // t.grad_accum)
-    scheduler = make_scheduler(optimizer, steps_per_epoch * t.epochs, int(t.warmup_epochs * steps_per_epoch))
+    scheduler = make_scheduler(
+        optimizer, steps_per_epoch * t.epochs, int(t.warmup_epochs * steps_per_epoch), member_schedule(member)
+    )
     dtype = autocast_dtype(device, t.amp)
     ema = None
     if t.ema:  # buffers too: BatchNorm's running statistics follow training like the weights
