@@ -138,6 +138,13 @@ def test_animalclef_tables_name_images_by_image_id_and_score_clusters_by_ari(tmp
     assert adapter.submission_ids(tmp_path) == ["q1", "q2", "q3", "q4", "q5"]
     solution = adapter.read_solution(tmp_path / "metadata.csv")
     assert solution["identity"].tolist() == ["a", "a", "c", "c"]  # true identities, the new animal's too
+    (tmp_path / "bad").mkdir()
+    dup = [("i1", "img/z.jpg", "a", "database"), *rows]  # image_id i1 twice
+    pd.DataFrame(dup, columns=["image_id", "path", "identity", "split"]).to_csv(
+        tmp_path / "bad" / "metadata.csv", index=False
+    )
+    with pytest.raises(InputError, match=r"metadata\.csv: line 2: image_id 'i1' is empty or repeated"):
+        adapter.read(tmp_path / "bad")
 
     clusters = pd.DataFrame({"id": ["q1", "q2", "q3", "q4", "q5"], "cluster": [0, 1, 1, 2, 3],
                              "identity": ["a", "new-1", "new-1", "new-2", "new-3"]})  # fmt: skip
