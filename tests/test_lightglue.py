@@ -81,10 +81,14 @@ def test_lightglue_pairs_pass_both_images_in_one_frame_and_return_its_matches(we
             seen.update(data)
             return {"matches": [torch.tensor([[0, 1], [2, 0]])]}
 
-    rng = np.random.default_rng(0)
-    features = verify.LocalFeatures(rng.uniform(0, 100, (3, 2)).astype(np.float32), np.ones((3, 128), np.float16))
-    assert lightglue_pairs(Recorder(), features, features, 100).tolist() == [[0, 1], [2, 0]]
-    assert seen["image0"]["image_size"].tolist() == [[100.0, 100.0]]
+    features = verify.LocalFeatures(np.float32([[3, 4], [60.2, 10], [20, 30]]), np.ones((3, 128), np.float16))
+    small = verify.LocalFeatures(np.float32([[1, 1], [8, 20]]), np.ones((2, 128), np.float16))
+    assert lightglue_pairs(Recorder(), features, small, 100).tolist() == [[0, 1], [2, 0]]
+    # each image in its own frame, its keypoints' extent (at least 16 px, at most the fitted size)
+    assert seen["image0"]["image_size"].tolist() == [[62.0, 62.0]]
+    assert seen["image1"]["image_size"].tolist() == [[21.0, 21.0]]
+    lightglue_pairs(Recorder(), features, features, 50)
+    assert seen["image0"]["image_size"].tolist() == [[50.0, 50.0]]  # a keypoint beyond the fitted size
     assert seen["image1"]["descriptors"].dtype == torch.float32 and seen["image1"]["keypoints"].shape == (1, 3, 2)
     empty = verify.LocalFeatures.empty()
     assert lightglue_pairs(Recorder(), features, empty, 100).shape == (0, 2)

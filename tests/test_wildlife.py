@@ -17,7 +17,7 @@ from dmlkit.pipeline.checks import before_run
 from dmlkit.pipeline.context import Context, ensure_demo_data
 from dmlkit.pipeline.table import STAGE_NAMES as STAGES
 from dmlkit.pipeline.table import run_stage
-from dmlkit.stages.submit import local_scores
+from dmlkit.stages.submit import local_scores, write_submissions
 
 
 def write_metadata(root: Path, rows: list[tuple[str, str, str]]) -> None:
@@ -189,3 +189,12 @@ def test_animalclef_needs_clusters_then_submits_them_end_to_end(tmp_path):
     expected = adjusted_rand_score(truth["identity"], submission.set_index("image_id").loc[truth["path"], "cluster"])
     assert scores["animalclef-2026"]["all"] == pytest.approx(expected)
     assert "map@5" == scores["wildlife"]["metric"]
+
+
+def test_a_clusters_submission_without_clusters_says_why(tmp_path):
+    write_metadata(tmp_path / "root", [("img/a1.jpg", "a", "train"), ("img/a2.jpg", "a", "test")])
+    (tmp_path / "retrieved").mkdir()  # retrieve ran, but nothing tuned the cluster threshold: no clusters.csv
+    with pytest.raises(
+        InputError, match=r"animalclef-2026: retrieve clustered nothing .* retrieve\.cluster\.threshold"
+    ):
+        write_submissions([get_adapter("animalclef-2026")], tmp_path / "root", "e", tmp_path / "retrieved", tmp_path)

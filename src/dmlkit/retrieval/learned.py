@@ -137,18 +137,21 @@ def aliked_features(model: torch.nn.Module, rgb: np.ndarray, max_keypoints: int)
 
 @torch.inference_mode()
 def lightglue_pairs(model: torch.nn.Module, query: LocalFeatures, candidate: LocalFeatures, size: int) -> np.ndarray:
-    """(m, 2) index pairs (query keypoint, candidate keypoint) LightGlue matches. Both images were
-    fitted into `size` px (their longer side), so `size` × `size` is the frame their keypoints are
-    normalised in (LightGlue's encoding is relative: the offset of a shorter side changes nothing)."""
+    """(m, 2) index pairs (query keypoint, candidate keypoint) LightGlue matches. LightGlue normalises
+    keypoints by the image's longer side; the cache keeps no image size, so each image's square frame
+    is its keypoints' extent (detectors spread over the image: within a few pixels of its longer side),
+    at most `size`, the side images were fitted into — a 96-px photo under `image_size: 512` keeps its
+    own scale instead of a fifth of it."""
     if len(query) == 0 or len(candidate) == 0:
         return np.zeros((0, 2), np.int64)
     device = next(model.parameters()).device
-    frame = torch.tensor([[size, size]], dtype=torch.float32, device=device)
 
     def image(features: LocalFeatures) -> dict:
-        points = torch.from_numpy(np.clip(features.keypoints, 0, size)).to(device)[None]
+        points = np.clip(features.keypoints, 0, size)
+        side = float(min(size, max(16.0, np.ceil(points.max()) + 1)))
+        frame = torch.tensor([[side, side]], dtype=torch.float32, device=device)
         descriptors = torch.from_numpy(features.descriptors.astype(np.float32)).to(device)[None]
-        return {"keypoints": points, "descriptors": descriptors, "image_size": frame}
+        return {"keypoints": torch.from_numpy(points).to(device)[None], "descriptors": descriptors, "image_size": frame}
 
     matches = model({"image0": image(query), "image1": image(candidate)})["matches"][0]
     return matches.cpu().numpy().astype(np.int64).reshape(-1, 2)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import cache
-from ..competitions import Adapter, Predictions
+from ..competitions import Adapter, InputError, Predictions
 from ..competitions.base import submission_name
 from ..competitions.scoring import score_files
 from ..pipeline.context import Context
@@ -26,6 +26,11 @@ def write_submissions(formats: list[Adapter], root: Path, experiment: str, predi
     written = {}
     for fmt in formats:
         if fmt.output == "clusters":  # retrieve.cluster's clusters.csv (required by the pre-run checks)
+            if not (predictions_dir / "clusters.csv").is_file():  # retrieve warned why: nothing tuned the threshold
+                raise InputError(
+                    f"{fmt.name}: retrieve clustered nothing (no validation images to tune retrieve.cluster.threshold "
+                    "on, see its warning): set retrieve.cluster.threshold to a cosine, or folds.unknown_classes"
+                )
             clusters = pd.read_csv(predictions_dir / "clusters.csv", dtype=str, keep_default_na=False)
             frame = fmt.build_clusters_submission(clusters, fmt.submission_ids(root))
         else:
